@@ -1,0 +1,207 @@
+"""One validated configuration object for the whole pipeline.
+
+The CLI's options, a Tune trial's ``param_space`` and the RLlib settings are
+all derived from :class:`CompressConfig`'s fields and their metadata (help
+text, choices, ranges), so a value is checked the same way wherever it comes
+from. ``validate()`` raises :class:`ConfigError` with one line naming the
+field; it runs before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ALGORITHMS_NATIVE = ("rlpruner", "random", "uniform", "global")
+CRITERIA = ("taylor", "l1", "l2", "fpgm", "random")
+REWARDS = ("acc", "flops", "params")
+TARGETS = ("filters", "macs", "params")
+
+
+def _f(default, help, group, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False,
+       nullable=False, multi=False):
+    meta = dict(help=help, group=group, choices=choices, lo=lo, hi=hi, lo_open=lo_open,
+                hi_open=hi_open, nullable=nullable, multi=multi)
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CompressConfig:
+    # ---- model and data
+    model: str = _f("resnet8", "zoo name, tv:<torchvision name> or pkg.module:factory", "model")
+    dataset: str = _f("digits", "digits | cifar10 | cifar100 | npz:PATH | imagefolder:PATH", "data")
+    data_dir: str | None = _f(None, "folder for torchvision datasets", "data", nullable=True)
+    download: bool = _f(False, "allow torchvision to download cifar10/100", "data")
+    image_size: int | None = _f(None, "resize images to this size (default: the dataset's)", "data",
+                                lo=8, hi=1024, nullable=True)
+    val_fraction: float = _f(0.1, "fraction of the training split held out for validation", "data",
+                             lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    base_checkpoint: str | None = _f(None, "start from this trained model file instead of training",
+                                     "model", nullable=True)
+    # ---- base training
+    train_epochs: int = _f(15, "epochs to train the base model when no checkpoint is given", "train", lo=0)
+    train_lr: float = _f(0.05, "peak learning rate for base training", "train", lo=0, lo_open=True)
+    batch_size: int = _f(128, "training batch size", "train", lo=1)
+    # ---- target
+    target: str = _f("filters", "what the sparsity counts: filters (the paper), macs or params", "target",
+                     choices=TARGETS)
+    sparsity: float = _f(0.5, "fraction of filters (or MACs, params) to remove", "target",
+                         lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    step_fraction: float = _f(0.1, "fraction of the original filters removed per step (paper: 0.01)",
+                              "target", lo=0.0, hi=1.0, lo_open=True)
+    min_channels: int = _f(1, "channels every group keeps at least", "target", lo=1)
+    max_group_sparsity: float = _f(0.9, "no group loses more than this fraction", "target",
+                                   lo=0.0, hi=1.0, lo_open=True)
+    round_to: int = _f(1, "keep channel counts multiples of this where possible", "target", lo=1)
+    exclude: tuple = _f((), "module names never pruned", "target", multi=True)
+    # ---- importance and reward
+    criterion: str = _f("taylor", "filter importance criterion", "search", choices=CRITERIA)
+    calibration_samples: int = _f(100, "training images for the taylor criterion", "search", lo=1)
+    reward: str = _f("acc", "acc, or acc plus a bonus for the MACs (flops) or params reduction", "search",
+                     choices=REWARDS)
+    reward_coef: float = _f(0.25, "weight of the reduction bonus in flops/params rewards", "search", lo=0)
+    reward_samples: int = _f(512, "validation images each candidate is scored on", "search", lo=1)
+    reward_batch_size: int = _f(256, "batch size of the reward forward passes", "search", lo=1)
+    bn_recalibration_batches: int = _f(0, "training batches to re-estimate BN statistics before scoring",
+                                       "search", lo=0)
+    horizon: int = _f(1, "sub-steps per episode (1 = the paper's one-shot step)", "search", lo=1)
+    action_scale: float = _f(3.0, "action a gives group weight initial*exp(scale*a)", "search",
+                             lo=0, lo_open=True)
+    # ---- search
+    algo: str = _f("rlpruner", "search algorithm: rlpruner, random, uniform, global, or an RLlib "
+                   "algorithm (ppo, appo, sac, impala)", "search")
+    evaluations_per_step: int = _f(40, "candidate evaluations per pruning step (paper: 100)", "search", lo=1)
+    samples_per_iteration: int = _f(10, "rlpruner: samples per iteration (Q)", "rlpruner", lo=1)
+    noise: float = _f(0.04, "rlpruner: Gaussian noise scale of samples", "rlpruner", lo=0)
+    step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
+                            lo=0, hi=1, lo_open=True)
+    clip: float = _f(0.25, "rlpruner: per-element ratio clip (PPO-style)", "rlpruner", lo=0, hi=1, lo_open=True)
+    epsilon: float = _f(0.4, "rlpruner: initial exploration probability", "rlpruner", lo=0, hi=1)
+    epsilon_decay_fraction: float = _f(0.1, "rlpruner: epsilon reaches 0 after this fraction of steps",
+                                       "rlpruner", lo=0, hi=1, lo_open=True)
+    buffer_size: int = _f(10, "rlpruner: replay buffer of the best samples", "rlpruner", lo=1)
+    drop_guard: float = _f(0.1, "reset the distribution when accuracy drops by more than this "
+                           "(relative); 0 disables", "rlpruner", lo=0, hi=1)
+    # ---- RLlib
+    rl_num_env_runners: int | None = _f(None, "RLlib env runners (default: num_workers)", "rllib",
+                                        lo=0, nullable=True)
+    rl_envs_per_env_runner: int = _f(1, "RLlib environments per env runner", "rllib", lo=1)
+    rl_num_learners: int = _f(0, "RLlib learner actors (0 = learn on the driver)", "rllib", lo=0)
+    rl_gpus_per_learner: float = _f(0.0, "GPUs per RLlib learner", "rllib", lo=0)
+    rl_lr: float = _f(3e-4, "RLlib learning rate", "rllib", lo=0, lo_open=True)
+    rl_hidden: int = _f(64, "RLlib policy MLP width (two layers)", "rllib", lo=1)
+    rl_batch_size: int = _f(20, "env steps per RLlib training iteration", "rllib", lo=1)
+    # ---- workers
+    num_workers: int = _f(2, "parallel evaluation actors", "workers", lo=1)
+    cpus_per_worker: float = _f(1.0, "CPUs per evaluation actor", "workers", lo=0)
+    gpus_per_worker: float = _f(0.0, "GPUs per evaluation actor (fractions share a GPU)", "workers", lo=0)
+    ray_address: str | None = _f(None, "Ray cluster address ('auto' to join a running cluster)", "workers",
+                                 nullable=True)
+    # ---- fine-tuning
+    finetune_epochs: int = _f(2, "KD fine-tuning epochs after each step (paper: 20)", "finetune", lo=0)
+    finetune_lr: float = _f(0.01, "KD fine-tuning peak learning rate (paper: 1e-3)", "finetune",
+                            lo=0, lo_open=True)
+    kd_temperature: float = _f(2.0, "distillation temperature T", "finetune", lo=0, lo_open=True)
+    kd_alpha: float = _f(0.25, "weight of the hard-label loss (1 - alpha on KL)", "finetune", lo=0, hi=1)
+    max_batches_per_epoch: int | None = _f(None, "cap batches per training epoch (quick runs)", "finetune",
+                                           lo=1, nullable=True)
+    # ---- run
+    seed: int = _f(0, "random seed", "run", lo=0)
+    out_dir: str = _f("runs/default", "output folder", "run")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N", "run")
+    resume: bool = _f(False, "continue an interrupted run in out_dir", "run")
+    overwrite: bool = _f(False, "replace the results already in out_dir", "run")
+
+    # ------------------------------------------------------------------
+    def validate(self) -> "CompressConfig":
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other")
+        if not isinstance(self.algo, str) or not self.algo.strip():
+            raise ConfigError("algo must be a non-empty name")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CompressConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values).validate()
+
+    def replace(self, **changes) -> "CompressConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    @property
+    def num_steps(self) -> int:
+        return max(1, math.ceil(self.sparsity / self.step_fraction - 1e-9))
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Settings that change results: a resumed run must match them exactly.
+RESULT_KEYS = tuple(f.name for f in dataclasses.fields(CompressConfig)
+                    if f.name not in ("resume", "overwrite", "ray_address", "num_workers",
+                                      "cpus_per_worker", "gpus_per_worker", "out_dir", "device"))
+
+
+def _check_field(f: dataclasses.Field, value) -> None:
+    meta = f.metadata
+    name = f.name
+    if value is None:
+        if not meta.get("nullable"):
+            raise ConfigError(f"{name} must be set")
+        return
+    kind = f.type.replace(" | None", "")   # annotations are strings (postponed evaluation)
+    if kind == "tuple":
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{name} must be a list of names")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+    elif kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{name} must be {op} {lo}, got {value!r}")
+    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+        op = "<" if meta.get("hi_open") else "<="
+        raise ConfigError(f"{name} must be {op} {hi}, got {value!r}")
+
+
+def field_groups() -> dict[str, list[dataclasses.Field]]:
+    groups: dict[str, list] = {}
+    for f in dataclasses.fields(CompressConfig):
+        groups.setdefault(f.metadata["group"], []).append(f)
+    return groups

@@ -1,0 +1,452 @@
+"""PruningGraph: the coupled-channel groups of a model, and the two ways to prune them.
+
+Built once per base model on torch-pruning's DependencyGraph (which traces the
+model with autograd, so it must never be built under ``no_grad``). Each *group*
+is one set of coupled channels (a conv with its BN, everything tied by a
+residual add, concat offsets, depthwise convs, SE gates, the linear after a
+flatten); a group is one entry of the pruning distribution.
+
+Two ways to remove channels, with identical outputs:
+
+* ``prune(plan)``: physical removal on a deep copy (once per outer step).
+* ``masked(plan)``: zero every coupled slice of the original in place and
+  restore it on exit. This is the search's hot path: no graph rebuild, no copy;
+  each group's slices are precomputed in importance order, so a plan becomes
+  a handful of ``index_fill_`` calls on index-tensor prefixes.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import ModelError, PlanError
+from .importance import CRITERIA, channel_scores, validate_criterion
+
+# Attribute on a pruned module holding torch-pruning's replayable history
+# ([module_name, is_out_channel, indices] per group pruned). It travels with the
+# module through deepcopy and lets checkpoints rebuild the exact architecture.
+HISTORY_ATTR = "_rlpruner_history"
+
+_PARAM_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
+
+
+@dataclass
+class _Slice:
+    """One coupled member of a group: a module, the axis its channels live on,
+    and its channel indices ordered by the group's importance (least first)."""
+
+    module: nn.Module
+    layer: int            # index into PruningGraph.layers (for MACs/params bookkeeping)
+    side: str             # "out" or "in": which of the layer's dimensions shrinks
+    weight_dim: int       # axis of ``module.weight`` that holds the channels
+    has_bias: bool        # whether ``module.bias`` shrinks too (channels on its axis 0)
+    idx: torch.Tensor     # item channel indices, in the module's own index space
+    root: torch.Tensor    # for each entry of ``idx``, the group's root channel
+    multiplicity: int     # item indices per root channel (H*W after a flatten, else 1)
+    ordered: torch.Tensor | None = None  # ``idx`` reordered by root importance rank
+
+
+@dataclass
+class Group:
+    key: str              # name of the root module (stable across pruning steps)
+    channels: int
+    slices: list[_Slice]
+    root_module: nn.Module
+    pruning_fn: object
+
+
+def _weight_dim(module: nn.Module, side: str) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1:          # depthwise: in and out channels are the same axis
+            return 0
+        return 0 if side == "out" else 1
+    if isinstance(module, nn.Linear):
+        return 0 if side == "out" else 1
+    return 0                           # BN, PReLU: one per-channel vector
+
+
+def _is_grouped_not_depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and not (module.groups == module.in_channels == module.out_channels))
+
+
+class PruningGraph:
+    """Prunable groups of ``model`` and fast masked / physical pruning.
+
+    Args:
+        model: the model (left untouched by everything except ``masked``, which
+            restores it on exit).
+        example_inputs: a batch used for tracing and MACs counting.
+        exclude: module names whose output channels must not be pruned (the
+            last ``nn.Linear``, the classifier, is always excluded).
+        min_channels: floor of channels every group keeps.
+        max_group_sparsity: no group loses more than this fraction of its channels.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, exclude=(),
+                 min_channels: int = 1, max_group_sparsity: float = 1.0):
+        if min_channels < 1:
+            raise PlanError(f"min_channels must be >= 1, got {min_channels}")
+        if not 0.0 < max_group_sparsity <= 1.0:
+            raise PlanError(f"max_group_sparsity must be in (0, 1], got {max_group_sparsity}")
+        self.model = model
+        self.example_inputs = example_inputs
+        names = dict(model.named_modules())
+        unknown = [n for n in exclude if n not in names]
+        if unknown:
+            raise ModelError(f"excluded layer(s) not in the model: {', '.join(unknown)}")
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        ignored = [names[n] for n in exclude] + linears[-1:]
+        self._module_name = {m: n for n, m in names.items()}
+
+        with torch.enable_grad():  # torch-pruning traces with autograd
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        self._count_base(model, example_inputs)
+        self.groups: list[Group] = []
+        for tp_group in self.dg.get_all_groups(ignored_layers=ignored,
+                                               root_module_types=(nn.Conv2d, nn.Linear)):
+            group = self._make_group(tp_group)
+            if group is not None:
+                self.groups.append(group)
+        if not self.groups:
+            raise ModelError("the model has no prunable channel groups")
+        self.channels = np.array([g.channels for g in self.groups], dtype=np.int64)
+        floors = np.maximum(min_channels, np.ceil(self.channels * (1.0 - max_group_sparsity)))
+        self.floors = np.minimum(floors.astype(np.int64), self.channels)
+        self._build_cost_tables()
+        self.scores: list[torch.Tensor] | None = None
+        self.criterion: str | None = None
+        self.set_scores([torch.zeros(c) for c in self.channels], criterion="none")
+
+    # ------------------------------------------------------------------ structure
+    def _count_base(self, model, example_inputs):
+        macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
+            model, example_inputs, layer_wise=True)
+        self.base_macs, self.base_params = float(macs), float(params)
+        # Only parametrised layers scale with the channels we remove; the rest
+        # (activations, pooling) is a small constant share kept as-is.
+        self.layers = [m for m in model.modules() if isinstance(m, _PARAM_TYPES)]
+        self._layer_id = {m: i for i, m in enumerate(self.layers)}
+        batch = example_inputs.shape[0] if torch.is_tensor(example_inputs) else 1
+        # per-layer counts are summed over the batch, the totals are per sample
+        self._layer_macs = np.array([float(layer_macs.get(m) or 0.0) / batch for m in self.layers])
+        self._layer_params = np.array([float(sum(p.numel() for p in m.parameters(recurse=False)))
+                                       for m in self.layers])
+
+    def _make_group(self, tp_group) -> Group | None:
+        root_module = tp_group[0].dep.target.module
+        channels = len(tp_group[0].idxs)
+        if channels < 2:
+            return None
+        slices = []
+        for item in tp_group:
+            module, fn = item.dep.target.module, item.dep.handler
+            if not isinstance(module, nn.Module) or module not in self._layer_id:
+                continue          # concat / add / flatten placeholders carry no weights
+            if _is_grouped_not_depthwise(module):
+                return None       # grouped convs tie channels in ways a filter plan cannot follow
+            side = "out" if self.dg.is_out_channel_pruning_fn(fn) else "in"
+            idx = torch.as_tensor(item.idxs, dtype=torch.long)
+            root = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            multiplicity = max(1, len(idx) // channels)
+            slices.append(_Slice(module, self._layer_id[module], side, _weight_dim(module, side),
+                                 getattr(module, "bias", None) is not None and _weight_dim(module, side) == 0,
+                                 idx, root, multiplicity))
+        return Group(self._module_name[root_module], channels, slices, root_module,
+                     tp_group[0].dep.handler)
+
+    def _build_cost_tables(self):
+        """Per (group, layer) coefficients: how many channels of each layer side one
+        removed root channel takes away. MACs/params of a plan follow in closed form."""
+        n_layers = len(self.layers)
+        self._out_coef = np.zeros((len(self.groups), n_layers))
+        self._in_coef = np.zeros((len(self.groups), n_layers))
+        for g, group in enumerate(self.groups):
+            seen = set()
+            for s in group.slices:
+                if (s.layer, s.side) in seen:
+                    continue
+                seen.add((s.layer, s.side))
+                table = self._out_coef if s.side == "out" else self._in_coef
+                table[g, s.layer] += s.multiplicity
+        self._out_size = np.zeros(n_layers)
+        self._in_size = np.ones(n_layers)
+        self._single_axis = np.zeros(n_layers, dtype=bool)  # BN, depthwise, PReLU
+        for i, m in enumerate(self.layers):
+            if isinstance(m, nn.modules.conv._ConvNd):
+                self._out_size[i], self._in_size[i] = m.out_channels, m.in_channels
+                self._single_axis[i] = m.groups > 1
+            elif isinstance(m, nn.Linear):
+                self._out_size[i], self._in_size[i] = m.out_features, m.in_features
+            else:
+                self._out_size[i] = self._in_size[i] = m.weight.numel() if m.weight is not None else 1
+                self._single_axis[i] = True
+        removed_all = self.channels.astype(float)
+        self.macs_share = self._cost_of(np.diag(removed_all), self._layer_macs) / max(self.base_macs, 1.0)
+        self.params_share = self._cost_of(np.diag(removed_all), self._layer_params) / max(self.base_params, 1.0)
+
+    def _cost_of(self, removed: np.ndarray, layer_cost: np.ndarray) -> np.ndarray:
+        """Cost removed by each row of ``removed`` (rows: plans, cols: groups)."""
+        removed = np.atleast_2d(removed)
+        out_frac = np.clip((removed @ self._out_coef) / self._out_size, 0, 1)
+        in_frac = np.clip((removed @ self._in_coef) / self._in_size, 0, 1)
+        kept = np.where(self._single_axis, 1 - np.maximum(out_frac, in_frac),
+                        (1 - out_frac) * (1 - in_frac))
+        return ((1 - kept) * layer_cost).sum(axis=1)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def keys(self) -> list[str]:
+        return [g.key for g in self.groups]
+
+    @property
+    def total_channels(self) -> int:
+        return int(self.channels.sum())
+
+    @property
+    def max_removable(self) -> int:
+        return int((self.channels - self.floors).sum())
+
+    def initial_distribution(self) -> np.ndarray:
+        """The paper's starting point: every filter equally likely, so each
+        group's share is proportional to its channel count."""
+        return self.channels / self.channels.sum()
+
+    # ------------------------------------------------------------------ importance
+    def compute_scores(self, criterion: str = "taylor", inputs=None, targets=None, *, seed: int = 0):
+        """Rank each group's channels by ``criterion`` and cache the order.
+        ``taylor`` needs a calibration batch (``inputs``, ``targets``)."""
+        validate_criterion(criterion)
+        scores = channel_scores(self, criterion, inputs, targets, seed=seed)
+        self.set_scores(scores, criterion)
+        return scores
+
+    def set_scores(self, scores: list[torch.Tensor], criterion: str):
+        if len(scores) != self.num_groups:
+            raise PlanError(f"expected {self.num_groups} score vectors, got {len(scores)}")
+        self.scores = [torch.as_tensor(s, dtype=torch.float32) for s in scores]
+        self.criterion = criterion
+        for group, score in zip(self.groups, self.scores):
+            # rank of each root channel (0 = least important); ties broken by index
+            order = torch.argsort(score, stable=True)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order))
+            for s in group.slices:
+                s.ordered = s.idx[torch.argsort(rank[s.root], stable=True)]
+
+    def group_features(self) -> np.ndarray:
+        """Per-group, scale-free importance statistics for an RL observation: the
+        coefficient of variation of the scores and the share of channels scoring
+        under half the group mean (how much is cheap to remove)."""
+        feats = np.zeros((self.num_groups, 2), dtype=np.float32)
+        for g, s in enumerate(self.scores):
+            s = s.double().abs()
+            mean = float(s.mean())
+            if mean > 0:
+                feats[g, 0] = float(s.std(unbiased=False) / mean)
+                feats[g, 1] = float((s < 0.5 * mean).double().mean())
+        return feats
+
+    # ------------------------------------------------------------------ planning
+    def check_distribution(self, distribution) -> np.ndarray:
+        d = np.asarray(distribution, dtype=np.float64).reshape(-1)
+        if d.shape[0] != self.num_groups:
+            raise PlanError(f"distribution has {d.shape[0]} entries, the model has {self.num_groups} groups")
+        if not np.all(np.isfinite(d)):
+            raise PlanError("distribution has NaN or infinite entries")
+        if np.any(d < 0):
+            raise PlanError("distribution has negative entries")
+        if d.sum() <= 0:
+            raise PlanError("distribution is all zero")
+        return d / d.sum()
+
+    def plan(self, distribution, num_filters: int, *, round_to: int = 1,
+             already_removed=None) -> np.ndarray:
+        """Filters to remove per group: proportional to ``distribution``, capped by
+        each group's floor, summing exactly to ``num_filters``.
+
+        Largest-remainder rounding keeps the total exact; a group that hits its
+        floor hands its excess to the others in proportion to their weights.
+        With ``round_to`` > 1 each group keeps a multiple of ``round_to`` channels
+        where its floor allows, and the total is the closest such to ``num_filters``.
+        ``already_removed`` (per group) is subtracted from each group's capacity.
+        """
+        d = self.check_distribution(distribution)
+        if round_to < 1:
+            raise PlanError(f"round_to must be >= 1, got {round_to}")
+        done = np.zeros(self.num_groups, np.int64) if already_removed is None else np.asarray(already_removed, np.int64)
+        capacity = np.maximum(self.channels - self.floors - done, 0)
+        num_filters = int(num_filters)
+        if num_filters < 0:
+            raise PlanError(f"num_filters must be >= 0, got {num_filters}")
+        if num_filters > capacity.sum():
+            raise PlanError(f"cannot remove {num_filters} filters: at most {int(capacity.sum())} "
+                            "can go while every group keeps its floor")
+        counts = _water_fill(d, capacity, num_filters)
+        if round_to > 1:
+            counts = _round_widths(counts, self.channels - done, capacity, round_to, num_filters)
+        return counts
+
+    def cost(self, plan, already_removed=None) -> tuple[float, float]:
+        """(MACs, params) of the model after removing ``plan`` (closed form)."""
+        removed = np.asarray(plan, dtype=float)
+        if already_removed is not None:
+            removed = removed + np.asarray(already_removed, dtype=float)
+        macs = self.base_macs - self._cost_of(removed, self._layer_macs)[0]
+        params = self.base_params - self._cost_of(removed, self._layer_params)[0]
+        return float(macs), float(params)
+
+    def pruned_indices(self, plan) -> list[list[int]]:
+        """Root channel indices each group loses (its least important ones)."""
+        plan = self._check_plan(plan)
+        out = []
+        for g, k in enumerate(plan):
+            order = torch.argsort(self.scores[g], stable=True)
+            out.append(sorted(order[: int(k)].tolist()))
+        return out
+
+    def _check_plan(self, plan) -> np.ndarray:
+        plan = np.asarray(plan)
+        if plan.shape != (self.num_groups,):
+            raise PlanError(f"plan has shape {plan.shape}, expected ({self.num_groups},)")
+        if np.any(plan < 0) or np.any(plan > self.channels - 1):
+            raise PlanError("plan removes a negative count or every channel of a group")
+        return plan.astype(np.int64)
+
+    # ------------------------------------------------------------------ pruning
+    @contextlib.contextmanager
+    def masked(self, plan):
+        """Zero the planned channels of every coupled parameter of ``self.model`` in
+        place; the outputs then equal ``prune(plan)``'s. Restored on exit."""
+        plan = self._check_plan(plan)
+        saved = []
+        with torch.no_grad():
+            for group, k in zip(self.groups, plan):
+                if k == 0:
+                    continue
+                for s in group.slices:
+                    idx = s.ordered[: int(k) * s.multiplicity]
+                    tensors = [(s.module.weight, s.weight_dim)]
+                    if s.has_bias:
+                        tensors.append((s.module.bias, 0))
+                    for t, dim in tensors:
+                        saved.append((t, dim, idx, t.index_select(dim, idx)))
+                        t.index_fill_(dim, idx, 0.0)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                # reverse order: a slice zeroed twice (out of one group, in of
+                # another) gets its original values back last
+                for t, dim, idx, old in reversed(saved):
+                    t.index_copy_(dim, idx, old)
+
+    def prune(self, plan) -> nn.Module:
+        """A physically smaller deep copy of the model; the original is untouched."""
+        indices = self.pruned_indices(plan)
+        small = copy.deepcopy(self.model)
+        history = list(getattr(self.model, HISTORY_ATTR, []))
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(small, self.example_inputs, verbose=False)
+        modules = dict(small.named_modules())
+        for group, idxs in zip(self.groups, indices):
+            if not idxs:
+                continue
+            root = modules[group.key]
+            dg.get_pruning_group(root, group.pruning_fn, idxs).prune()
+        history.extend([name, bool(is_out), [int(i) for i in idx]]
+                       for name, is_out, idx in dg.pruning_history())
+        setattr(small, HISTORY_ATTR, history)
+        return small
+
+
+def group_widths(model: nn.Module, keys) -> dict[str, int]:
+    """Channels left in each group, read off the group's root module by name."""
+    modules = dict(model.named_modules())
+    out = {}
+    for k in keys:
+        m = modules[k]
+        out[k] = int(m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features)
+    return out
+
+
+def replay_history(model: nn.Module, example_inputs: torch.Tensor, history) -> nn.Module:
+    """Re-apply a recorded pruning history to a freshly built base model (in place)."""
+    if history:
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        dg.load_pruning_history([[n, bool(o), list(i)] for n, o, i in history])
+    setattr(model, HISTORY_ATTR, [list(h) for h in history])
+    return model
+
+
+def _water_fill(weights: np.ndarray, capacity: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts ~ weights * total, each within capacity, summing to total."""
+    counts = np.zeros_like(capacity)
+    remaining = total
+    active = capacity > 0
+    w = np.where(active, weights, 0.0)
+    if w.sum() <= 0:                      # all the weight sits on full groups
+        w = active.astype(float)
+    while remaining > 0:
+        share = w / w.sum() * remaining
+        free = capacity - counts
+        take = np.minimum(np.floor(share).astype(np.int64), free)
+        # largest remainders get the leftover units, among groups with room
+        left = remaining - int(take.sum())
+        if left > 0:
+            frac = np.where(free - take > 0, share - np.floor(share), -1.0)
+            for g in np.argsort(-frac, kind="stable")[:left]:
+                if frac[g] >= 0:
+                    take[g] += 1
+        counts += take
+        remaining -= int(take.sum())
+        full = counts >= capacity
+        if remaining > 0 and int(take.sum()) == 0:
+            # weights too small to earn a whole unit anywhere: spread by weight order
+            for g in np.argsort(-np.where(full, -1, w), kind="stable"):
+                if remaining == 0:
+                    break
+                if not full[g]:
+                    counts[g] += 1
+                    remaining -= 1
+                    full[g] = counts[g] >= capacity[g]
+        w = np.where(full, 0.0, w)
+        if w.sum() <= 0 and remaining > 0:
+            w = (~full).astype(float)
+    return counts
+
+
+def _round_widths(counts, widths, capacity, r, target):
+    """Move each group's remaining width to a multiple of ``r`` (where the floor
+    allows), then adjust whole units of ``r`` toward ``target``."""
+    counts = counts.copy()
+    for g in range(len(counts)):
+        keep = widths[g] - counts[g]
+        snapped = max(r, int(round(keep / r)) * r)
+        c = widths[g] - snapped
+        if 0 <= c <= capacity[g]:
+            counts[g] = c
+    while True:
+        diff = target - counts.sum()
+        if abs(diff) < r:
+            return counts
+        step = r if diff > 0 else -r
+        room = (counts + step <= capacity) & (counts + step >= 0)
+        if not room.any():
+            return counts
+        # adjust the group whose count is furthest from its proportional share
+        g = int(np.argmax(np.where(room, -step * counts, -np.inf)))
+        counts[g] += step
+
+
+__all__ = ["PruningGraph", "Group", "replay_history", "HISTORY_ATTR", "CRITERIA"]

@@ -1,0 +1,90 @@
+"""Filter importance criteria, scored per group in its root channels' index space.
+
+Each member (slice) of a group is scored per channel, its scores are divided by
+their mean so that a conv's big weight sums and a BN's small gammas weigh the
+same, and the members are averaged. The result ranks a group's channels; the
+pruning code removes the lowest first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+CRITERIA = ("taylor", "l1", "l2", "fpgm", "random")
+
+
+def validate_criterion(name: str) -> None:
+    if name not in CRITERIA:
+        raise ConfigError(f"unknown importance criterion {name!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def _per_channel(tensor: torch.Tensor, dim: int, reduce) -> torch.Tensor:
+    moved = tensor.detach().movedim(dim, 0)
+    return reduce(moved.reshape(moved.shape[0], -1)).sum(dim=1) if moved.dim() > 1 else reduce(moved)
+
+
+def _slice_score(s, criterion: str) -> torch.Tensor | None:
+    w = s.module.weight
+    if criterion == "l1":
+        full = _per_channel(w, s.weight_dim, torch.abs)
+    elif criterion == "l2":
+        full = _per_channel(w, s.weight_dim, torch.square).sqrt()
+    elif criterion == "taylor":
+        # first-order Taylor estimate of the loss change: |w * dL/dw|, bias included
+        if w.grad is None:
+            return None
+        full = _per_channel(w * w.grad, s.weight_dim, torch.abs)
+        b = s.module.bias
+        if s.has_bias and b is not None and b.grad is not None:
+            full = full + (b.detach() * b.grad).abs()
+    elif criterion == "fpgm":
+        # geometric-median criterion: filters close to all others are redundant
+        if s.side != "out" or not isinstance(s.module, (nn.modules.conv._ConvNd, nn.Linear)):
+            return None
+        flat = w.detach().flatten(1)
+        full = torch.cdist(flat, flat).sum(dim=1)
+    else:
+        raise ConfigError(f"unknown importance criterion {criterion!r}")
+    return full.double()[s.idx]
+
+
+def channel_scores(graph, criterion: str, inputs=None, targets=None, *, seed: int = 0) -> list[torch.Tensor]:
+    """One score vector per group of ``graph`` (higher = more important)."""
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.rand(int(c), generator=gen) for c in graph.channels]
+    model = graph.model
+    if criterion == "taylor":
+        if inputs is None or targets is None:
+            raise ConfigError("the taylor criterion needs a calibration batch (inputs and targets)")
+        was_training = model.training
+        model.eval()  # eval mode: BN running statistics are not disturbed
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            F.cross_entropy(model(inputs), targets).backward()
+        model.train(was_training)
+    scores = []
+    for group in graph.groups:
+        # fpgm scores filters only; a group without one (a BN-only tie) falls back to l2
+        score = _group_score(group, criterion)
+        scores.append(score if score is not None else _group_score(group, "l2"))
+    if criterion == "taylor":
+        model.zero_grad(set_to_none=True)
+    return scores
+
+
+def _group_score(group, criterion: str) -> torch.Tensor | None:
+    total = torch.zeros(group.channels, dtype=torch.float64)
+    members = 0
+    for s in group.slices:
+        vals = _slice_score(s, criterion)
+        if vals is None:
+            continue
+        per_root = torch.zeros(group.channels, dtype=torch.float64).index_add_(0, s.root, vals)
+        mean = per_root.mean()
+        total += per_root / mean if mean > 0 else per_root
+        members += 1
+    return (total / members).float() if members else None
