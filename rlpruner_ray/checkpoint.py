@@ -21,13 +21,11 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ModelError
-from .graph import HISTORY_ATTR, replay_history
-from .models import build_from_spec
+from .graph import HISTORY_ATTR, INPUT_ATTR, replay_history
+from .models import SPEC_ATTR, build_from_spec
 
 FORMAT = "rlpruner-ray/model"
 FORMAT_VERSION = 1
-SPEC_ATTR = "_rlpruner_spec"
-INPUT_ATTR = "_rlpruner_input_shape"
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -107,8 +105,10 @@ def tag_model(model: nn.Module, spec: dict, input_shape) -> nn.Module:
 def model_record(model: nn.Module, meta: dict | None = None) -> dict:
     spec = getattr(model, SPEC_ATTR, None)
     input_shape = getattr(model, INPUT_ATTR, None)
-    if spec is None or input_shape is None:
-        raise CheckpointError("model has no spec: build it with build_model and tag_model first")
+    if spec is None:
+        raise CheckpointError("model has no spec: build it with build_model (or tag_model) first")
+    if input_shape is None:
+        raise CheckpointError("model has no input shape: build a PruningGraph on it or call tag_model")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -143,7 +143,16 @@ def _build_factory(path: str, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
+SPEC_ATTR = "_rlpruner_spec"  # what a model file needs to rebuild the architecture
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    model = _build(name, num_classes, in_channels)
+    setattr(model, SPEC_ATTR, model_spec(name, num_classes, in_channels))
+    return model
+
+
+def _build(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """Build an untrained model from a zoo name, ``tv:<name>`` or ``pkg.module:factory``.
 
     Raises :class:`~rlpruner_ray.errors.ModelError` on any bad input.

@@ -1,0 +1,152 @@
+"""The ``rlpruner`` command. The only module that prints for humans and sets exit
+codes: bad input gives one line on stderr and exit code 2, nothing written."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+
+from .config import CompressConfig, field_groups
+from .errors import RLPrunerError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _add_fields(parser: argparse.ArgumentParser, groups, *, skip=(), overrides=None) -> None:
+    overrides = overrides or {}
+    fields = field_groups()
+    for group in groups:
+        for f in fields[group]:
+            if f.name in skip:
+                continue
+            opt = "--" + f.name.replace("_", "-")
+            meta = f.metadata
+            kind = f.type.replace(" | None", "")
+            kwargs = dict(help=meta["help"], dest=f.name, default=argparse.SUPPRESS)
+            kwargs.update(overrides.get(f.name, {}))
+            if kind == "bool":
+                parser.add_argument(opt, action="store_true", **kwargs)
+            elif kind == "tuple":
+                parser.add_argument(opt, nargs="*", metavar="NAME", **kwargs)
+            else:
+                conv = {"int": int, "float": float, "str": str}[kind]
+                kwargs.setdefault("type", conv)
+                if meta.get("choices") and "choices" not in kwargs:
+                    kwargs["choices"] = meta["choices"]
+                parser.add_argument(opt, **kwargs)
+
+
+def _config(args, **extra) -> CompressConfig:
+    names = {f.name for f in dataclasses.fields(CompressConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(extra)
+    return CompressConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}).validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rlpruner", description="Structured filter pruning of CNNs, with the pruning "
+                "distribution across layers learned by reinforcement learning on Ray.")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="prune step by step with a learned distribution (the main job)")
+    _add_fields(c, ["model", "data", "train", "target", "search", "rlpruner", "rllib", "workers", "finetune", "run"])
+
+    t = sub.add_parser("train", help="train a base model and save it")
+    _add_fields(t, ["model", "data", "train", "run"], skip=("base_checkpoint", "resume", "max_batches_per_epoch"))
+
+    e = sub.add_parser("evaluate", help="accuracy, MACs, params and latency of a model file")
+    e.add_argument("model_file")
+    e.add_argument("--split", choices=("val", "test"), default="test")
+    _add_fields(e, ["data"])
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+
+    pr = sub.add_parser("prune", help="one-shot pruning with a non-learned strategy (baselines)")
+    _add_fields(pr, ["model", "data", "target", "finetune", "run"], skip=("resume", "step_fraction"))
+    pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random"), default="uniform",
+                    help="how the filters to remove are spread across groups")
+    pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1")
+    pr.add_argument("--export", choices=("torchscript", "onnx"), help="also export the pruned model")
+    for name in ("sweep", "compare", "report"):
+        _register_later(sub, name)
+    return p
+
+
+def _register_later(sub, name: str) -> None:
+    try:
+        from . import sweep
+    except ImportError:
+        return
+    sweep.add_subcommand(sub, name, _add_fields)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[rlpruner] %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("rlpruner_ray").setLevel(logging.WARNING if quiet else logging.INFO)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return _run(args)
+    except RLPrunerError as exc:
+        print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("rlpruner: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from . import pipeline
+    if args.command == "compress":
+        summary = pipeline.compress(_config(args))
+        _print_summary(summary)
+    elif args.command == "train":
+        out = pipeline.train_command(_config(args))
+        print(json.dumps(out, indent=2))
+    elif args.command == "evaluate":
+        out = pipeline.evaluate_command(args.model_file, _config(args, device=args.device, seed=args.seed),
+                                        split=args.split)
+        print(json.dumps(out, indent=2))
+    elif args.command == "prune":
+        out = pipeline.prune_command(_config(args, algo=args.algo, criterion=args.criterion), export=args.export)
+        print(json.dumps(out, indent=2))
+    else:
+        from . import sweep
+        return sweep.run_subcommand(args, _config)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
+    b, p, r = s["base"], s["pruned"], s["reductions"]
+    rows = [("", "base", "pruned"),
+            ("test top-1", f"{b['test_top1']:.4f}", f"{p['test_top1']:.4f}"),
+            ("val top-1", f"{b['val_top1']:.4f}", f"{p['val_top1']:.4f}"),
+            ("MACs", f"{b['macs'] / 1e6:.2f}M", f"{p['macs'] / 1e6:.2f}M (-{100 * r['macs']:.1f}%)"),
+            ("params", f"{b['params'] / 1e6:.3f}M", f"{p['params'] / 1e6:.3f}M (-{100 * r['params']:.1f}%)"),
+            ("latency b1 (CPU)", f"{b['latency_ms_cpu_b1']:.2f} ms", f"{p['latency_ms_cpu_b1']:.2f} ms")]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))
+    print(f"{s['evaluations']} evaluations, {len(s['steps'])} steps, {s['wall_seconds']:.0f} s; "
+          f"results in {s['config']['out_dir']}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
