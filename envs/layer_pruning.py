@@ -1,0 +1,134 @@
+"""LayerPruningEnv: the pruning problem as a Gymnasium environment.
+
+**Action** ``Box(-1, 1, (G,))``, one entry per prunable group. It maps to the
+distribution ``d_g ∝ init_g * exp(action_scale * a_g)`` where ``init`` is the
+paper's initial distribution (each group's share of the channels): action 0
+is that distribution, ±1 multiply a group's weight by ``exp(±action_scale)``.
+Actions outside the box are clipped; NaN entries count as 0.
+
+**Observation** ``G * 5 + 3`` floats: per group the fraction of its original
+channels left, its share of the model's MACs and params, and two scale-free
+importance statistics (coefficient of variation; share of channels scoring
+under half the group mean); then the sparsity reached, the step's progress
+through the run, and the sub-step's progress through the episode.
+
+**Episode** ``horizon`` sub-steps (default 1, the paper's setting); sub-step t
+removes the next ``1/horizon`` of the step's filters with the action's
+distribution and is rewarded with the score of everything removed so far.
+
+The base model comes from a payload (see ``rlpruner_ray.search.workers``):
+given directly (``config["payload"]``) or fetched from a named Ray actor
+(``config["store"]``) whose version is checked on every ``reset`` — so an env
+runner that Ray restarts picks up the current base model by itself.
+"""
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+from rlpruner_ray.data import load_dataset
+from rlpruner_ray.scoring import StepScorer
+
+FEATURES_PER_GROUP = 5
+GLOBAL_FEATURES = 3
+
+
+class LayerPruningEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: dict | None = None):
+        config = dict(config or {})
+        self.settings = config
+        data = load_dataset(**config["dataset"])
+        self.scorer = StepScorer(config, data)
+        self._store = None
+        payload = config.get("payload")
+        if payload is None:
+            payload = self._store_actor().get.remote()
+            import ray
+            payload = ray.get(payload)
+        self._adopt(payload)
+        g = self.scorer.graph.num_groups
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (g,), np.float32)
+        self.observation_space = gym.spaces.Box(0.0, np.inf, (g * FEATURES_PER_GROUP + GLOBAL_FEATURES,),
+                                                np.float32)
+        self.horizon = int(config.get("horizon", 1))
+        self._t = 0
+        self._removed = np.zeros(g, np.int64)
+
+    # ------------------------------------------------------------------ base model
+    def _store_actor(self):
+        if self._store is None:
+            import ray
+            self._store = ray.get_actor(self.settings["store"], namespace=self.settings.get("namespace"))
+        return self._store
+
+    def _adopt(self, payload: dict) -> None:
+        self.scorer.load(payload)
+        graph = self.scorer.graph
+        ctx = payload["context"]
+        original = np.array([ctx["original"]["channels"][k] for k in graph.keys], dtype=np.float64)
+        self._init = graph.initial_distribution()
+        features = graph.group_features()
+        self._static_obs = np.concatenate([
+            graph.channels / original, graph.macs_share, graph.params_share,
+            features[:, 0], features[:, 1]]).astype(np.float32)
+        self._original_total = float(ctx["original"]["total_channels"])
+        self._removed_before = float(ctx["original"]["total_channels"] - graph.total_channels)
+        self._progress = ctx["step"] / max(ctx["num_steps"], 1)
+
+    def set_base(self, payload: dict) -> None:
+        """Replace the base model after an outer step, without rebuilding the env."""
+        if (g := len(payload["keys"])) != self.action_space.shape[0]:
+            raise ValueError(f"new base model has {g} groups, the env was built for {self.action_space.shape[0]}")
+        self._adopt(payload)
+
+    def sync(self) -> None:
+        """Fetch the current base model from the store if it moved on."""
+        if self.settings.get("store") is None:
+            return
+        import ray
+        store = self._store_actor()
+        if ray.get(store.version.remote()) != self.scorer.version:
+            self._adopt(ray.get(store.get.remote()))
+
+    # ------------------------------------------------------------------ gym API
+    def _obs(self) -> np.ndarray:
+        removed = self._removed_before + float(self._removed.sum())
+        extra = np.array([removed / self._original_total, self._progress, self._t / self.horizon], np.float32)
+        return np.concatenate([np.maximum(self._static_obs, 0.0), extra]).astype(np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.sync()
+        self._t = 0
+        self._removed = np.zeros(self.scorer.graph.num_groups, np.int64)
+        return self._obs(), {"version": self.scorer.version}
+
+    def action_to_distribution(self, action) -> np.ndarray:
+        a = np.nan_to_num(np.asarray(action, dtype=np.float64).reshape(-1), nan=0.0)
+        if a.shape[0] != self._init.shape[0]:
+            raise ValueError(f"action has {a.shape[0]} entries, expected {self._init.shape[0]}")
+        a = np.clip(a, -1.0, 1.0)
+        w = self._init * np.exp(float(self.settings.get("action_scale", 3.0)) * a)
+        return w / w.sum()
+
+    def evaluate_distribution(self, distribution, *, fraction: float = 1.0, already_removed=None) -> dict:
+        """Plan and score one distribution on the current base model (the code path
+        every search algorithm shares)."""
+        counts = self.scorer.plan(distribution, fraction=fraction, already_removed=already_removed)
+        if already_removed is not None:
+            counts = counts + already_removed        # score everything removed so far
+        result = self.scorer.score(counts)
+        result.update(counts=counts, version=self.scorer.version)
+        return result
+
+    def step(self, action):
+        distribution = self.action_to_distribution(action)
+        self._t += 1
+        result = self.evaluate_distribution(distribution, fraction=self._t / self.horizon,
+                                            already_removed=self._removed)
+        self._removed = result["counts"]
+        terminated = self._t >= self.horizon
+        info = dict(result, distribution=distribution)
+        return self._obs(), float(result["reward"]), terminated, False, info

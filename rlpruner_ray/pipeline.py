@@ -1,0 +1,431 @@
+"""compress(): the outer loop of RL-Pruner, resumable step by step.
+
+    base model -> for each step: graph + importance -> search (parallel actors)
+    -> prune physically -> KD fine-tune -> validate -> step checkpoint
+    -> publish the new base to every environment
+    -> final test evaluation (the only read of the test split) -> report files
+
+Each step's randomness is seeded from (seed, step), and everything a step
+needs to continue is in its checkpoint, so a run killed anywhere and resumed
+with ``--resume`` ends with the same result files as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import RESULT_KEYS, CompressConfig
+from .data import Dataset, load_dataset
+from .errors import ConfigError, ModelError
+from .graph import PruningGraph, group_widths
+from .measure import latency_ms, macs_params
+from .models import build_model, model_spec
+from .report import HistoryWriter, write_report
+from .search.base import Evaluator, StepContext, check_algorithm_name, make_algorithm
+from .train import TrainSettings, evaluate, finetune_kd, train_base
+
+log = logging.getLogger("rlpruner_ray")
+
+RESULT_FILES = ("summary.json", "history.parquet", "pruned_model.pt", "report.png")
+
+
+class RunFolder:
+    """Names of everything a run writes under its output folder."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.base = self.root / "base_model.pt"
+        self.steps = self.root / "steps"
+        self.history = self.root / "history"
+        self.summary = self.root / "summary.json"
+        self.model = self.root / "pruned_model.pt"
+
+    def step_file(self, step: int) -> Path:
+        return self.steps / f"step_{step:03d}.pt"
+
+    def finished_steps(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in self.steps.glob("step_*.pt")) if self.steps.exists() else []
+
+
+# ---------------------------------------------------------------------- set-up checks
+def prepare_run(config: CompressConfig) -> RunFolder:
+    """Check the output folder before any work: refuse to mix runs, refuse to
+    resume with different settings. Writes nothing."""
+    run = RunFolder(config.out_dir)
+    if run.root.exists() and not run.root.is_dir():
+        raise ConfigError(f"out_dir {run.root} exists and is not a folder")
+    has_run = run.config.exists()
+    if config.resume:
+        if not has_run:
+            raise ConfigError(f"nothing to resume in {run.root} (no config.json)")
+        saved = ckpt.load_json(run.config)
+        diff = [k for k in RESULT_KEYS if _norm(saved.get(k)) != _norm(getattr(config, k))]
+        if diff:
+            raise ConfigError(f"--resume with different settings than the run in {run.root}: {', '.join(diff)}")
+    elif has_run and not config.overwrite:
+        raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it or --overwrite")
+    return run
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _step_targets(config: CompressConfig, original_total: int) -> list[int]:
+    """Cumulative filters removed after each step (filters target)."""
+    final = int(round(config.sparsity * original_total))
+    per = config.step_fraction * original_total
+    return [min(final, int(round(per * (k + 1)))) if k + 1 < config.num_steps else final
+            for k in range(config.num_steps)]
+
+
+def _check_reachable(config: CompressConfig, graph: PruningGraph, original: dict) -> None:
+    if config.target == "filters":
+        need = int(round(config.sparsity * graph.total_channels))
+        if need > graph.max_removable:
+            raise ConfigError(f"sparsity {config.sparsity:g} needs {need} filters removed but the floors "
+                              f"(min_channels, max_group_sparsity) allow {graph.max_removable}")
+        if need < 1:
+            raise ConfigError(f"sparsity {config.sparsity:g} removes no filter of {graph.total_channels}")
+    else:
+        kind = 0 if config.target == "macs" else 1
+        floor = graph.cost(graph.channels - graph.floors)[kind]
+        goal = original[config.target] * (1 - config.sparsity)
+        if floor > goal:
+            raise ConfigError(f"{config.target} sparsity {config.sparsity:g} is unreachable: the floors keep "
+                              f"{1 - floor / original[config.target]:.1%} reduction at most")
+
+
+# ---------------------------------------------------------------------- pieces
+def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int, device: str) -> TrainSettings:
+    return TrainSettings(epochs=epochs, batch_size=config.batch_size, lr=lr, seed=seed, device=device,
+                         max_batches_per_epoch=config.max_batches_per_epoch)
+
+
+def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, device: str):
+    """The base model: a given checkpoint, the run's cached one, or trained now."""
+    source = config.base_checkpoint or (run.base if run.base.exists() else None)
+    if source is not None:
+        model = ckpt.load_pruned(source)
+        spec = getattr(model, ckpt.SPEC_ATTR)
+        if spec["num_classes"] != data.num_classes or spec["in_channels"] != data.in_channels:
+            raise ModelError(f"checkpoint {source} is for {spec['num_classes']} classes / "
+                             f"{spec['in_channels']} channels, the dataset has {data.num_classes} / "
+                             f"{data.in_channels}")
+        if config.base_checkpoint:
+            ckpt.save_pruned(model, run.base, meta={"source": str(source)})
+        return model
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.num_classes, data.in_channels)
+    ckpt.tag_model(model, model_spec(config.model, data.num_classes, data.in_channels),
+                   data.example_inputs(1).shape[1:])
+    log.info("training the base model %s on %s for %d epochs", config.model, data.name, config.train_epochs)
+    result = train_base(model, data, train_settings(config, epochs=config.train_epochs, lr=config.train_lr,
+                                                    seed=config.seed, device=device))
+    ckpt.save_pruned(model.cpu(), run.base, meta={"val_top1": result.best_val_top1, "epochs": result.epochs})
+    return model
+
+
+def calibration_batch(config: CompressConfig, data: Dataset, device: str):
+    """A fixed batch of training images for the taylor criterion."""
+    x, y = next(data.batches("train", config.calibration_samples, device=device))
+    return x, y
+
+
+def build_graph(config: CompressConfig, model, data: Dataset, device: str) -> PruningGraph:
+    graph = PruningGraph(model, data.example_inputs(1).to(device), exclude=config.exclude,
+                         min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    x, y = calibration_batch(config, data, device)
+    graph.compute_scores(config.criterion, x, y, seed=config.seed)
+    return graph
+
+
+def measure_model(model, data: Dataset, device: str, *, test: bool) -> dict:
+    example = data.example_inputs(1)
+    macs, params = macs_params(model.cpu(), example)
+    out = {"macs": macs, "params": params,
+           "val_top1": evaluate(model, data, "val", device=device)["top1"]}
+    if test:
+        t = evaluate(model, data, "test", device=device)
+        out.update(test_top1=t["top1"], test_top5=t["top5"])
+        shape = tuple(example.shape[1:])
+        out["latency_ms_cpu_b1"] = latency_ms(model, shape, batch_size=1)
+        out["latency_ms_cpu_b64"] = latency_ms(model, shape, batch_size=64, repeats=5)
+        if torch.cuda.is_available():
+            out["latency_ms_gpu_b64"] = latency_ms(model, shape, batch_size=64, device="cuda")
+    model.to(device)
+    return out
+
+
+# ---------------------------------------------------------------------- the loop
+def compress(config: CompressConfig) -> dict:
+    """Run RL-Pruner end to end; returns the summary (also written to summary.json)."""
+    config.validate()
+    check_algorithm_name(config.algo)
+    run = prepare_run(config)
+    started = time.perf_counter()
+    data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+                        download=config.download, image_size=config.image_size)
+    device = config.resolved_device()
+
+    # everything that can be refused is checked before the first byte is written
+    if config.base_checkpoint:
+        _check_fits(ckpt.load_pruned(config.base_checkpoint), data, config.base_checkpoint)
+    elif not (config.resume and run.base.exists()):
+        build_model(config.model, data.num_classes, data.in_channels)
+    from .runtime import check_resources, init_ray, local_offer, shutdown_ray
+    from .search.base import planned_resources
+    import ray
+    own_ray = not ray.is_initialized()
+    if config.ray_address:
+        init_ray(config.ray_address, run.root)
+    check_resources(planned_resources(config), f"algorithm {config.algo}", offered=None if
+                    (config.ray_address or not own_ray) else local_offer())
+
+    if config.overwrite and run.root.exists():
+        for p in [run.steps, run.history, run.base, *[run.root / f for f in RESULT_FILES]]:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    run.root.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(run.config, config.to_dict())
+
+    base = load_or_train_base(config, data, run, device).to(device).eval()
+    base_graph = PruningGraph(base, data.example_inputs(1).to(device), exclude=config.exclude,
+                              min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    original = {"channels": dict(zip(base_graph.keys, base_graph.channels.tolist())),
+                "total_channels": base_graph.total_channels,
+                "macs": base_graph.base_macs, "params": base_graph.base_params}
+    _check_reachable(config, base_graph, original)
+    targets = _step_targets(config, original["total_channels"])
+
+    # ---- resume
+    model, teacher, teacher_acc = base, base, None
+    steps: list[dict] = []
+    algo_state: dict = {}
+    done = run.finished_steps()
+    if done:
+        state = ckpt.load_tensors(run.step_file(done[-1]))
+        model = ckpt.model_from_record(state["model"]).to(device)
+        steps = list(state["steps"])
+        algo_state = state["algo_state"]
+        teacher = (ckpt.model_from_record(state["teacher"]).to(device) if state["teacher"] is not None else base)
+        teacher_acc = state["teacher_acc"]
+        log.info("resuming after step %d of %d", done[-1] + 1, config.num_steps)
+    if teacher_acc is None:
+        teacher_acc = evaluate(base, data, "val", device=device)["top1"]
+
+    init_ray(config.ray_address, run.root)
+    from .search.workers import EvaluationPool, make_payload, start_store
+    store, store_name = start_store()
+    algo = pool = None
+    history = HistoryWriter(run.history, algo=config.algo)
+    try:
+        start = len(steps)
+        graph = build_graph(config, model, data, device)
+        context = _context(config, start, targets, original, model, graph)
+        ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
+        algo = make_algorithm(config, store_name=store_name)
+        algo.load_state_dict(algo_state)
+        if done:
+            algo.load_extra(run.steps / f"step_{done[-1]:03d}_algo")
+        if algo.uses_pool:
+            pool = EvaluationPool(config, store_name)
+        for step in range(start, config.num_steps):
+            t0 = time.perf_counter()
+            if step > start:
+                graph = build_graph(config, model, data, device)
+                context = _context(config, step, targets, original, model, graph)
+                ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
+                algo.on_new_base(step)
+            evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
+                                  on_candidate=history.add)
+            ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
+                              reference_accuracy=steps[-1]["chosen_accuracy"] if steps else None,
+                              extras={"num_filters": context.get("num_filters")})
+            chosen = algo.search(ctx, evaluator)
+            search_s = time.perf_counter() - t0
+
+            small = graph.prune(chosen.counts)
+            before = evaluate(small, data, "val", device=device)["top1"]
+            ft = finetune_kd(small, teacher, data,
+                             train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                            seed=config.seed + step + 1, device=device),
+                             temperature=config.kd_temperature, alpha=config.kd_alpha)
+            after = evaluate(small, data, "val", device=device)["top1"]
+            if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
+                teacher, teacher_acc = small, after
+            macs, params = macs_params(small, data.example_inputs(1).to(device))
+            removed = original["total_channels"] - (graph.total_channels - int(chosen.counts.sum()))
+            record = {
+                "step": step, "filters_removed": int(removed),
+                "sparsity": removed / original["total_channels"],
+                "macs": macs, "params": params,
+                "macs_reduction": 1 - macs / original["macs"], "params_reduction": 1 - params / original["params"],
+                "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy, "chosen_source": chosen.source,
+                "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
+                "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": ft.best_epoch,
+                "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
+                "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
+                "counts": chosen.counts.tolist(),
+            }
+            steps.append(record)
+            history.flush(step, chosen.index)
+            algo.save_extra(run.steps / f"step_{step:03d}_algo")
+            ckpt.save_tensors(run.step_file(step), {
+                "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
+                "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc})
+            log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
+                     "base; val %.4f -> %.4f after fine-tuning (%.1fs)", step + 1, config.num_steps,
+                     evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
+                     100 * macs / original["macs"], before, after, record["step_seconds"])
+            model = small
+    finally:
+        if pool is not None:
+            pool.close()
+        if algo is not None:
+            algo.close()
+        ray.kill(store)
+        if own_ray:
+            shutdown_ray()
+
+    return finish(config, run, data, base, model, steps, original, device, started)
+
+
+def _context(config, step, targets, original, model, graph) -> dict:
+    ctx = {"step": step, "num_steps": config.num_steps, "original": original}
+    if config.target == "filters":
+        removed = original["total_channels"] - graph.total_channels
+        ctx["num_filters"] = max(0, targets[step] - removed)
+    else:
+        frac = config.sparsity * (step + 1) / config.num_steps
+        ctx["cost_target"] = {"kind": config.target, "value": original[config.target] * (1 - frac)}
+        ctx["num_filters"] = None
+    return ctx
+
+
+def finish(config, run: RunFolder, data, base, model, steps, original, device, started) -> dict:
+    """Final report: the one and only evaluation on the test split."""
+    base_m = measure_model(base, data, device, test=True)
+    pruned_m = measure_model(model, data, device, test=True)
+    ckpt.save_pruned(model.cpu(), run.model, meta={"config": config.to_dict()})
+    channels_after = group_widths(model, list(original["channels"]))
+    summary = {
+        "config": config.to_dict(),
+        "base": base_m, "pruned": pruned_m,
+        "reductions": {"filters": steps[-1]["sparsity"] if steps else 0.0,
+                       "macs": 1 - pruned_m["macs"] / base_m["macs"],
+                       "params": 1 - pruned_m["params"] / base_m["params"],
+                       "macs_speedup": base_m["macs"] / pruned_m["macs"]},
+        "steps": steps,
+        "evaluations": int(sum(s["evaluations"] for s in steps)),
+        "channels_before": original["channels"], "channels_after": channels_after,
+        "wall_seconds": time.perf_counter() - started,
+        "files": {"history": "history.parquet", "model": "pruned_model.pt", "report": "report.png"},
+    }
+    HistoryWriter.combine(run.history, run.root / "history.parquet")
+    write_report(summary, run.root / "report.png")
+    ckpt.atomic_write_json(run.summary, summary)
+    log.info("done: test top-1 %.4f -> %.4f, MACs -%.1f%%, params -%.1f%% (%s)", base_m["test_top1"],
+             pruned_m["test_top1"], 100 * summary["reductions"]["macs"], 100 * summary["reductions"]["params"],
+             run.root)
+    return summary
+
+
+# ---------------------------------------------------------------------- other commands
+def _load_data(config: CompressConfig) -> Dataset:
+    return load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+                        download=config.download, image_size=config.image_size)
+
+
+def train_command(config: CompressConfig) -> dict:
+    """``rlpruner train``: train a base model, save ``base_model.pt`` in out_dir."""
+    run = RunFolder(config.out_dir)
+    if run.base.exists() and not config.overwrite:
+        raise ConfigError(f"{run.base} exists; pass --overwrite to replace it")
+    data = _load_data(config)
+    device = config.resolved_device()
+    run.base.unlink(missing_ok=True)
+    model = load_or_train_base(config, data, run, device)
+    m = measure_model(model, data, device, test=False)
+    return {"model_file": str(run.base), **m}
+
+
+def evaluate_command(path, config: CompressConfig, *, split: str) -> dict:
+    """``rlpruner evaluate``: accuracy, MACs, params and CPU latency of a model file."""
+    model = ckpt.load_pruned(path)
+    data = _load_data(config)
+    _check_fits(model, data, path)
+    device = config.resolved_device()
+    r = evaluate(model, data, split, device=device)
+    macs, params = macs_params(model.cpu(), data.example_inputs(1))
+    shape = tuple(data.example_inputs(1).shape[1:])
+    return {"split": split, "top1": r["top1"], "top5": r["top5"], "macs": macs, "params": params,
+            "latency_ms_cpu_b1": latency_ms(model, shape, batch_size=1)}
+
+
+def _check_fits(model, data: Dataset, source) -> None:
+    spec = getattr(model, ckpt.SPEC_ATTR)
+    if spec["num_classes"] != data.num_classes or spec["in_channels"] != data.in_channels:
+        raise ModelError(f"{source} is for {spec['num_classes']} classes / {spec['in_channels']} channels, "
+                         f"the dataset has {data.num_classes} / {data.in_channels}")
+
+
+def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
+    """``rlpruner prune``: one-shot pruning with a non-learned strategy, then
+    optional KD fine-tuning; writes ``pruned_model.pt`` and ``summary.json``."""
+    from .search.baselines import global_counts
+    run = RunFolder(config.out_dir)
+    if (run.model.exists() or run.summary.exists()) and not config.overwrite:
+        raise ConfigError(f"{run.root} already holds results; pass --overwrite to replace them")
+    data = _load_data(config)
+    device = config.resolved_device()
+    if config.base_checkpoint:
+        base = ckpt.load_pruned(config.base_checkpoint)
+        _check_fits(base, data, config.base_checkpoint)
+    else:
+        base = load_or_train_base(config, data, run, device)
+    base = base.to(device).eval()
+    graph = build_graph(config, base, data, device)
+    original = {"macs": graph.base_macs, "params": graph.base_params}
+    _check_reachable(config, graph, original)
+    rng = np.random.default_rng(config.seed)
+    if config.algo == "global":
+        n = int(round(config.sparsity * graph.total_channels))
+        counts = global_counts(graph, n)
+        distribution = counts / counts.sum()
+    elif config.algo == "random":
+        distribution = rng.dirichlet(graph.initial_distribution() * graph.num_groups + 1e-3)
+    else:
+        distribution = graph.initial_distribution()
+    from .scoring import plan_for_step
+    if config.target == "filters":
+        context = {"num_filters": int(round(config.sparsity * graph.total_channels))}
+    else:
+        context = {"cost_target": {"kind": config.target, "value": original[config.target] * (1 - config.sparsity)}}
+    counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
+    small = graph.prune(counts)
+    before = evaluate(small, data, "val", device=device)["top1"]
+    finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                                  seed=config.seed, device=device),
+                temperature=config.kd_temperature, alpha=config.kd_alpha)
+    base_m = measure_model(base, data, device, test=True)
+    pruned_m = measure_model(small, data, device, test=True)
+    run.root.mkdir(parents=True, exist_ok=True)
+    ckpt.save_pruned(small.cpu(), run.model, meta={"config": config.to_dict()})
+    if export:
+        ckpt.export_model(small, run.root / f"pruned_model.{'onnx' if export == 'onnx' else 'ts'}", export)
+    summary = {"config": config.to_dict(), "strategy": config.algo, "counts": counts.tolist(),
+               "base": base_m, "pruned": {**pruned_m, "val_top1_before_finetune": before},
+               "reductions": {"filters": float(counts.sum() / graph.total_channels),
+                              "macs": 1 - pruned_m["macs"] / base_m["macs"],
+                              "params": 1 - pruned_m["params"] / base_m["params"]},
+               "model_file": str(run.model)}
+    ckpt.atomic_write_json(run.summary, summary)
+    return summary

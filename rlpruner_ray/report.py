@@ -1,0 +1,100 @@
+"""Result files people can open: the per-candidate history as Parquet (streamed
+one step at a time, never held whole in memory) and the run's report figure."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .checkpoint import atomic_write_bytes
+
+HISTORY_SCHEMA = pa.schema([
+    ("step", pa.int32()), ("iteration", pa.int32()), ("evaluation", pa.int32()),
+    ("algo", pa.string()), ("source", pa.string()),
+    ("reward", pa.float64()), ("accuracy", pa.float64()), ("macs", pa.float64()), ("params", pa.float64()),
+    ("filters_removed", pa.int64()), ("chosen", pa.bool_()), ("seconds", pa.float64()),
+    ("distribution", pa.list_(pa.float32())), ("counts", pa.list_(pa.int32())),
+])
+
+
+def write_table(path, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class HistoryWriter:
+    """Collects one step's candidates and writes them as ``history/step_NNN.parquet``
+    when the step ends (before its checkpoint, so a resumed step rewrites it)."""
+
+    def __init__(self, folder, algo: str):
+        self.folder = Path(folder)
+        self.algo = algo
+        self.rows: list[dict] = []
+
+    def add(self, c, seconds: float = 0.0) -> None:
+        self.rows.append({
+            "step": -1, "iteration": c.iteration, "evaluation": c.index, "algo": self.algo, "source": c.source,
+            "reward": c.reward, "accuracy": c.accuracy, "macs": c.macs, "params": c.params,
+            "filters_removed": int(np.sum(c.counts)), "chosen": False, "seconds": seconds,
+            "distribution": np.asarray(c.distribution, np.float32).tolist(),
+            "counts": np.asarray(c.counts, np.int32).tolist(),
+        })
+
+    def flush(self, step: int, chosen_index: int) -> None:
+        for r in self.rows:
+            r["step"] = step
+            r["chosen"] = r["evaluation"] == chosen_index
+        write_table(self.folder / f"step_{step:03d}.parquet", pa.Table.from_pylist(self.rows, HISTORY_SCHEMA))
+        self.rows = []
+
+    @staticmethod
+    def combine(folder, path) -> None:
+        parts = sorted(Path(folder).glob("step_*.parquet"))
+        tables = [pq.read_table(p) for p in parts]
+        table = pa.concat_tables(tables) if tables else HISTORY_SCHEMA.empty_table()
+        write_table(path, table)
+
+
+def write_report(summary: dict, path) -> None:
+    """report.png: accuracy and MACs per step, channels per group before/after."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = summary["steps"]
+    x = [s["step"] + 1 for s in steps]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    ax = axes[0]
+    ax.plot([0] + x, [summary["base"]["val_top1"]] + [s["val_top1"] for s in steps], "o-", label="after fine-tuning")
+    ax.plot(x, [s["val_top1_before_finetune"] for s in steps], "s--", label="before fine-tuning")
+    ax.plot(x, [s["chosen_accuracy"] for s in steps], "^:", label="reward batches (search)")
+    ax.set(xlabel="pruning step", ylabel="validation top-1", title="Accuracy per step")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    ax.plot([0] + x, [1.0] + [1 - s["macs_reduction"] for s in steps], "o-", label="MACs")
+    ax.plot([0] + x, [1.0] + [1 - s["params_reduction"] for s in steps], "s-", label="params")
+    ax.plot([0] + x, [1.0] + [1 - s["sparsity"] for s in steps], "^-", label="filters")
+    ax.set(xlabel="pruning step", ylabel="fraction of the base model", title="Size per step", ylim=(0, 1.05))
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    before = summary["channels_before"]
+    after = summary["channels_after"]
+    keys = list(before)
+    idx = np.arange(len(keys))
+    ax.bar(idx, [before[k] for k in keys], color="#bbbbbb", label="before")
+    ax.bar(idx, [after[k] for k in keys], color="#1f77b4", label="after")
+    ax.set(xlabel="group (layer order)", ylabel="channels", title="Channels per group")
+    ax.legend(fontsize=8)
+    cfg = summary["config"]
+    fig.suptitle(f"{cfg['model']} on {cfg['dataset']}: {cfg['algo']}, {cfg['target']} sparsity {cfg['sparsity']:g} — "
+                 f"test top-1 {summary['base']['test_top1']:.3f} → {summary['pruned']['test_top1']:.3f}, "
+                 f"MACs −{100 * summary['reductions']['macs']:.1f}%", fontsize=11)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

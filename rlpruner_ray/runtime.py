@@ -1,0 +1,69 @@
+"""The one place Ray is started, and resource checks against what the cluster offers."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ResourceError
+
+log = logging.getLogger("rlpruner_ray")
+NAMESPACE = "rlpruner"
+# Ray's socket paths must fit in 107 bytes; its session folder adds ~70.
+_MAX_TEMP_DIR = 36
+
+
+def ray_temp_dir(out_dir) -> str:
+    """Ray's temp folder for a run: inside the run's folder when the path is short
+    enough for Ray's sockets, else a short folder named after the run's path."""
+    inside = Path(out_dir).resolve() / "ray"
+    if len(str(inside)) <= _MAX_TEMP_DIR:
+        return str(inside)
+    digest = hashlib.sha1(str(inside).encode()).hexdigest()[:10]
+    return os.path.join(tempfile.gettempdir(), f"rlpr-{digest}")
+
+
+def init_ray(address: str | None, out_dir, *, num_cpus: int | None = None, num_gpus: int | None = None):
+    """Connect to ``address`` ("auto": the running cluster) or start a private local
+    Ray bound to 127.0.0.1 without the dashboard. Idempotent."""
+    import ray
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        return
+    temp = ray_temp_dir(out_dir)
+    Path(temp).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             _temp_dir=temp, namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
+             configure_logging=True, logging_level=logging.WARNING)
+    log.info("started a local Ray (temp folder %s)", temp)
+
+
+def local_offer() -> dict[str, float]:
+    """What a private local Ray started by :func:`init_ray` will offer (known before
+    starting it, so bad requests are refused before anything is written)."""
+    import torch
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_resources(need: dict[str, float], what: str, offered: dict | None = None) -> None:
+    """Fail fast (one line) when the cluster cannot ever place ``need``."""
+    if offered is None:
+        import ray
+        offered = ray.cluster_resources()
+    have = offered
+    for key, amount in need.items():
+        if amount > 0 and have.get(key, 0.0) + 1e-9 < amount:
+            raise ResourceError(f"{what} needs {amount:g} {key} but the Ray cluster has "
+                                f"{have.get(key, 0.0):g}; lower the request or add nodes")
+
+
+def shutdown_ray() -> None:
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,166 @@
+"""The one interface every search algorithm implements, and the one place the
+evaluation budget is counted, so comparisons are fair by construction."""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import numpy as np
+
+from ..config import CompressConfig
+from ..errors import ConfigError
+
+
+@dataclass
+class Candidate:
+    """One evaluated distribution. ``counts`` is the exact plan that was scored:
+    applying a candidate means pruning ``counts``."""
+
+    distribution: np.ndarray
+    counts: np.ndarray
+    reward: float
+    accuracy: float
+    macs: float
+    params: float
+    iteration: int
+    index: int                    # evaluation number within the step
+    source: str = "sample"        # "sample" or e.g. "policy" (RLlib's deterministic action)
+
+
+class BudgetExhausted(RuntimeError):
+    pass
+
+
+class Evaluator:
+    """Scores distributions for a search algorithm, never more than ``budget`` in a
+    step. ``score_fn(list_of_distributions) -> list_of_result_dicts`` does the work
+    (an :class:`EvaluationPool`, or a local env in tests); ``on_candidate`` sees
+    every candidate (the pipeline streams them to history)."""
+
+    def __init__(self, score_fn: Callable, budget: int, on_candidate: Callable | None = None):
+        self.score_fn = score_fn
+        self.budget = int(budget)
+        self.used = 0
+        self.on_candidate = on_candidate
+        self.best: Candidate | None = None
+        self.candidates: list[Candidate] = []
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - self.used
+
+    def __call__(self, distributions, iteration: int, source: str = "sample") -> list[Candidate]:
+        distributions = [np.asarray(d, dtype=np.float64) for d in distributions][: self.remaining]
+        if not distributions:
+            raise BudgetExhausted("evaluation budget used up")
+        started = time.perf_counter()
+        results = self.score_fn(distributions)
+        seconds = (time.perf_counter() - started) / len(distributions)
+        out = []
+        for d, r in zip(distributions, results):
+            c = Candidate(d, np.asarray(r["counts"]), float(r["reward"]), float(r["accuracy"]),
+                          float(r["macs"]), float(r["params"]), iteration, self.used, source)
+            self.used += 1
+            self.record(c, seconds)
+            out.append(c)
+        return out
+
+    def record(self, c: Candidate, seconds: float = 0.0) -> None:
+        """Count an evaluation made elsewhere (RLlib env runners) or here."""
+        self.candidates.append(c)
+        if self.best is None or c.reward > self.best.reward:
+            self.best = c
+        if self.on_candidate is not None:
+            self.on_candidate(c, seconds)
+
+
+@dataclass
+class StepContext:
+    step: int                     # 0-based pruning step
+    num_steps: int
+    graph: object                 # the driver's PruningGraph of the current base model
+    rng: np.random.Generator      # seeded from (seed, step): resumable, reproducible
+    reference_accuracy: float | None = None   # the previous step's chosen accuracy (drop guard)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def initial(self) -> np.ndarray:
+        return self.graph.initial_distribution()
+
+
+class SearchAlgorithm(ABC):
+    """Given the step's context and an evaluator with a budget, return the
+    candidate to apply. State that must survive a resume goes in ``state_dict``."""
+
+    name: ClassVar[str]
+    uses_pool: ClassVar[bool] = True   # scores through the evaluation actors (RLlib brings its own)
+
+    def __init__(self, config: CompressConfig, **_):
+        self.config = config
+
+    @abstractmethod
+    def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def on_new_base(self, step: int) -> None:
+        """Called after the pipeline published a new base model."""
+
+    def save_extra(self, folder) -> None:
+        """Write state that is not plain data (an RLlib checkpoint) into ``folder``."""
+
+    def load_extra(self, folder) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_REGISTRY: dict[str, type[SearchAlgorithm]] = {}
+
+
+def register(cls: type[SearchAlgorithm]) -> type[SearchAlgorithm]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def native_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_algorithm(config: CompressConfig, **kwargs) -> SearchAlgorithm:
+    from . import baselines, rlpruner  # noqa: F401  (register the native algorithms)
+    name = config.algo.lower()
+    if name in _REGISTRY:
+        return _REGISTRY[name](config, **kwargs)
+    from .rllib import RLlibSearch, check_rllib_algorithm
+    check_rllib_algorithm(name)
+    return RLlibSearch(config, **kwargs)
+
+
+def planned_resources(config: CompressConfig) -> dict[str, float]:
+    """Resources the search of ``config`` will ask Ray for (a Tune trial reserves
+    exactly this)."""
+    from . import baselines, rlpruner  # noqa: F401
+    if config.algo.lower() in _REGISTRY:
+        return {"CPU": config.num_workers * config.cpus_per_worker,
+                "GPU": config.num_workers * config.gpus_per_worker}
+    from .rllib import rllib_resources
+    return rllib_resources(config)
+
+
+def check_algorithm_name(name: str) -> None:
+    from . import baselines, rlpruner  # noqa: F401
+    if name.lower() in _REGISTRY:
+        return
+    try:
+        from .rllib import check_rllib_algorithm
+    except ImportError:
+        raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(native_names())}") from None
+    check_rllib_algorithm(name.lower())

@@ -1,0 +1,123 @@
+"""Parallel evaluation on Ray actors.
+
+* :class:`ModelStore` — a small named actor holding the current base model
+  payload and its version. Every environment (evaluation actor or RLlib env
+  runner) fetches the base model from it, also after Ray restarts the actor.
+* :class:`EvalWorker` — an actor holding one ``LayerPruningEnv``; scores lists
+  of distributions through the env's code path.
+* :class:`EvaluationPool` — N workers; splits a batch of distributions across
+  them and returns results in submission order (deterministic).
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import ray
+import torch
+
+from ..checkpoint import model_to_bytes
+from ..config import CompressConfig
+from ..runtime import NAMESPACE, check_resources
+
+
+def make_payload(model, graph, context: dict, version: int) -> dict:
+    """Everything an environment needs to adopt a base model: the model file's
+    bytes (weights-only format), the driver's importance scores (so every worker
+    prunes exactly the channels the driver will), and the step's context."""
+    return {
+        "version": version,
+        "model": model_to_bytes(model),
+        "input_shape": list(graph.example_inputs.shape[1:]),
+        "keys": graph.keys,
+        "scores": [s.numpy() for s in graph.scores],
+        "criterion": graph.criterion,
+        "context": context,
+    }
+
+
+def env_settings(config: CompressConfig, *, store: str | None = None, device: str = "cpu") -> dict:
+    """The plain-dict environment config derived from the run's config."""
+    return {
+        "dataset": {"name": config.dataset, "data_dir": config.data_dir, "val_fraction": config.val_fraction,
+                    "seed": config.seed, "image_size": config.image_size},
+        "reward": config.reward, "reward_coef": config.reward_coef,
+        "reward_samples": config.reward_samples, "reward_batch_size": config.reward_batch_size,
+        "bn_recalibration_batches": config.bn_recalibration_batches, "horizon": config.horizon,
+        "action_scale": config.action_scale, "min_channels": config.min_channels,
+        "max_group_sparsity": config.max_group_sparsity, "exclude": list(config.exclude),
+        "round_to": config.round_to, "device": device, "store": store, "namespace": NAMESPACE,
+    }
+
+
+@ray.remote(num_cpus=0)
+class ModelStore:
+    def __init__(self):
+        self._version = -1
+        self._payload = None
+
+    def publish(self, payload: dict) -> int:
+        self._version = payload["version"]
+        self._payload = payload
+        return self._version
+
+    def version(self) -> int:
+        return self._version
+
+    def get(self) -> dict:
+        return self._payload
+
+
+class EvalWorker:
+    """Ray actor body: one environment, many evaluations."""
+
+    def __init__(self, settings: dict, threads: int):
+        torch.set_num_threads(max(1, threads))
+        import envs  # registers the env; importable on every node
+        self.env = envs.LayerPruningEnv(settings)
+
+    def evaluate(self, distributions: list, version: int) -> list[dict]:
+        if self.env.scorer.version != version:
+            self.env.sync()
+        out = []
+        for d in distributions:
+            r = self.env.evaluate_distribution(np.asarray(d, dtype=np.float64))
+            out.append(r)
+        return out
+
+    def describe(self) -> dict:
+        import os
+        g = self.env.scorer.graph
+        return {"version": self.env.scorer.version, "channels": g.channels.tolist(), "pid": os.getpid()}
+
+
+class EvaluationPool:
+    def __init__(self, config: CompressConfig, store_name: str):
+        n, cpus, gpus = config.num_workers, config.cpus_per_worker, config.gpus_per_worker
+        check_resources({"CPU": n * cpus, "GPU": n * gpus}, f"{n} evaluation actors")
+        check_resources({"CPU": cpus, "GPU": gpus}, "one evaluation actor")
+        device = "cuda" if gpus > 0 else "cpu"
+        settings = env_settings(config, store=store_name, device=device)
+        actor = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1,
+                                               max_task_retries=-1)
+        self.workers = [actor.remote(settings, int(max(1, cpus))) for _ in range(n)]
+
+    def evaluate(self, distributions: list[np.ndarray], version: int) -> list[dict]:
+        n = len(self.workers)
+        chunks = np.array_split(np.arange(len(distributions)), min(n, max(1, len(distributions))))
+        refs = [w.evaluate.remote([distributions[i] for i in idx], version)
+                for w, idx in zip(self.workers, chunks) if len(idx)]
+        return [r for part in ray.get(refs) for r in part]
+
+    def describe(self) -> list[dict]:
+        return ray.get([w.describe.remote() for w in self.workers])
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+def start_store() -> tuple[object, str]:
+    name = f"model-store-{uuid.uuid4().hex[:8]}"
+    store = ModelStore.options(name=name, namespace=NAMESPACE, max_restarts=0).remote()
+    return store, name
