@@ -144,9 +144,9 @@ class PruningGraph:
 
     def _make_group(self, tp_group) -> Group | None:
         root_module = tp_group[0].dep.target.module
+        # groups with a single channel stay (with nothing removable) so the number of
+        # groups, the RL action size, is the same at every pruning step
         channels = len(tp_group[0].idxs)
-        if channels < 2:
-            return None
         slices = []
         for item in tp_group:
             module, fn = item.dep.target.module, item.dep.handler
@@ -416,7 +416,9 @@ def _water_fill(weights: np.ndarray, capacity: np.ndarray, total: int) -> np.nda
         # largest remainders get the leftover units, among groups with room
         left = remaining - int(take.sum())
         if left > 0:
-            frac = np.where(free - take > 0, share - np.floor(share), -1.0)
+            # (weighted groups only: a capped group's excess must not leak onto
+            # zero-weight groups while weighted ones still have room)
+            frac = np.where((free - take > 0) & (w > 0), share - np.floor(share), -1.0)
             for g in np.argsort(-frac, kind="stable")[:left]:
                 if frac[g] >= 0:
                     take[g] += 1
@@ -443,11 +445,13 @@ def _round_widths(counts, widths, capacity, r, target):
     allows), then adjust whole units of ``r`` toward ``target``."""
     counts = counts.copy()
     for g in range(len(counts)):
-        keep = widths[g] - counts[g]
-        snapped = max(r, int(round(keep / r)) * r)
-        c = widths[g] - snapped
-        if 0 <= c <= capacity[g]:
-            counts[g] = c
+        keep = int(widths[g] - counts[g])
+        # nearest multiple of r that fits between the floor and the full width
+        # (rounding to the nearest alone skips a width of 30 -> 32 > 30 instead of 24)
+        options = [m for m in (max(r, -(-keep // r) * r), max(r, keep // r * r))
+                   if 0 <= widths[g] - m <= capacity[g]]
+        if options:
+            counts[g] = widths[g] - min(options, key=lambda m: abs(m - keep))
     while True:
         diff = target - counts.sum()
         if abs(diff) < r:
