@@ -80,7 +80,14 @@ def load_tensors(source) -> dict:
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
         raise CheckpointError(f"checkpoint not found: {name}")
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    if isinstance(source, (bytes, bytearray)):
+        head, stream = bytes(source[:4]), io.BytesIO(source)
+    else:
+        with open(source, "rb") as f:
+            head = f.read(4)
+        stream = source
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"{name} is not a torch checkpoint (truncated, corrupted or another format)")
     try:
         obj = torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the validation split")
 
     pr = sub.add_parser("prune", help="one-shot pruning with a non-learned strategy (baselines)")
-    _add_fields(pr, ["model", "data", "target", "finetune", "run"], skip=("resume", "step_fraction"))
+    _add_fields(pr, ["model", "data", "train", "target", "finetune", "run"], skip=("resume", "step_fraction"))
     pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random"), default="uniform",
                     help="how the filters to remove are spread across groups")
     pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1")
@@ -126,6 +126,7 @@ def _run(args) -> int:
         print(json.dumps(out, indent=2))
     elif args.command == "prune":
         out = pipeline.prune_command(_config(args, algo=args.algo, criterion=args.criterion), export=args.export)
+        out.pop("config")
         print(json.dumps(out, indent=2))
     else:
         from . import sweep

@@ -177,10 +177,15 @@ def compress(config: CompressConfig) -> dict:
     device = config.resolved_device()
 
     # everything that can be refused is checked before the first byte is written
-    if config.base_checkpoint:
-        _check_fits(ckpt.load_pruned(config.base_checkpoint), data, config.base_checkpoint)
-    elif not (config.resume and run.base.exists()):
-        build_model(config.model, data.num_classes, data.in_channels)
+    if config.base_checkpoint or (config.resume and run.base.exists()):
+        probe = ckpt.load_pruned(config.base_checkpoint or run.base)
+        _check_fits(probe, data, config.base_checkpoint or run.base)
+    else:
+        probe = build_model(config.model, data.num_classes, data.in_channels)
+    probe_graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
+                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    _check_reachable(config, probe_graph, {"macs": probe_graph.base_macs, "params": probe_graph.base_params})
+    del probe, probe_graph
     from .runtime import check_resources, init_ray, local_offer, shutdown_ray
     from .search.base import planned_resources
     import ray
@@ -202,7 +207,6 @@ def compress(config: CompressConfig) -> dict:
     original = {"channels": dict(zip(base_graph.keys, base_graph.channels.tolist())),
                 "total_channels": base_graph.total_channels,
                 "macs": base_graph.base_macs, "params": base_graph.base_params}
-    _check_reachable(config, base_graph, original)
     targets = _step_targets(config, original["total_channels"])
 
     # ---- resume

@@ -1,0 +1,32 @@
+"""Shared fixtures: one small trained base model on the real digits data, made
+once per test session and reused by every test that needs a trained model."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from rlpruner_ray.data import load_dataset
+    return load_dataset("digits", image_size=16)
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory, digits):
+    """Path of a resnet8 trained on digits (val top-1 well above chance)."""
+    from rlpruner_ray.checkpoint import save_pruned, tag_model
+    from rlpruner_ray.models import build_model, model_spec
+    from rlpruner_ray.train import TrainSettings, train_base
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, 1)
+    tag_model(model, model_spec("resnet8", 10, 1), (1, 16, 16))
+    result = train_base(model, digits, TrainSettings(epochs=8, lr=0.05, batch_size=128))
+    assert result.best_val_top1 > 0.85
+    path = tmp_path_factory.mktemp("base") / "base_model.pt"
+    save_pruned(model, path)
+    return path

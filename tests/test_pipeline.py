@@ -1,0 +1,110 @@
+"""compress() end to end on real digits data: output files and schemas, resume
+after a kill, and refusals before any work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from rlpruner_ray.config import CompressConfig
+from rlpruner_ray.report import HISTORY_SCHEMA
+
+SMALL = ["--sparsity", "0.3", "--step-fraction", "0.1", "--evaluations-per-step", "6",
+         "--samples-per-iteration", "3", "--finetune-epochs", "1", "--num-workers", "2", "--seed", "3"]
+
+
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "rlpruner_ray", "-q", *args], capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def _comparable(summary):
+    keep = ("filters_removed", "sparsity", "macs", "params", "chosen_reward", "chosen_accuracy", "counts",
+            "val_top1_before_finetune", "val_top1", "evaluations")
+    return {"steps": [{k: s[k] for k in keep} for s in summary["steps"]],
+            "test": summary["pruned"]["test_top1"], "macs": summary["pruned"]["macs"]}
+
+
+@pytest.mark.slow
+def test_compress_end_to_end_and_resume_after_kill(tmp_path, base_checkpoint):
+    common = ["--base-checkpoint", str(base_checkpoint), *SMALL]
+    ref = tmp_path / "ref"
+    done = _cli(["compress", "--out-dir", str(ref), *common])
+    assert done.returncode == 0, done.stderr
+
+    # -- output files and schemas
+    for name in ("summary.json", "history.parquet", "pruned_model.pt", "report.png", "config.json"):
+        assert (ref / name).is_file(), name
+    summary = json.loads((ref / "summary.json").read_text())
+    assert len(summary["steps"]) == 3 and summary["evaluations"] == 18
+    assert summary["reductions"]["filters"] == pytest.approx(0.3, abs=0.01)
+    assert summary["pruned"]["macs"] < summary["base"]["macs"]
+    assert summary["pruned"]["test_top1"] > 0.5
+    table = pq.read_table(ref / "history.parquet")
+    assert table.schema.equals(HISTORY_SCHEMA)
+    assert table.num_rows == 18
+    rows = table.to_pylist()
+    assert sum(r["chosen"] for r in rows) == 3          # one chosen candidate per step
+    assert (ref / "report.png").read_bytes()[:4] == b"\x89PNG"
+    from rlpruner_ray.checkpoint import load_pruned
+    small = load_pruned(ref / "pruned_model.pt")
+    assert sum(p.numel() for p in small.parameters()) == summary["pruned"]["params"]
+
+    # -- kill a second run after its first step, resume, compare with the reference
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rlpruner_ray", "-q", "compress", "--out-dir", str(run),
+                             *common], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (run / "steps" / "step_000.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first step"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists()
+    resumed = _cli(["compress", "--out-dir", str(run), *common, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads((run / "summary.json").read_text())
+    assert _comparable(again) == _comparable(summary)
+    t2 = pq.read_table(run / "history.parquet").drop(["seconds"])
+    assert t2.equals(table.drop(["seconds"]))
+
+
+def test_refusals_write_nothing(tmp_path, base_checkpoint):
+    out = tmp_path / "run"
+    cases = [
+        ["--sparsity", "0"], ["--sparsity", "1.2"], ["--evaluations-per-step", "0"],
+        ["--sparsity", "0.99", "--max-group-sparsity", "0.5"],          # unreachable with the floors
+        ["--gpus-per-worker", "64"], ["--algo", "nope"], ["--criterion", "nope"],
+        ["--dataset", "npz:/does/not/exist"], ["--model", "not_a_model"],
+        ["--base-checkpoint", str(tmp_path / "missing.pt")],
+    ]
+    for extra in cases:
+        r = _cli(["compress", "--out-dir", str(out), *extra])
+        assert r.returncode == 2, (extra, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("rlpruner")]
+        assert len(lines) == 1 and "error" in lines[0], (extra, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert not out.exists(), extra
+
+
+def test_existing_run_is_not_overwritten_and_resume_checks_settings(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = CompressConfig(out_dir=str(out)).to_dict()
+    (out / "config.json").write_text(json.dumps(config))
+    before = (out / "config.json").read_bytes()
+    r = _cli(["compress", "--out-dir", str(out)])
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    r = _cli(["compress", "--out-dir", str(out), "--resume", "--sparsity", "0.7"])
+    assert r.returncode == 2 and "sparsity" in r.stderr
+    r = _cli(["compress", "--out-dir", str(tmp_path / "empty"), "--resume"])
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    assert (out / "config.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
