@@ -166,8 +166,11 @@ def measure_model(model, data: Dataset, device: str, *, test: bool) -> dict:
 
 
 # ---------------------------------------------------------------------- the loop
-def compress(config: CompressConfig) -> dict:
-    """Run RL-Pruner end to end; returns the summary (also written to summary.json)."""
+def compress(config: CompressConfig, on_step=None) -> dict:
+    """Run RL-Pruner end to end; returns the summary (also written to summary.json).
+
+    ``on_step(record, run_folder)`` is called after each step's checkpoint is on
+    disk (a Tune trial reports and checkpoints from it)."""
     config.validate()
     check_algorithm_name(config.algo)
     run = prepare_run(config)
@@ -290,6 +293,8 @@ def compress(config: CompressConfig) -> dict:
                      evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
                      100 * macs / original["macs"], before, after, record["step_seconds"])
             model = small
+            if on_step is not None:
+                on_step(record, run)
     finally:
         if pool is not None:
             pool.close()

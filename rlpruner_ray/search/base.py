@@ -139,7 +139,10 @@ def make_algorithm(config: CompressConfig, **kwargs) -> SearchAlgorithm:
     name = config.algo.lower()
     if name in _REGISTRY:
         return _REGISTRY[name](config, **kwargs)
-    from .rllib import RLlibSearch, check_rllib_algorithm
+    try:
+        from .rllib import RLlibSearch, check_rllib_algorithm
+    except ImportError:   # same answer as check_algorithm_name when RLlib support is unavailable
+        raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(native_names())}") from None
     check_rllib_algorithm(name)
     return RLlibSearch(config, **kwargs)
 
