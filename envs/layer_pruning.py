@@ -23,6 +23,9 @@ runner that Ray restarts picks up the current base model by itself.
 """
 from __future__ import annotations
 
+import os
+import time
+
 import gymnasium as gym
 import numpy as np
 
@@ -39,6 +42,9 @@ class LayerPruningEnv(gym.Env):
     def __init__(self, config: dict | None = None):
         config = dict(config or {})
         self.settings = config
+        if config.get("threads"):
+            import torch
+            torch.set_num_threads(int(config["threads"]))
         data = load_dataset(**config["dataset"])
         self.scorer = StepScorer(config, data)
         self._store = None
@@ -123,11 +129,36 @@ class LayerPruningEnv(gym.Env):
         result.update(counts=counts, version=self.scorer.version)
         return result
 
+    def _take_ticket(self) -> int:
+        """Budgeted mode (RLlib env runners): one ticket per evaluation; wait while
+        the step's budget is spent, and follow the base model when it moves on.
+        -1 means the search is over (the algorithm is being stopped)."""
+        import ray
+        store = self._store_actor()
+        while True:
+            ticket = ray.get(store.take_ticket.remote(self.scorer.version))
+            if ticket is not None:
+                return ticket
+            if ray.get(store.version.remote()) != self.scorer.version:
+                self._adopt(ray.get(store.get.remote()))
+                self._t, self._removed = 0, np.zeros_like(self._removed)  # the episode restarts on it
+            time.sleep(0.05)
+
     def step(self, action):
         distribution = self.action_to_distribution(action)
+        ticket = self._take_ticket() if self.settings.get("budgeted") else None
+        if ticket == -1:   # search over: answer at once so the env runner can shut down
+            return self._obs(), 0.0, True, False, {"closed": True}
         self._t += 1
+        started = time.perf_counter()
         result = self.evaluate_distribution(distribution, fraction=self._t / self.horizon,
                                             already_removed=self._removed)
+        if ticket is not None:
+            row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version")}
+            row.update(counts=result["counts"].tolist(), distribution=distribution.tolist(),
+                       seconds=time.perf_counter() - started, pid=os.getpid(),
+                       channels=self.scorer.graph.channels.tolist())
+            self._store_actor().record.remote(ticket, row)
         self._removed = result["counts"]
         terminated = self._t >= self.horizon
         info = dict(result, distribution=distribution)

@@ -17,6 +17,7 @@ HISTORY_SCHEMA = pa.schema([
     ("reward", pa.float64()), ("accuracy", pa.float64()), ("macs", pa.float64()), ("params", pa.float64()),
     ("filters_removed", pa.int64()), ("chosen", pa.bool_()), ("seconds", pa.float64()),
     ("distribution", pa.list_(pa.float32())), ("counts", pa.list_(pa.int32())),
+    ("learner_stats", pa.map_(pa.string(), pa.float64())),
 ])
 
 
@@ -42,6 +43,7 @@ class HistoryWriter:
             "filters_removed": int(np.sum(c.counts)), "chosen": False, "seconds": seconds,
             "distribution": np.asarray(c.distribution, np.float32).tolist(),
             "counts": np.asarray(c.counts, np.int32).tolist(),
+            "learner_stats": None if c.learner_stats is None else list(c.learner_stats.items()),
         })
 
     def flush(self, step: int, chosen_index: int) -> None:

@@ -27,6 +27,7 @@ class Candidate:
     iteration: int
     index: int                    # evaluation number within the step
     source: str = "sample"        # "sample" or e.g. "policy" (RLlib's deterministic action)
+    learner_stats: dict | None = None   # RLlib's learner statistics of the iteration
 
 
 class BudgetExhausted(RuntimeError):
@@ -60,20 +61,29 @@ class Evaluator:
         seconds = (time.perf_counter() - started) / len(distributions)
         out = []
         for d, r in zip(distributions, results):
-            c = Candidate(d, np.asarray(r["counts"]), float(r["reward"]), float(r["accuracy"]),
-                          float(r["macs"]), float(r["params"]), iteration, self.used, source)
-            self.used += 1
-            self.record(c, seconds)
-            out.append(c)
+            out.append(self.record(candidate_from(d, r, iteration, source), seconds))
         return out
 
-    def record(self, c: Candidate, seconds: float = 0.0) -> None:
-        """Count an evaluation made elsewhere (RLlib env runners) or here."""
+    def record(self, c: Candidate, seconds: float = 0.0) -> Candidate:
+        """Count one evaluation (made here or by RLlib's env runners) against the budget."""
+        if self.remaining <= 0:
+            raise BudgetExhausted("evaluation budget used up")
+        c.index = self.used
+        self.used += 1
         self.candidates.append(c)
         if self.best is None or c.reward > self.best.reward:
             self.best = c
         if self.on_candidate is not None:
             self.on_candidate(c, seconds)
+        return c
+
+
+def candidate_from(distribution, result: dict, iteration: int, source: str = "sample",
+                   learner_stats: dict | None = None) -> Candidate:
+    """A Candidate from an environment's result dict (index set when recorded)."""
+    return Candidate(np.asarray(distribution, dtype=np.float64), np.asarray(result["counts"]),
+                     float(result["reward"]), float(result["accuracy"]), float(result["macs"]),
+                     float(result["params"]), iteration, -1, source, learner_stats)
 
 
 @dataclass

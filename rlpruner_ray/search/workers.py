@@ -10,11 +10,11 @@
 """
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
 import ray
-import torch
 
 from ..checkpoint import model_to_bytes
 from ..config import CompressConfig
@@ -47,14 +47,24 @@ def env_settings(config: CompressConfig, *, store: str | None = None, device: st
         "action_scale": config.action_scale, "min_channels": config.min_channels,
         "max_group_sparsity": config.max_group_sparsity, "exclude": list(config.exclude),
         "round_to": config.round_to, "device": device, "store": store, "namespace": NAMESPACE,
+        "threads": max(1, int(config.cpus_per_worker)),
     }
 
 
 @ray.remote(num_cpus=0)
 class ModelStore:
+    """The current base model (payload + version), and the step's evaluation
+    tickets for environments that spend a shared budget (RLlib env runners)."""
+
     def __init__(self):
         self._version = -1
         self._payload = None
+        self._tickets = 0
+        self._timeout = 120.0
+        self._next_ticket = 0
+        self._out: dict[int, float] = {}     # ticket -> time handed out
+        self._rows: list[dict] = []
+        self._closed = False
 
     def publish(self, payload: dict) -> int:
         self._version = payload["version"]
@@ -67,12 +77,54 @@ class ModelStore:
     def get(self) -> dict:
         return self._payload
 
+    # ---- tickets: one per evaluation, so a budget is never overspent
+    def begin_step(self, version: int, tickets: int, timeout_s: float) -> None:
+        self._tickets, self._timeout = tickets, timeout_s
+        self._out.clear()
+        self._rows.clear()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for ticket, since in list(self._out.items()):
+            if now - since > self._timeout:   # its holder died: hand the evaluation out again
+                del self._out[ticket]
+                self._tickets += 1
+
+    def close(self) -> None:
+        """The search is over: environments waiting for a ticket stop waiting."""
+        self._closed = True
+
+    def take_ticket(self, version: int) -> int | None:
+        """A ticket id, None (wait: budget spent or stale model), or -1 (closed)."""
+        if self._closed:
+            return -1
+        self._expire()
+        if version != self._version or self._tickets <= 0:
+            return None
+        self._tickets -= 1
+        self._next_ticket += 1
+        self._out[self._next_ticket] = time.monotonic()
+        return self._next_ticket
+
+    def record(self, ticket: int, row: dict) -> bool:
+        if self._out.pop(ticket, None) is None:
+            return False                      # expired and handed out again: drop, never count twice
+        self._rows.append(row)
+        return True
+
+    def status(self) -> dict:
+        self._expire()
+        return {"available": self._tickets, "outstanding": len(self._out), "ready": len(self._rows)}
+
+    def drain(self) -> list[dict]:
+        rows, self._rows = self._rows, []
+        return rows
+
 
 class EvalWorker:
     """Ray actor body: one environment, many evaluations."""
 
-    def __init__(self, settings: dict, threads: int):
-        torch.set_num_threads(max(1, threads))
+    def __init__(self, settings: dict):
         import envs  # registers the env; importable on every node
         self.env = envs.LayerPruningEnv(settings)
 
@@ -100,7 +152,7 @@ class EvaluationPool:
         settings = env_settings(config, store=store_name, device=device)
         actor = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1,
                                                max_task_retries=-1)
-        self.workers = [actor.remote(settings, int(max(1, cpus))) for _ in range(n)]
+        self.workers = [actor.remote(settings) for _ in range(n)]
 
     def evaluate(self, distributions: list[np.ndarray], version: int) -> list[dict]:
         n = len(self.workers)
