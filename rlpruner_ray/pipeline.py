@@ -28,7 +28,7 @@ from .graph import PruningGraph, group_widths
 from .measure import latency_ms, macs_params
 from .models import build_model, model_spec
 from .report import HistoryWriter, write_report
-from .search.base import Evaluator, StepContext, check_algorithm_name, make_algorithm
+from .search.base import Evaluator, StepContext, check_algorithm, make_algorithm
 from .train import TrainSettings, evaluate, finetune_kd, train_base
 
 log = logging.getLogger("rlpruner_ray")
@@ -172,7 +172,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     ``on_step(record, run_folder)`` is called after each step's checkpoint is on
     disk (a Tune trial reports and checkpoints from it)."""
     config.validate()
-    check_algorithm_name(config.algo)
+    check_algorithm(config)
     run = prepare_run(config)
     started = time.perf_counter()
     data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,

@@ -168,12 +168,23 @@ def planned_resources(config: CompressConfig) -> dict[str, float]:
     return rllib_resources(config)
 
 
-def check_algorithm_name(name: str) -> None:
+def check_algorithm(config: CompressConfig) -> None:
+    """Refuse an unknown algorithm, or settings it cannot run with, before any work."""
     from . import baselines, rlpruner  # noqa: F401
-    if name.lower() in _REGISTRY:
+    name = config.algo.lower()
+    if name in _REGISTRY:
         return
     try:
-        from .rllib import check_rllib_algorithm
+        from .rllib import batch_plan, check_rllib_algorithm
     except ImportError:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(native_names())}") from None
-    check_rllib_algorithm(name.lower())
+    check_rllib_algorithm(name)
+    batch_plan(config)
+
+
+def check_algorithm_name(name: str) -> None:
+    """Refuse an unknown algorithm name (settings are checked by check_algorithm)."""
+    from . import baselines, rlpruner  # noqa: F401
+    if name.lower() not in _REGISTRY:
+        from .rllib import check_rllib_algorithm
+        check_rllib_algorithm(name.lower())

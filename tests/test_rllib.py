@@ -1,0 +1,151 @@
+"""RLlib policies as search algorithms: full runs, exact budgets, new base models
+reaching every env runner, env runner restarts, and fast refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from rlpruner_ray.config import CompressConfig
+
+
+def _cli(args):
+    return subprocess.run([sys.executable, "-m", "rlpruner_ray", "-q", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "sac"])
+def test_full_compress_with_rllib(tmp_path, base_checkpoint, algo):
+    out = tmp_path / algo
+    r = _cli(["compress", "--out-dir", str(out), "--base-checkpoint", str(base_checkpoint), "--algo", algo,
+              "--sparsity", "0.2", "--step-fraction", "0.1", "--evaluations-per-step", "11", "--rl-batch-size", "10",
+              "--num-workers", "2", "--finetune-epochs", "1", "--max-batches-per-epoch", "3"])
+    assert r.returncode == 0, r.stderr
+    for name in ("summary.json", "history.parquet", "pruned_model.pt", "report.png"):
+        assert (out / name).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["evaluations"] for s in summary["steps"]] == [11, 11]
+    rows = pq.read_table(out / "history.parquet").to_pylist()
+    assert len(rows) == 22
+    for step in (0, 1):
+        mine = [row for row in rows if row["step"] == step]
+        assert sorted(row["evaluation"] for row in mine) == list(range(11))   # none lost or duplicated
+        assert sum(row["chosen"] for row in mine) == 1
+        assert [row["source"] for row in mine].count("policy") == 1          # the deterministic action
+        best = max(row["reward"] for row in mine)
+        assert [row for row in mine if row["chosen"]][0]["reward"] == best
+    assert all(row["algo"] == algo for row in rows)
+    assert any(row["learner_stats"] for row in rows if row["source"] == "sample")
+    assert (out / "steps" / "step_001_algo").is_dir()                        # RLlib checkpoint in the step state
+    assert not (tmp_path / "ray_results").exists()
+
+
+@pytest.fixture(scope="module")
+def rllib_setup(tmp_path_factory, base_checkpoint, digits):
+    """A local Ray, a model store with the base model, and its graph."""
+    import ray
+    from rlpruner_ray.checkpoint import load_pruned
+    from rlpruner_ray.pipeline import build_graph
+    from rlpruner_ray.runtime import init_ray
+    from rlpruner_ray.search.workers import make_payload, start_store
+    out = tmp_path_factory.mktemp("rl")
+    init_ray(None, out, num_cpus=2)
+    config = CompressConfig(algo="ppo", num_workers=2, evaluations_per_step=201, rl_batch_size=10,
+                            out_dir=str(out), image_size=16)
+    model = load_pruned(base_checkpoint)
+    graph = build_graph(config, model, digits, "cpu")
+    original = {"channels": dict(zip(graph.keys, graph.channels.tolist())), "total_channels": graph.total_channels,
+                "macs": graph.base_macs, "params": graph.base_params}
+    store, name = start_store()
+
+    def publish(m, g, version):
+        ctx = {"step": version, "num_steps": 3, "original": original,
+               "num_filters": int(0.1 * original["total_channels"])}
+        ray.get(store.publish.remote(make_payload(m, g, ctx, version)))
+
+    publish(model, graph, 0)
+    yield {"config": config, "model": model, "graph": graph, "store": store, "name": name,
+           "publish": publish, "digits": digits}
+    ray.shutdown()
+
+
+def _search(setup, step, budget, rows):
+    from rlpruner_ray.search.base import Evaluator, StepContext
+    from rlpruner_ray.search.rllib import RLlibSearch
+
+    class Recording(RLlibSearch):
+        def _record(self, evaluate, row, stats):
+            rows.append(row)
+            super()._record(evaluate, row, stats)
+    return Recording, Evaluator(lambda ds: None, budget), StepContext(step, 3, setup["graph"],
+                                                                     np.random.default_rng(step))
+
+
+@pytest.mark.slow
+def test_env_runners_follow_new_base_and_survive_a_kill(rllib_setup, monkeypatch):
+    from rlpruner_ray.pipeline import build_graph
+    from rlpruner_ray.search import rllib as rl
+    monkeypatch.setattr(rl, "TICKET_TIMEOUT_S", 5.0)
+    setup = rllib_setup
+    rows: list[dict] = []
+    cls, evaluator, ctx = _search(setup, 0, 21, rows)
+    search = cls(setup["config"], store_name=setup["name"])
+    try:
+        search.search(ctx, evaluator)
+        assert evaluator.used == 21 and len(rows) == 20
+        pids = {row["pid"] for row in rows}
+        assert len(pids) == 2                                     # both env runners evaluated
+
+        # -- an outer step: a physically smaller base model, published as version 1
+        plan = setup["graph"].plan(setup["graph"].initial_distribution(), int(0.1 * setup["graph"].total_channels))
+        small = setup["graph"].prune(plan)
+        graph1 = build_graph(setup["config"], small, setup["digits"], "cpu")
+        setup["publish"](small, graph1, 1)
+        rows.clear()
+        _, evaluator, ctx = _search(setup, 1, 201, rows)
+        ctx.graph = graph1
+
+        # -- kill one env runner while the step's search runs
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (search.search(ctx, evaluator), done.set()))
+        worker.start()
+        deadline = time.time() + 120
+        while len(rows) < 10:
+            assert time.time() < deadline and worker.is_alive()
+            time.sleep(0.05)
+        victim = rows[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        worker.join(timeout=400)
+        assert done.is_set(), "search did not finish after an env runner was killed"
+        assert evaluator.used == 201
+        assert sorted(c.index for c in evaluator.candidates) == list(range(201))
+        assert all(row["version"] == 1 for row in rows)
+        assert all(row["channels"] == graph1.channels.tolist() for row in rows)   # every runner: new base
+        restarted = {row["pid"] for row in rows} - pids
+        assert restarted, "no restarted env runner evaluated"
+    finally:
+        search.close()
+
+
+def test_unsupported_algorithm_and_unmeetable_resources_fail_fast(tmp_path):
+    out = tmp_path / "run"
+    for extra, needle in [(["--algo", "dqn"], "continuous"),
+                          (["--algo", "ppo", "--rl-num-learners", "4"], "CPU"),
+                          (["--algo", "appo", "--gpus-per-worker", "0.5"], "GPU"),
+                          (["--algo", "ppo", "--evaluations-per-step", "2"], "evaluations_per_step")]:
+        start = time.time()
+        r = _cli(["compress", "--out-dir", str(out), *extra])
+        assert r.returncode == 2, (extra, r.stderr)
+        line = [ln for ln in r.stderr.splitlines() if ln.startswith("rlpruner")]
+        assert len(line) == 1 and needle in line[0], (extra, r.stderr)
+        assert time.time() - start < 60
+        assert not out.exists()
