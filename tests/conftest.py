@@ -11,13 +11,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
-def digits():
+def digits16():
     from rlpruner_ray.data import load_dataset
     return load_dataset("digits", image_size=16)
 
 
 @pytest.fixture(scope="session")
-def base_checkpoint(tmp_path_factory, digits):
+def base_checkpoint(tmp_path_factory, digits16):
     """Path of a resnet8 trained on digits (val top-1 well above chance)."""
     from rlpruner_ray.checkpoint import save_pruned, tag_model
     from rlpruner_ray.models import build_model, model_spec
@@ -25,7 +25,7 @@ def base_checkpoint(tmp_path_factory, digits):
     torch.manual_seed(0)
     model = build_model("resnet8", 10, 1)
     tag_model(model, model_spec("resnet8", 10, 1), (1, 16, 16))
-    result = train_base(model, digits, TrainSettings(epochs=8, lr=0.05, batch_size=128))
+    result = train_base(model, digits16, TrainSettings(epochs=8, lr=0.05, batch_size=128))
     assert result.best_val_top1 > 0.85
     path = tmp_path_factory.mktemp("base") / "base_model.pt"
     save_pruned(model, path)

@@ -11,6 +11,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from rlpruner_ray.checkpoint import load_pruned, model_to_bytes
+
 from rlpruner_ray.errors import ModelError
 from rlpruner_ray.graph import HISTORY_ATTR, PruningGraph, replay_history
 from rlpruner_ray.models import build_model, list_models
@@ -146,6 +148,11 @@ def test_masked_equals_pruned_and_cost(name):
     # the history recorded on the pruned copy is replayable on a fresh build
     history = getattr(small, HISTORY_ATTR)
     assert history and getattr(model, HISTORY_ATTR, []) == []
+
+    # and the model file round-trips: same architecture, identical outputs
+    loaded = load_pruned(model_to_bytes(small))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned_out)
 
 
 def _resnet20(seed=0):

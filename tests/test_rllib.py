@@ -50,7 +50,7 @@ def test_full_compress_with_rllib(tmp_path, base_checkpoint, algo):
 
 
 @pytest.fixture(scope="module")
-def rllib_setup(tmp_path_factory, base_checkpoint, digits):
+def rllib_setup(tmp_path_factory, base_checkpoint, digits16):
     """A local Ray, a model store with the base model, and its graph."""
     import ray
     from rlpruner_ray.checkpoint import load_pruned
@@ -62,7 +62,7 @@ def rllib_setup(tmp_path_factory, base_checkpoint, digits):
     config = CompressConfig(algo="ppo", num_workers=2, evaluations_per_step=201, rl_batch_size=10,
                             out_dir=str(out), image_size=16)
     model = load_pruned(base_checkpoint)
-    graph = build_graph(config, model, digits, "cpu")
+    graph = build_graph(config, model, digits16, "cpu")
     original = {"channels": dict(zip(graph.keys, graph.channels.tolist())), "total_channels": graph.total_channels,
                 "macs": graph.base_macs, "params": graph.base_params}
     store, name = start_store()
@@ -74,7 +74,7 @@ def rllib_setup(tmp_path_factory, base_checkpoint, digits):
 
     publish(model, graph, 0)
     yield {"config": config, "model": model, "graph": graph, "store": store, "name": name,
-           "publish": publish, "digits": digits}
+           "publish": publish, "digits": digits16}
     ray.shutdown()
 
 

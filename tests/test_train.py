@@ -205,3 +205,17 @@ def test_bad_settings(digits, field, value):
 def test_bad_kd_arguments(digits, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         finetune_kd(tiny_cnn(), tiny_cnn(), digits, TrainSettings(epochs=1), **kwargs)
+
+
+def test_kd_recovers_accuracy_lost_to_structured_pruning(base_checkpoint, digits16):
+    """Physically prune half the filters of a trained model, then KD fine-tune from it."""
+    from rlpruner_ray.checkpoint import load_pruned
+    from rlpruner_ray.graph import PruningGraph
+    teacher = load_pruned(base_checkpoint)
+    graph = PruningGraph(teacher, digits16.example_inputs(1))
+    graph.compute_scores("l1")
+    small = graph.prune(graph.plan(graph.initial_distribution(), graph.total_channels // 2))
+    hurt = evaluate(small, digits16, "val")["top1"]
+    finetune_kd(small, teacher, digits16, TrainSettings(epochs=3, lr=0.02, batch_size=64, augment=False))
+    healed = evaluate(small, digits16, "val")["top1"]
+    assert healed > hurt + 0.1 or healed > 0.9, (hurt, healed)
