@@ -149,5 +149,23 @@ def _print_summary(s: dict) -> None:
           f"results in {s['config']['out_dir']}")
 
 
+# ---------------------------------------------------------------- cluster entries
+_TOP_LEVEL_FLAGS = ("-q", "--quiet")   # options of `rlpruner` itself: before the subcommand
+
+
+def cluster_argv(command: str, user_args: list[str]) -> list[str]:
+    """argv for :func:`main` from a cluster entry script (``scripts/*.py``):
+    ``command`` and the user's arguments, joining the running cluster
+    (``--ray-address auto``) unless the user gave ``--ray-address``."""
+    top = [a for a in user_args if a in _TOP_LEVEL_FLAGS]
+    rest = [a for a in user_args if a not in _TOP_LEVEL_FLAGS]
+    given = any(a == "--ray-address" or a.startswith("--ray-address=") for a in rest)
+    return [*top, command, *([] if given else ["--ray-address", "auto"]), *rest]
+
+
+def cluster_main(command: str, user_args: list[str]) -> int:
+    return main(cluster_argv(command, user_args))
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,7 +8,6 @@ fields KubeRay needs, and the scripts through their argv building.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import ipaddress
 import py_compile
 import re
@@ -261,11 +260,9 @@ def test_rayjob_volume_mounts_are_defined(rayjob):
 SCRIPT_COMMANDS = {"sweep.py": "sweep", "compress.py": "compress"}
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_cluster_script_{name[:-3]}", SCRIPTS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # not __main__: defines functions, runs nothing
-    return module
+def _builder(name: str):
+    from rlpruner_ray.cli import cluster_argv
+    return lambda args: cluster_argv(SCRIPT_COMMANDS[name], args)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPT_COMMANDS))
@@ -273,14 +270,14 @@ def test_script_compiles_and_calls_the_cli(name, tmp_path):
     path = SCRIPTS / name
     py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
     text = path.read_text()
-    assert "from rlpruner_ray.cli import main" in text
-    assert "raise SystemExit(main(" in text
+    assert "from rlpruner_ray.cli import cluster_main" in text
+    assert f'raise SystemExit(cluster_main("{SCRIPT_COMMANDS[name]}", sys.argv[1:]))' in text
     assert 'if __name__ == "__main__":' in text
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPT_COMMANDS))
 def test_build_argv(name):
-    build = _script(name).build_argv
+    build = _builder(name)
     cmd = SCRIPT_COMMANDS[name]
     assert build([]) == [cmd, "--ray-address", "auto"]
     assert build(["--sparsity", "0.2", "0.4"]) == [cmd, "--ray-address", "auto", "--sparsity", "0.2", "0.4"]
@@ -299,7 +296,7 @@ def test_built_argv_parses_with_the_cli(name):
     choices = next(a for a in parser._subparsers._group_actions).choices
     if cmd not in choices:
         pytest.skip(f"`rlpruner {cmd}` is not available in this checkout")
-    build = _script(name).build_argv
+    build = _builder(name)
     args = parser.parse_args(build(["-q"]))
     assert args.command == cmd and args.quiet
     assert args.ray_address == "auto"
