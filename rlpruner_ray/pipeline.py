@@ -114,7 +114,7 @@ def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, de
     """The base model: a given checkpoint, the run's cached one, or trained now."""
     source = config.base_checkpoint or (run.base if run.base.exists() else None)
     if source is not None:
-        model = ckpt.load_pruned(source)
+        model = ckpt.load_pruned(source, allow_import=config.model)
         spec = getattr(model, ckpt.SPEC_ATTR)
         if spec["num_classes"] != data.num_classes or spec["in_channels"] != data.in_channels:
             raise ModelError(f"checkpoint {source} is for {spec['num_classes']} classes / "
@@ -181,7 +181,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
 
     # everything that can be refused is checked before the first byte is written
     if config.base_checkpoint or (config.resume and run.base.exists()):
-        probe = ckpt.load_pruned(config.base_checkpoint or run.base)
+        probe = ckpt.load_pruned(config.base_checkpoint or run.base, allow_import=config.model)
         _check_fits(probe, data, config.base_checkpoint or run.base)
     else:
         probe = build_model(config.model, data.num_classes, data.in_channels)
@@ -219,10 +219,11 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     done = run.finished_steps()
     if done:
         state = ckpt.load_tensors(run.step_file(done[-1]))
-        model = ckpt.model_from_record(state["model"]).to(device)
+        model = ckpt.model_from_record(state["model"], allow_import=config.model).to(device)
         steps = list(state["steps"])
         algo_state = state["algo_state"]
-        teacher = (ckpt.model_from_record(state["teacher"]).to(device) if state["teacher"] is not None else base)
+        teacher = (ckpt.model_from_record(state["teacher"], allow_import=config.model).to(device)
+                   if state["teacher"] is not None else base)
         teacher_acc = state["teacher_acc"]
         log.info("resuming after step %d of %d", done[-1] + 1, config.num_steps)
     if teacher_acc is None:
@@ -235,15 +236,16 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     history = HistoryWriter(run.history, algo=config.algo)
     try:
         start = len(steps)
-        graph = build_graph(config, model, data, device)
-        context = _context(config, start, targets, original, model, graph)
-        ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
-        algo = make_algorithm(config, store_name=store_name)
-        algo.load_state_dict(algo_state)
-        if done:
-            algo.load_extra(run.steps / f"step_{done[-1]:03d}_algo")
-        if algo.uses_pool:
-            pool = EvaluationPool(config, store_name)
+        if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
+            graph = build_graph(config, model, data, device)
+            context = _context(config, start, targets, original, model, graph)
+            ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
+            algo = make_algorithm(config, store_name=store_name)
+            algo.load_state_dict(algo_state)
+            if done:
+                algo.load_extra(run.steps / f"step_{done[-1]:03d}_algo")
+            if algo.uses_pool:
+                pool = EvaluationPool(config, store_name)
         for step in range(start, config.num_steps):
             t0 = time.perf_counter()
             if step > start:
@@ -368,7 +370,7 @@ def train_command(config: CompressConfig) -> dict:
 
 def evaluate_command(path, config: CompressConfig, *, split: str) -> dict:
     """``rlpruner evaluate``: accuracy, MACs, params and CPU latency of a model file."""
-    model = ckpt.load_pruned(path)
+    model = ckpt.load_pruned(path, allow_import=config.model)
     data = _load_data(config)
     _check_fits(model, data, path)
     device = config.resolved_device()
@@ -396,7 +398,7 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     data = _load_data(config)
     device = config.resolved_device()
     if config.base_checkpoint:
-        base = ckpt.load_pruned(config.base_checkpoint)
+        base = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model)
         _check_fits(base, data, config.base_checkpoint)
     else:
         base = load_or_train_base(config, data, run, device)

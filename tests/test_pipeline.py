@@ -75,6 +75,14 @@ def test_compress_end_to_end_and_resume_after_kill(tmp_path, base_checkpoint):
     t2 = pq.read_table(run / "history.parquet").drop(["seconds"])
     assert t2.equals(table.drop(["seconds"]))
 
+    # -- killed after the last step's checkpoint but before the report: resume only reports
+    (run / "summary.json").unlink()
+    (run / "history.parquet").unlink()
+    again = _cli(["compress", "--out-dir", str(run), *common, "--resume"])
+    assert again.returncode == 0, again.stderr
+    assert _comparable(json.loads((run / "summary.json").read_text())) == _comparable(summary)
+    assert pq.read_table(run / "history.parquet").num_rows == 18
+
 
 def test_refusals_write_nothing(tmp_path, base_checkpoint):
     out = tmp_path / "run"
