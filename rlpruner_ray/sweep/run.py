@@ -1,0 +1,104 @@
+"""Running a sweep: refuse what cannot fit before Ray starts, then run (or
+continue) the grid as Ray Tune trials and write the result files."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ..errors import ConfigError
+from .outputs import write_outputs
+from .plan import GRID_KEYS, SweepPlan
+from .storage import SWEEP_FILE, clear, publish, read_sweep_file, trial_error, trial_name, trial_status
+from .trial import resources_fn, run_trial, trial_bundles
+
+log = logging.getLogger("rlpruner_ray")
+
+
+def run_sweep(plan: SweepPlan, *, ray_address: str | None = None, quiet: bool = False, resume: bool = False,
+              overwrite: bool = False) -> int:
+    """Check, then run (or continue) the sweep; write the result files; print the table.
+    Returns 0 when every trial finished, 1 otherwise."""
+    import ray
+    from ..checkpoint import atomic_write_json
+    from ..runtime import init_ray, local_offer, shutdown_ray
+
+    root = plan.root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"out_dir {root} exists and is not a folder")
+    if not resume and not overwrite and read_sweep_file(plan.out_dir) is not None:
+        raise ConfigError(f"{plan.out_dir} already holds a {plan.kind}; continue it with --resume "
+                          f"{plan.out_dir} or pass --overwrite")
+    own_ray = not ray.is_initialized()
+    if own_ray and not ray_address:
+        check_trials_fit(plan, local_offer())      # refuse before Ray starts or anything is written
+    try:
+        init_ray(ray_address, root)
+        check_trials_fit(plan, None)               # what the cluster really offers
+        if overwrite and not resume:
+            clear(plan)
+        root.mkdir(parents=True, exist_ok=True)
+        if not resume or not (root / SWEEP_FILE).is_file():
+            atomic_write_json(root / SWEEP_FILE, plan.to_dict())
+            publish(plan, [SWEEP_FILE])
+        _fit(plan, quiet=quiet, resume=resume)
+    finally:
+        if own_ray:
+            shutdown_ray()
+    rows = write_outputs(plan)
+    status = trial_status(plan, rows)
+    for name in [n for n, st in status.items() if st == "error"]:
+        print(f"rlpruner: trial {name}: {trial_error(plan, name)}", file=sys.stderr)
+    unfinished = [n for n, st in status.items() if st not in ("done", "error")]
+    if unfinished:
+        print(f"rlpruner: {len(unfinished)} of {len(status)} trials did not finish ({', '.join(unfinished)}); "
+              f"see {plan.experiment_path} and continue with rlpruner {plan.kind} --resume {plan.out_dir}",
+              file=sys.stderr)
+    return 1 if unfinished or "error" in status.values() else 0
+
+
+def check_trials_fit(plan: SweepPlan, offered: dict | None) -> None:
+    """Refuse a grid point whose trial needs more than the cluster (or this machine) offers."""
+    from ..runtime import check_resources
+    for params in plan.grid_points():
+        need: dict[str, float] = {}
+        for b in trial_bundles(plan.trial_config(params)):
+            for k, v in b.items():
+                need[k] = need.get(k, 0.0) + v
+        check_resources(need, f"one trial ({trial_name(params)})", offered=offered)
+
+
+def _fit(plan: SweepPlan, *, quiet: bool, resume: bool) -> None:
+    from ray import tune
+    # num_to_keep forces an experiment snapshot per checkpoint: intended (the saved
+    # state never names a deleted checkpoint), so no warning about it
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    plan_dict = plan.to_dict()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan_dict),
+                                    resources=resources_fn(plan_dict))
+    if resume and tune.Tuner.can_restore(plan.experiment_path):
+        tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_errored=True)
+    else:
+        if resume:
+            log.info("no Tune state in %s: running the sweep again (finished trials are not redone)",
+                     plan.experiment_path)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: tune.grid_search(plan.grid[k]) for k in GRID_KEYS},
+            tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, reuse_actors=False,
+                                        trial_name_creator=_trial_label, trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=plan.name, storage_path=plan.storage_path,
+                failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=0 if quiet else 1),
+        )
+    tuner.fit()
+
+
+def _trial_label(trial) -> str:
+    return trial_name(trial.config)
+
+
+def _trial_dirname(trial) -> str:
+    return f"{trial_name(trial.config)}_{trial.trial_id}"
