@@ -1,0 +1,109 @@
+"""scripts/bench.py --quick runs end to end and writes a well-formed report:
+every section heading, parseable numbers in every table, and a rows file with
+the expected columns."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "bench.py"
+# columns that hold names rather than numbers
+TEXT_HEADERS = {"model", "method", "path", "what", "value", "reward", "spread over the candidates",
+                "ray overhead per evaluation", "target masked <= 1.2x", "target >= 1.7x"}
+NUMBER = re.compile(r"^-?\d+(\.\d+)?(e[+-]?\d+)?( ± (-?\d+(\.\d+)?|n/a))?[x%]?$")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tables(text: str):
+    """(header cells, data rows) of every Markdown table."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if current is None:
+                current = (cells, [])
+                tables.append(current)
+            elif not all(set(c) <= set("-:") for c in cells):
+                current[1].append(cells)
+        else:
+            current = None
+    return tables
+
+
+def test_spearman_and_sample_efficiency_helpers():
+    bench = _bench_module()
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert bench.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert bench._ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    # against scipy's definition where it is installed
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x, y = [0.1, 0.5, 0.5, 0.3, 0.9, 0.2], [1, 3, 2, 2, 5, 0]
+    assert bench.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+    assert bench.evals_to_fraction([0.5, 0.9, 0.95, 1.0], 0.95) == 3
+    assert bench.evals_to_fraction([1.0, 0.2], 0.95) == 1
+    assert bench.evals_to_fraction([0.1, 0.2, 0.3], 0.99) == 3
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_a_well_formed_report(tmp_path):
+    out, rows = tmp_path / "B.md", tmp_path / "rows.parquet"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--rows", str(rows),
+                        "--work-dir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    text = out.read_text()
+    bench = _bench_module()
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    for title in [*bench.SECTIONS.values(), *bench.EXTRA_HEADINGS]:
+        assert title in headings, title
+    assert "FAILED" not in text
+    assert "python scripts/bench.py --quick" in text                      # the exact command
+    for word in ("CPU", "cores", "torch", "ray", "date (UTC)"):
+        assert f"| {word} |" in text
+
+    # every section has a table, and every cell outside a name column is a number
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    for chunk in sections:
+        title = chunk.splitlines()[0]
+        if title in bench.SECTIONS.values():
+            assert _tables(chunk), f"no table in section {title}"
+    checked = 0
+    for header, body in _tables(text):
+        assert body, f"empty table {header}"
+        for cells in body:
+            assert len(cells) == len(header), cells
+            for name, cell in zip(header, cells):
+                if name.lower() in TEXT_HEADERS or name == header[0]:
+                    continue
+                assert cell == "n/a" or NUMBER.match(cell), f"{name}: {cell!r}"
+                if cell != "n/a":
+                    value = float(re.match(r"-?\d+(\.\d+)?(e[+-]?\d+)?", cell).group(0))
+                    assert math.isfinite(value)
+                    checked += 1
+    assert checked > 50
+
+    import pyarrow.parquet as pq
+    table = pq.read_table(rows)
+    assert tuple(table.column_names) == bench.ROW_COLUMNS
+    data = table.to_pylist()
+    assert {r["section"] for r in data} == set(bench.SECTIONS)
+    assert all(isinstance(r["value"], float) for r in data)
+    # the headline ratios are there and finite
+    metrics = {(r["section"], r["metric"]) for r in data if math.isfinite(r["value"])}
+    for key in [(1, "ratio_to_floor"), (2, "scaling_2_over_1"), (2, "ray_overhead_ms"), (3, "test_top1"),
+                (5, "speedup"), (6, "evals_to_95pct")]:
+        assert key in metrics, key
+    assert any(r["section"] == 4 and r["metric"] == "rho" for r in data)   # NaN if every candidate ties
