@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -44,6 +45,18 @@ def atomic_write_bytes(path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(*folders) -> int:
+    """Delete the temp files (``.NAME.*.tmp``) of atomic writes that a kill cut short;
+    the files they were to replace are intact. Returns how many were removed."""
+    removed = 0
+    for folder in map(Path, folders):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def atomic_write_json(path, obj) -> None:
@@ -140,15 +153,59 @@ def model_to_bytes(model: nn.Module, meta: dict | None = None) -> bytes:
 def read_model_record(source) -> dict:
     record = load_tensors(source)
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-    if record.get("format") != FORMAT:
+    fmt, version = record.get("format"), record.get("format_version")
+    if not (isinstance(fmt, str) and fmt == FORMAT):      # (type first: a tensor has no truth value)
         raise CheckpointError(f"{name} is not an rlpruner-ray model file")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{name} has format version {record.get('format_version')}, "
-                              f"this version reads {FORMAT_VERSION}")
+    if not (type(version) is int and version == FORMAT_VERSION):
+        raise CheckpointError(f"{name} has format version {version!r:.20}, this version reads {FORMAT_VERSION}")
     return record
 
 
-def model_from_record(record: dict) -> nn.Module:
+def is_factory_name(name) -> bool:
+    """``pkg.module:factory`` (imports user code), as opposed to a zoo or ``tv:`` name."""
+    return isinstance(name, str) and ":" in name and not name.strip().lower().startswith("tv:")
+
+
+def _check_import_allowed(spec, allow_import) -> None:
+    """A model file names its architecture; a ``pkg.module:factory`` name would import
+    (run) that module. Only do so when the caller named that factory itself."""
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if not is_factory_name(name):
+        return
+    if allow_import is True or (isinstance(allow_import, str) and allow_import.strip() == name.strip()):
+        return
+    raise CheckpointError(f"checkpoint's model is the user factory {name!r}, which loading would import; "
+                          f"refused unless named explicitly (--model {name.strip()} / allow_import=)")
+
+
+# bounds on what a file may make us allocate before its weights are checked
+_MAX_INPUT_ELEMENTS = 2 ** 26   # C*H*W of the example input rebuilt on load (1024x1024 RGB is 3M)
+_MAX_SPEC_SIZES = (100_000, 1024)   # num_classes, in_channels
+
+
+def _check_record_fields(record: dict) -> None:
+    """Types and sizes of a record's plain data, before anything is built from it."""
+    shape = record.get("input_shape")
+    if not (isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 3
+            and all(type(v) is int and v > 0 for v in shape) and math.prod(shape) <= _MAX_INPUT_ELEMENTS):
+        raise CheckpointError(f"checkpoint has a bad input shape {shape!r:.60}")
+    if not isinstance(record.get("history"), (list, tuple)):
+        raise CheckpointError("checkpoint's pruning history is not a list")
+    if not isinstance(record.get("state_dict"), dict):
+        raise CheckpointError("checkpoint's weights are not a state dict")
+    spec = record.get("spec")
+    sizes = [spec.get("num_classes"), spec.get("in_channels")] if isinstance(spec, dict) else []
+    if any(type(v) is int and v > limit for v, limit in zip(sizes, _MAX_SPEC_SIZES)):
+        raise CheckpointError(f"checkpoint's model spec is out of range: {spec!r:.80}")
+
+
+def model_from_record(record: dict, *, allow_import: bool | str = False) -> nn.Module:
+    """Rebuild a model from a record. ``allow_import``: True, or the exact
+    ``pkg.module:factory`` name the caller chose, lets a user factory be imported."""
+    if not isinstance(record, dict):
+        raise CheckpointError(f"model record must be a dict, got {type(record).__name__}")
+    _check_import_allowed(record.get("spec"), allow_import)
+    _check_record_fields(record)
     try:
         model = build_from_spec(record["spec"])
         example = torch.zeros(1, *record["input_shape"])
@@ -156,16 +213,20 @@ def model_from_record(record: dict) -> nn.Module:
         model.load_state_dict(record["state_dict"], strict=True)
     except (ModelError, KeyError) as exc:
         raise CheckpointError(f"checkpoint does not match its model: {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, ValueError, IndexError) as exc:
-        raise CheckpointError(f"checkpoint does not match its model: {str(exc).splitlines()[0][:200]}") from None
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, AssertionError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"checkpoint does not match its model: {first}") from None
     tag_model(model, record["spec"], record["input_shape"])
     return model.eval()
 
 
-def load_pruned(source) -> nn.Module:
+def load_pruned(source, *, allow_import: bool | str = False) -> nn.Module:
     """Load a model file (path or bytes) written by :func:`save_pruned`; the returned
-    module has the pruned architecture and gives identical outputs."""
-    return model_from_record(read_model_record(source))
+    module has the pruned architecture and gives identical outputs. A file whose
+    model is a user factory (``pkg.module:factory``) is refused unless
+    ``allow_import`` is True or that factory's name: loading never imports a
+    module the caller did not name."""
+    return model_from_record(read_model_record(source), allow_import=allow_import)
 
 
 def export_model(model: nn.Module, path, fmt: str) -> None:

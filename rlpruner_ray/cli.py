@@ -18,6 +18,7 @@ EXIT_BAD_INPUT = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage too)
+        message = " ".join(str(message).splitlines())   # argparse quotes stray arguments raw
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="accuracy, MACs, params and latency of a model file")
     e.add_argument("model_file")
+    e.add_argument("--model", dest="model", default=argparse.SUPPRESS, metavar="PKG.MODULE:FACTORY",
+                   help="allow a model file built by this user factory to import it (never done unless named)")
     e.add_argument("--split", choices=("val", "test"), default="test")
     _add_fields(e, ["data"])
     e.add_argument("--device", default="auto")

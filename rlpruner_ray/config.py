@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +126,7 @@ class CompressConfig:
             raise ConfigError("--resume and --overwrite contradict each other")
         if not isinstance(self.algo, str) or not self.algo.strip():
             raise ConfigError("algo must be a non-empty name")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
@@ -150,10 +151,15 @@ class CompressConfig:
         return max(1, math.ceil(self.sparsity / self.step_fraction - 1e-9))
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
         import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ConfigError(f"device {self.device} asked for, but this machine has "
+                                  f"{torch.cuda.device_count()} CUDA device(s)")
+        return self.device
 
 
 # Settings that change results: a resumed run must match them exactly.

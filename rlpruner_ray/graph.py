@@ -274,8 +274,9 @@ class PruningGraph:
             raise PlanError("distribution has NaN or infinite entries")
         if np.any(d < 0):
             raise PlanError("distribution has negative entries")
-        if d.sum() <= 0:
+        if d.max() <= 0:
             raise PlanError("distribution is all zero")
+        d = d / d.max()   # first: a sum of huge entries would overflow to inf (and every share to 0)
         return d / d.sum()
 
     def plan(self, distribution, num_filters: int, *, round_to: int = 1,

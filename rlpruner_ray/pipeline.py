@@ -202,6 +202,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         for p in [run.steps, run.history, run.base, *[run.root / f for f in RESULT_FILES]]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run.root.mkdir(parents=True, exist_ok=True)
+    if config.resume:   # temp files of writes a kill cut short (their targets are intact)
+        ckpt.remove_stale_temps(run.root, run.steps, run.history)
     ckpt.atomic_write_json(run.config, config.to_dict())
 
     base = load_or_train_base(config, data, run, device).to(device).eval()

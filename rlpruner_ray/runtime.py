@@ -1,6 +1,7 @@
 """The one place Ray is started, and resource checks against what the cluster offers."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -38,10 +39,39 @@ def init_ray(address: str | None, out_dir, *, num_cpus: int | None = None, num_g
     temp = ray_temp_dir(out_dir)
     Path(temp).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp, namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
-             configure_logging=True, logging_level=logging.WARNING)
+    with _loopback_only():
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=temp, namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
+                 configure_logging=True, logging_level=logging.WARNING)
     log.info("started a local Ray (temp folder %s)", temp)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Keep a private local Ray on the loopback interface.
+
+    On Linux, Ray (checked with 2.60) replaces ``_node_ip_address="127.0.0.1"`` by the
+    machine's routable address (``services.resolve_ip_for_localhost``), and its
+    gRPC servers (GCS, raylet, every worker) then listen on all interfaces
+    (``::``). It keeps the loopback address only when ``ENABLE_RAY_CLUSTER`` is
+    off (its macOS/Windows default, env ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read
+    at import). Switch it off while the node starts: the node's address is then
+    127.0.0.1, handed to every Ray process it starts, and all of them bind there."""
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # pragma: no cover - Ray moved its constants
+        yield
+        return
+    had = hasattr(ray_constants, "ENABLE_RAY_CLUSTER")
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if had:
+            ray_constants.ENABLE_RAY_CLUSTER = before
+        else:
+            del ray_constants.ENABLE_RAY_CLUSTER
 
 
 def local_offer() -> dict[str, float]:

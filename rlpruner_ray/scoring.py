@@ -86,7 +86,8 @@ class StepScorer:
     # ------------------------------------------------------------------ base model
     def load(self, payload: dict) -> None:
         """Adopt a new base model (once per outer step)."""
-        model = load_pruned(payload["model"]).to(self.device).eval()
+        # the payload is the driver's own model, loaded there under the user's allow_import
+        model = load_pruned(payload["model"], allow_import=True).to(self.device).eval()
         graph = PruningGraph(model, torch.zeros(1, *payload["input_shape"], device=self.device),
                              exclude=self.settings.get("exclude", ()),
                              min_channels=self.settings["min_channels"],

@@ -18,6 +18,7 @@ import ray
 
 from ..checkpoint import model_to_bytes
 from ..config import CompressConfig
+from ..errors import RLPrunerError
 from ..runtime import NAMESPACE, check_resources
 
 
@@ -159,7 +160,16 @@ class EvaluationPool:
         chunks = np.array_split(np.arange(len(distributions)), min(n, max(1, len(distributions))))
         refs = [w.evaluate.remote([distributions[i] for i in idx], version)
                 for w, idx in zip(self.workers, chunks) if len(idx)]
-        return [r for part in ray.get(refs) for r in part]
+        try:
+            parts = ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:
+            # bad input (e.g. a PlanError for a NaN distribution) reaches the caller as
+            # itself, one clear line, not wrapped in the worker's traceback; the worker
+            # is unaffected and keeps serving
+            if isinstance(getattr(exc, "cause", None), RLPrunerError):
+                raise exc.cause from None
+            raise
+        return [r for part in parts for r in part]
 
     def describe(self) -> list[dict]:
         return ray.get([w.describe.remote() for w in self.workers])

@@ -1,0 +1,64 @@
+"""Fixtures of the fault suite: one private local Ray started the project's way
+(``runtime.init_ray``), and a base model published to a model store for
+evaluation actors. The model is an untrained resnet8 on real digits images:
+these tests check bookkeeping, determinism and memory, not accuracy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlpruner_ray.config import CompressConfig
+
+from .helpers import POOL_CONFIG
+
+
+@pytest.fixture(scope="package")
+def ray_local(tmp_path_factory):
+    """A private local Ray started by ``rlpruner_ray.runtime.init_ray``, for this package."""
+    import ray
+    from rlpruner_ray.runtime import init_ray, shutdown_ray
+    if ray.is_initialized():
+        pytest.skip("Ray already initialised by another test")
+    out = tmp_path_factory.mktemp("ray-run")
+    init_ray(None, out, num_cpus=2)
+    try:
+        yield ray
+    finally:
+        shutdown_ray()
+
+
+@pytest.fixture(scope="package")
+def published(ray_local, digits16):
+    """An untrained resnet8, its graph and step context, published as version 0 to a
+    model store that evaluation pools read."""
+    from rlpruner_ray.checkpoint import tag_model
+    from rlpruner_ray.models import build_model, model_spec
+    from rlpruner_ray.pipeline import build_graph
+    from rlpruner_ray.search.workers import make_payload, start_store
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, 1)
+    tag_model(model, model_spec("resnet8", 10, 1), (1, 16, 16))
+    model.eval()
+    config = CompressConfig(**POOL_CONFIG).validate()
+    graph = build_graph(config, model, digits16, "cpu")
+    original = {"channels": dict(zip(graph.keys, graph.channels.tolist())), "total_channels": graph.total_channels,
+                "macs": graph.base_macs, "params": graph.base_params}
+    context = {"step": 0, "num_steps": 5, "original": original, "num_filters": int(0.2 * graph.total_channels)}
+    store, name = start_store()
+    ray_local.get(store.publish.remote(make_payload(model, graph, context, version=0)))
+    try:
+        yield {"config": config, "graph": graph, "context": context, "store_name": name, "model": model}
+    finally:
+        ray_local.kill(store)
+
+
+@pytest.fixture(scope="package")
+def pool(published):
+    """Two evaluation actors on the published model, shared by the package's tests
+    (each test reads the actors' pids when it starts: one test kills an actor)."""
+    from rlpruner_ray.search.workers import EvaluationPool
+    p = EvaluationPool(published["config"], published["store_name"])
+    try:
+        yield p
+    finally:
+        p.close()
