@@ -8,7 +8,7 @@ import gc
 
 import pyarrow.parquet as pq
 import pytest
-import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+import ray  # noqa: F401
 
 from rlpruner_ray.report import HistoryWriter
 from rlpruner_ray.search.base import Evaluator, make_algorithm
