@@ -149,3 +149,32 @@ def test_unsupported_algorithm_and_unmeetable_resources_fail_fast(tmp_path):
         assert len(line) == 1 and needle in line[0], (extra, r.stderr)
         assert time.time() - start < 60
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_policy_checkpoint_restores_the_policy(rllib_setup, tmp_path):
+    """What --resume relies on: the step state's RLlib checkpoint brings the policy back."""
+    import ray
+    import torch
+    from rlpruner_ray.search.base import Evaluator, StepContext
+    from rlpruner_ray.search.rllib import RLlibSearch
+    setup = rllib_setup
+    version = ray.get(setup["store"].version.remote())
+    config = setup["config"].replace(evaluations_per_step=11)
+    first = RLlibSearch(config, store_name=setup["name"])
+    try:
+        ctx = StepContext(version, 3, setup["graph"], np.random.default_rng(0))
+        first.search(ctx, Evaluator(lambda ds: None, 11))
+        first.save_extra(tmp_path / "algo")
+        trained = {k: v.clone() for k, v in first.algo.get_module().state_dict().items()}
+    finally:
+        first.close()
+    second = RLlibSearch(config, store_name=setup["name"])
+    try:
+        fresh = second.algo.get_module().state_dict()
+        assert any(not torch.equal(fresh[k], trained[k]) for k in trained)   # learning changed the policy
+        second.load_extra(tmp_path / "algo")
+        restored = second.algo.get_module().state_dict()
+        assert all(torch.equal(restored[k], trained[k]) for k in trained)
+    finally:
+        second.close()
