@@ -10,10 +10,32 @@ import torch
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only spins
+    waiting for the first (files use it with ``pytest.mark.usefixtures``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits16():
     from rlpruner_ray.data import load_dataset
     return load_dataset("digits", image_size=16)
+
+
+@pytest.fixture(scope="session")
+def quick_resnet8(digits16):
+    """A resnet8 trained for a few seconds on digits (eval mode); copy before changing it."""
+    from rlpruner_ray.models import build_model
+    from rlpruner_ray.train import TrainSettings, train_base
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, 1)
+    result = train_base(model, digits16, TrainSettings(epochs=5, lr=0.05, batch_size=64, augment=False))
+    assert result.best_val_top1 > 0.8, result.best_val_top1
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

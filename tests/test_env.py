@@ -14,20 +14,11 @@ from gymnasium.utils.env_checker import check_env
 import envs
 from envs import ENV_ID, LayerPruningEnv
 from rlpruner_ray.config import CompressConfig
-from rlpruner_ray.data import load_dataset
-from rlpruner_ray.models import build_model
 from rlpruner_ray.pipeline import build_graph
 from rlpruner_ray.search.workers import env_settings, make_payload
-from rlpruner_ray.train import TrainSettings, train_base
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: a second intra-op thread only spins
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make_context(graph, *, step=0, num_filters=None, original=None, **extra):
@@ -41,13 +32,8 @@ def make_context(graph, *, step=0, num_filters=None, original=None, **extra):
 
 
 @pytest.fixture(scope="module")
-def base(one_thread):
-    data = load_dataset("digits", image_size=16)
-    torch.manual_seed(0)
-    model = build_model("resnet8", 10, 1)
-    result = train_base(model, data, TrainSettings(epochs=5, lr=0.05, batch_size=64, augment=False))
-    assert result.best_val_top1 > 0.8, result.best_val_top1
-    model.eval()
+def base(one_thread, digits16, quick_resnet8):
+    data, model = digits16, copy.deepcopy(quick_resnet8)
     config = CompressConfig(reward_samples=144, image_size=16)
     graph = build_graph(config, model, data, "cpu")
     context = make_context(graph)

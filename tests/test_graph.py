@@ -19,13 +19,7 @@ from rlpruner_ray.models import build_model, list_models
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CPUs are shared: one intra-op thread avoids OpenMP oversubscription stalls
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 NUM_CLASSES = 10
 TV_MODELS = ["tv:resnet18", "tv:googlenet", "tv:mobilenet_v3_small", "tv:vgg11_bn", "tv:densenet121"]

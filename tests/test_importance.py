@@ -18,12 +18,7 @@ from rlpruner_ray.models import build_model
 warnings.filterwarnings("ignore")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _bns(model):

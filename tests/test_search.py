@@ -5,6 +5,7 @@ Most tests score with a local LayerPruningEnv (no Ray) or a synthetic score func
 only the one test marked ``slow`` starts a local Ray.
 """
 
+import copy
 import json
 import math
 import os
@@ -17,24 +18,16 @@ import torch
 
 from envs import LayerPruningEnv
 from rlpruner_ray.config import CompressConfig
-from rlpruner_ray.data import load_dataset
 from rlpruner_ray.errors import ConfigError
-from rlpruner_ray.models import build_model
 from rlpruner_ray.pipeline import build_graph
 from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, make_algorithm
 from rlpruner_ray.search.rlpruner import epsilon_at
 from rlpruner_ray.search.workers import env_settings, make_payload
-from rlpruner_ray.train import TrainSettings, train_base
 
 NATIVE = ("rlpruner", "random", "uniform", "global")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make_context(graph, *, step=0, num_filters=None, original=None):
@@ -46,14 +39,9 @@ def make_context(graph, *, step=0, num_filters=None, original=None):
 
 
 @pytest.fixture(scope="module")
-def real(one_thread):
+def real(one_thread, digits16, quick_resnet8):
     """A briefly trained resnet8 on 16x16 digits, its graph, payload and a local env."""
-    data = load_dataset("digits", image_size=16)
-    torch.manual_seed(0)
-    model = build_model("resnet8", 10, 1)
-    result = train_base(model, data, TrainSettings(epochs=5, lr=0.05, batch_size=64, augment=False))
-    assert result.best_val_top1 > 0.8, result.best_val_top1
-    model.eval()
+    data, model = digits16, copy.deepcopy(quick_resnet8)
     config = CompressConfig(reward_samples=144, image_size=16, num_workers=2)
     graph = build_graph(config, model, data, "cpu")
     context = make_context(graph)

@@ -22,14 +22,7 @@ def tiny_cnn():
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: on a shared 2-core machine a second intra-op thread only
-    # spins waiting for the first, which made this file 10x slower under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
