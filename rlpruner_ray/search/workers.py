@@ -80,6 +80,7 @@ class ModelStore:
 
     # ---- tickets: one per evaluation, so a budget is never overspent
     def begin_step(self, version: int, tickets: int, timeout_s: float) -> None:
+        self._closed = False                  # a new search may follow a closed one
         self._tickets, self._timeout = tickets, timeout_s
         self._out.clear()
         self._rows.clear()
