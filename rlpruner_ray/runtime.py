@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def ray_temp_dir(out_dir) -> str:
 
 def init_ray(address: str | None, out_dir, *, num_cpus: int | None = None, num_gpus: int | None = None):
     """Connect to ``address`` ("auto": the running cluster) or start a private local
-    Ray bound to 127.0.0.1 without the dashboard. Idempotent."""
+    Ray bound to 127.0.0.1, without the dashboard, with token authentication.
+    Idempotent."""
     import ray
     if ray.is_initialized():
         return
@@ -39,11 +41,25 @@ def init_ray(address: str | None, out_dir, *, num_cpus: int | None = None, num_g
     temp = ray_temp_dir(out_dir)
     Path(temp).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _session_token()
     with _loopback_only():
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  _temp_dir=temp, namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
                  configure_logging=True, logging_level=logging.WARNING)
     log.info("started a local Ray (temp folder %s)", temp)
+
+
+def _session_token() -> None:
+    """Token authentication for a private local Ray, without a file in the home folder.
+
+    Ray (checked with 2.60) turns a new local ``ray.init()`` cluster to token
+    authentication and, when it finds no token, writes a new one to
+    ``~/.ray/auth_token``: outside the run's folder, and then picked up by every
+    later ``ray start`` of this user. A fresh random token in ``RAY_AUTH_TOKEN``
+    keeps the protection (every Ray process of the run inherits it) and writes
+    nothing. A mode or token the user chose is left alone."""
+    if not any(k in os.environ for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """The cluster files in clusters/ and the cluster entry scripts in scripts/.
 
-All offline: the Ray autoscaler configs go through the same preparation and
-schema validation that ``ray up`` applies before it talks to a cloud (with the
-network switched off to prove it stays local), the KubeRay RayJob through the
-fields KubeRay needs, and the scripts through their argv building.
+Offline: the Ray autoscaler configs go through the same preparation and schema
+validation that ``ray up`` applies before it talks to a cloud (with the network
+switched off to prove it stays local), the KubeRay RayJob through the fields
+KubeRay needs, and the scripts through their argv building. Then a real
+two-node cluster on this machine (``ray start --head`` + ``ray start --address``)
+runs a sweep submitted with ``ray job submit``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import ipaddress
 import py_compile
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -301,3 +304,34 @@ def test_built_argv_parses_with_the_cli(name):
     assert args.command == cmd and args.quiet
     assert args.ray_address == "auto"
     assert parser.parse_args(build(["--ray-address", "10.0.0.5:6379"])).ray_address == "10.0.0.5:6379"
+
+
+# ---------------------------------------------------------------- a real two-node cluster
+
+@pytest.mark.slow
+def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(tmp_path):
+    """Head and worker node as separate `ray start` processes; the sweep goes in
+    with `ray job submit --working-dir .` (the driver imports the uploaded copy);
+    its two trials fill one node each; both nodes are stopped at the end."""
+    import pyarrow.parquet as pq
+    from .local_cluster import TINY_SWEEP, LocalCluster
+
+    out = tmp_path / "sw"
+    with LocalCluster(cpus_per_node=2) as cluster:          # one trial (driver + 1 worker) per node
+        cluster.add_worker()
+        nodes = {n.node_id: n.name for n in cluster.nodes}
+        r = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT), "--",
+                        sys.executable, "scripts/sweep.py", "-q", "--out-dir", str(out),
+                        "--sparsity", "0.1", "0.2", *TINY_SWEEP, cwd=ROOT, timeout=900)
+        log = r.stdout + r.stderr
+        assert r.returncode == 0 and "succeeded" in log, log[-4000:]
+        processes = [n.processes for n in cluster.nodes]
+    assert not any(p() for p in processes), "a node's processes outlived the cluster"
+
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 0), (0.2, 0), (0.2, 1)]
+    assert sum(bool(x["final"]) for x in rows) == 2 and all(x["attempt"] == 1 for x in rows)
+    assert {nodes[x["node_id"]] for x in rows} == {"head", "worker1"}     # both nodes ran a trial
+    for x in rows:                                   # one trial never moves between nodes
+        assert x["node_id"] == next(y["node_id"] for y in rows if y["trial"] == x["trial"])
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"

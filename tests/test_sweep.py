@@ -19,8 +19,9 @@ from rlpruner_ray import sweep
 from rlpruner_ray.cli import build_parser, main
 from rlpruner_ray.config import CompressConfig
 
-TINY = ["--train-epochs", "2", "--evaluations-per-step", "4", "--finetune-epochs", "1",
-        "--max-batches-per-epoch", "3", "--num-workers", "1", "--step-fraction", "0.1"]
+from .local_cluster import TINY_SWEEP
+
+TINY = TINY_SWEEP
 
 
 def _cli(args, env=None, timeout=420):

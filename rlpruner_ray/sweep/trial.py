@@ -78,15 +78,16 @@ def run_trial(params: dict, plan: dict) -> None:
             if not _local_is_ahead(work, Path(d), cfg):   # e.g. the retry runs on another node
                 _restore_into(Path(d), work)
     attempt = attempts + 1
+    where = _where_this_runs()
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / TRIAL_FILE, {"name": name, "params": params, "trial_id": trial_id,
-                                         "attempts": attempt, "kind": plan_obj.kind})
+                                         "attempts": attempt, "kind": plan_obj.kind, "pid": os.getpid(), **where})
     rows = []
     if (work / "config.json").is_file():
         same = _same_settings(work, cfg)
         cfg = cfg.replace(resume=True) if same else cfg.replace(overwrite=True)
         rows = read_rows(work / ROWS_FILE) if same else []
-    base_row = {"trial": name, "trial_id": trial_id, **params, "attempt": attempt}
+    base_row = {"trial": name, "trial_id": trial_id, **params, "attempt": attempt, **where}
 
     def report(row: dict, final: bool) -> None:
         stage = _stage_checkpoint(work, final=final)
@@ -99,7 +100,7 @@ def run_trial(params: dict, plan: dict) -> None:
         done = {r["step"] for r in rows}
         for record in summary["steps"]:      # steps whose report was lost (killed between checkpoint and report)
             if record["step"] not in done:
-                rows.append({**base_row, **_step_row(record), "attempt": None})
+                rows.append({**base_row, **_step_row(record), "attempt": None, "node_id": None, "host": None})
         rows.sort(key=lambda r: r["step"])
         rows[-1] = {**rows[-1], **_final_row(summary)}
         _write_rows(work / ROWS_FILE, rows)
@@ -131,6 +132,14 @@ def run_trial(params: dict, plan: dict) -> None:
         tune.report({"trial": name, "error": message})
         return
     finish(summary)
+
+
+def _where_this_runs() -> dict:
+    """The Ray node and host of this attempt: each result row names where its step
+    ran (after a node is lost, the retried steps name the node that took over)."""
+    import socket
+    import ray
+    return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
 
 
 def _trial_work_dir(plan: SweepPlan, name: str) -> Path:

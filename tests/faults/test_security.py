@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,9 @@ def test_local_ray_listens_on_loopback_only_without_dashboard(ray_local):
     assert not node.address_info.get("webui_url")
     for p in psutil.Process().children(recursive=True):
         cmd = " ".join(_cmdline(p))
-        if "dashboard/dashboard.py" in cmd:
-            assert "--minimal" in cmd and "--disable-frontend" in cmd, cmd
+        if "dashboard/dashboard.py" in cmd:      # headless (Ray runs it for usage stats): no web UI, no jobs
+            assert "--disable-frontend" in cmd, cmd
+            assert "--minimal" in cmd or "--modules-to-load=UsageStatsHead " in cmd, cmd
     for p in probes:
         ray.kill(p)
 
@@ -166,3 +168,25 @@ def _cmdline(p):
         return p.cmdline()
     except psutil.Error:
         return []
+
+
+@pytest.mark.slow
+def test_local_ray_uses_token_auth_and_writes_nothing_in_home(tmp_path):
+    """Ray 2.60 would write ~/.ray/auth_token for a new local cluster; ours keeps
+    token authentication with a token in the environment and writes no file."""
+    import json
+    import site
+    import subprocess
+    import sys
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import json, os, ray; from rlpruner_ray.runtime import init_ray; "
+            f"init_ray(None, {str(tmp_path / 'run')!r}, num_cpus=1); "
+            "print(json.dumps([os.environ.get('RAY_AUTH_MODE'), len(os.environ.get('RAY_AUTH_TOKEN', '')), "
+            "ray.get(ray.put(7))])); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                       env={**env, "HOME": str(home), "PYTHONUSERBASE": site.getuserbase()})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ["token", 64, 7]
+    assert not any(home.rglob("*")), sorted(map(str, home.rglob("*")))
