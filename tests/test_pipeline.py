@@ -12,6 +12,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from rlpruner_ray.cli import main
 from rlpruner_ray.config import CompressConfig
 from rlpruner_ray.report import HISTORY_SCHEMA
 
@@ -84,7 +85,7 @@ def test_compress_end_to_end_and_resume_after_kill(tmp_path, base_checkpoint):
     assert pq.read_table(run / "history.parquet").num_rows == 18
 
 
-def test_refusals_write_nothing(tmp_path, base_checkpoint):
+def test_refusals_write_nothing(tmp_path, base_checkpoint, capsys):
     out = tmp_path / "run"
     cases = [
         ["--sparsity", "0"], ["--sparsity", "1.2"], ["--evaluations-per-step", "0"],
@@ -93,12 +94,16 @@ def test_refusals_write_nothing(tmp_path, base_checkpoint):
         ["--dataset", "npz:/does/not/exist"], ["--model", "not_a_model"],
         ["--base-checkpoint", str(tmp_path / "missing.pt")],
     ]
+    # in this process (fresh processes: test_cli.py and faults/test_cli_refusals.py)
     for extra in cases:
-        r = _cli(["compress", "--out-dir", str(out), *extra])
-        assert r.returncode == 2, (extra, r.stderr)
-        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("rlpruner")]
-        assert len(lines) == 1 and "error" in lines[0], (extra, r.stderr)
-        assert "Traceback" not in r.stderr
+        try:
+            code = main(["-q", "compress", "--out-dir", str(out), *extra])
+        except SystemExit as exc:           # argparse's own refusals
+            code = exc.code
+        assert code == 2, extra
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("rlpruner") and "error" in lines[0], (extra, err)
         assert not out.exists(), extra
 
 
