@@ -141,6 +141,7 @@ class LocalCluster:
         self.nodes.append(node)
         r = subprocess.run([*RAY_CLI, "start", *args, "--node-ip-address", "127.0.0.1", "--num-cpus",
                             str(self.cpus), "--num-gpus", "0", "--temp-dir", node.temp_dir,
+                            "--object-store-memory", str(256 * 2**20),      # small models; spare /dev/shm
                             "--dashboard-agent-listen-port", str(free_port())],
                            env=self.env, capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, f"ray start ({name}) failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
@@ -159,7 +160,7 @@ class LocalCluster:
             return set()
         return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
 
-    def wait_for_nodes(self, count: int, timeout: float = 60.0) -> None:
+    def wait_for_nodes(self, count: int, timeout: float = 120.0) -> None:
         deadline = time.time() + timeout
         while len(self.alive_node_ids()) != count:
             assert time.time() < deadline, f"the cluster did not reach {count} alive nodes"
