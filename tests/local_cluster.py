@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import psutil
 
@@ -178,16 +177,3 @@ class LocalCluster:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
         shutil.rmtree(self.home, ignore_errors=True)
 
-
-def wait_until(predicate, *, timeout: float, what: str, interval: float = 0.1, alive=None):
-    """Poll ``predicate`` until it returns a true value (returned); fail after
-    ``timeout`` seconds or as soon as the process ``alive`` has ended."""
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"the process ended (exit {alive.returncode}) before {what}")
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)

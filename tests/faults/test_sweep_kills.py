@@ -9,12 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from ..local_cluster import TINY_SWEEP, LocalCluster, wait_until
+from ..local_cluster import TINY_SWEEP, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 SPARSITIES = {"0.3": 3, "0.4": 4}        # steps per trial at --step-fraction 0.1
@@ -27,16 +28,17 @@ def _read(path: Path):
         return None
 
 
-def _running_trials(out: Path) -> dict | None:
-    """Both trials on their first attempt, each past its first step and not done:
-    {trial name: its trial.json}; None until then."""
-    found = {}
+def _in_progress(out: Path, node_id: str):
+    """The trial on its first attempt on node ``node_id``, past its first step and
+    not finished: (name, its trial.json, rows reported so far); None until then."""
     for work in (out / "trials").glob("*"):
         info, rows = _read(work / "trial.json"), work / "rows.jsonl"
-        if (info and info.get("attempts") == 1 and rows.is_file() and rows.read_text().strip()
+        if (info and info.get("node_id") == node_id and info.get("attempts") == 1 and rows.is_file()
                 and not (work / "summary.json").exists()):
-            found[work.name] = info
-    return found if len(found) == len(SPARSITIES) else None
+            reported = len(rows.read_text().splitlines())
+            if reported:
+                return work.name, info, reported
+    return None
 
 
 @pytest.mark.slow
@@ -45,26 +47,34 @@ def test_sweep_survives_a_killed_trial_and_a_lost_worker_node(tmp_path):
     with LocalCluster(cpus_per_node=2) as cluster:           # one trial per node at a time
         worker = cluster.add_worker()
         head = cluster.nodes[0]
-        driver = subprocess.Popen(
-            [sys.executable, "scripts/sweep.py", "-q", "--out-dir", str(out), "--sparsity", *SPARSITIES,
-             "--max-failures", "3", *TINY_SWEEP],
-            cwd=ROOT, env={**cluster.env, "RAY_ADDRESS": cluster.address}, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log_file = tmp_path / "driver.log"
+        with open(log_file, "w") as log:             # a file, not a pipe nobody reads while it runs
+            driver = subprocess.Popen(
+                [sys.executable, "scripts/sweep.py", "-q", "--out-dir", str(out), "--sparsity", *SPARSITIES,
+                 "--max-failures", "3", *TINY_SWEEP],
+                cwd=ROOT, env={**cluster.env, "RAY_ADDRESS": cluster.address}, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 420
         try:
-            running = wait_until(lambda: _running_trials(out), timeout=420, alive=driver,
-                                 what="both trials past their first step")
-            by_node = {info["node_id"]: name for name, info in running.items()}
-            assert set(by_node) == {head.node_id, worker.node_id}, running
-            on_head, on_worker = by_node[head.node_id], by_node[worker.node_id]
-            reported = {name: len((out / "trials" / name / "rows.jsonl").read_text().splitlines())
-                        for name in running}
-
-            os.kill(running[on_head]["pid"], signal.SIGKILL)          # one Tune trial
-            assert worker.kill() > 3                                   # one worker node, all its processes
+            # each target is hit as soon as its own trial is past its first step
+            hit = {}
+            while len(hit) < 2:
+                if head.node_id not in hit and (t := _in_progress(out, head.node_id)):
+                    os.kill(t[1]["pid"], signal.SIGKILL)            # one Tune trial
+                    hit[head.node_id] = t
+                if worker.node_id not in hit and (t := _in_progress(out, worker.node_id)):
+                    assert worker.kill() > 3                         # one worker node, all its processes
+                    hit[worker.node_id] = t
+                assert driver.poll() is None and time.time() < deadline, (
+                    f"a trial ended before it could be killed (hit: {sorted(hit.values())})\n"
+                    + log_file.read_text()[-3000:])
+                time.sleep(0.1)
             cluster.wait_for_nodes(1)
+            (on_head, _, head_rows), (on_worker, _, worker_rows) = hit[head.node_id], hit[worker.node_id]
+            reported = {on_head: head_rows, on_worker: worker_rows}
 
-            log, _ = driver.communicate(timeout=600)
-            assert driver.returncode == 0, log[-4000:]
+            driver.wait(timeout=600)
+            assert driver.returncode == 0, log_file.read_text()[-4000:]
         finally:
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
