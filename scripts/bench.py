@@ -829,20 +829,7 @@ class Bench:
         gap = [get(m, "physical", "ratio_to_floor") - max(get(m, "masked_score", "ratio_to_floor"),
                                                           get(m, "env_step", "ratio_to_floor"))
                for m in P["cost_models"]]
-        if all(abs(g) <= 0.1 for g in gap):
-            verdict = (f"At {P['cost_samples']} reward images the forward pass dominates and the two paths cost "
-                       f"about the same; the masked path's fixed saving counts for more as the reward batches "
-                       f"shrink or the model's graph grows.")
-        elif all(g > 0 for g in gap):
-            verdict = (f"At {P['cost_samples']} reward images the masked path is the cheaper one by "
-                       f"{min(gap):.2f}x to {max(gap):.2f}x of the floor.")
-        elif all(g < 0 for g in gap):
-            verdict = (f"At {P['cost_samples']} reward images the physical path is the cheaper one by "
-                       f"{-max(gap):.2f}x to {-min(gap):.2f}x of the floor: the pruned copy's smaller forward "
-                       f"pass saves more than the copy and the graph rebuild cost.")
-        else:
-            verdict = (f"At {P['cost_samples']} reward images neither path is cheaper for every model (physical "
-                       f"minus masked: {', '.join(f'{g:+.2f}x' for g in gap)} of the floor).")
+        verdict = cost_verdict(gap, P["cost_samples"])
         lines += ["", f"Masked and physical paths gave the same reward-batch accuracy: {'yes' if same else '**NO**'}. "
                   "Zeroed channels still cost their MACs, so the masked path can only approach the floor. "
                   + "; ".join(notes) + ". " + verdict + " The search scores candidates on the masked path: it "
@@ -1178,6 +1165,24 @@ class Bench:
         Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(self.args.out).write_text("\n".join(out) + "\n")
         log(f"wrote {self.args.out} and {self.args.rows} ({len(self.rows)} rows)")
+
+
+def cost_verdict(gaps: list[float], samples: int) -> str:
+    """Section 1's sentence on which path is cheaper, from each model's physical
+    minus masked cost (in multiples of the floor)."""
+    if all(abs(g) <= 0.1 for g in gaps):
+        return (f"At {samples} reward images the forward pass dominates and the two paths cost about the same; "
+                f"the masked path's fixed saving counts for more as the reward batches shrink or the model's "
+                f"graph grows.")
+    if all(g > 0 for g in gaps):
+        return (f"At {samples} reward images the masked path is the cheaper one by {min(gaps):.2f}x to "
+                f"{max(gaps):.2f}x of the floor.")
+    if all(g < 0 for g in gaps):
+        return (f"At {samples} reward images the physical path is the cheaper one by {-max(gaps):.2f}x to "
+                f"{-min(gaps):.2f}x of the floor: the pruned copy's smaller forward pass saves more than the "
+                f"copy and the graph rebuild cost.")
+    return (f"At {samples} reward images neither path is cheaper for every model (physical minus masked: "
+            f"{', '.join(f'{g:+.2f}x' for g in gaps)} of the floor).")
 
 
 def evals_to_fraction(rewards, fraction: float) -> int:

@@ -62,6 +62,14 @@ def reward_of_action(env, action):
     return reward, info
 
 
+def assert_same_outcome(env, a, b) -> None:
+    """Actions ``a`` and ``b`` give the same reward and the same filter counts."""
+    r_a, i_a = reward_of_action(env, a)
+    r_b, i_b = reward_of_action(env, b)
+    assert r_a == r_b
+    np.testing.assert_array_equal(i_a["counts"], i_b["counts"])
+
+
 # ---------------------------------------------------------------------- API conformance
 def test_check_env_passes(env):
     check_env(env.unwrapped, skip_render_check=True)
@@ -96,10 +104,7 @@ def test_spaces_shapes(env, base):
 def test_same_action_twice_gives_same_reward(env, base):
     rng = np.random.default_rng(0)
     action = rng.uniform(-1, 1, base["graph"].num_groups)
-    r1, i1 = reward_of_action(env, action)
-    r2, i2 = reward_of_action(env, action)
-    assert r1 == r2
-    np.testing.assert_array_equal(i1["counts"], i2["counts"])
+    assert_same_outcome(env, action, action)
 
 
 def test_action_zero_is_initial_distribution(env, base):
@@ -127,10 +132,7 @@ def test_out_of_box_actions_are_clipped(env, base):
     wild = np.array([5.0, -7.0, 0.3, 100.0, -0.2, -1e6][:g] + [0.0] * max(0, g - 6))
     clipped = np.clip(wild, -1, 1)
     np.testing.assert_allclose(env.action_to_distribution(wild), env.action_to_distribution(clipped))
-    r_wild, i_wild = reward_of_action(env, wild)
-    r_clip, i_clip = reward_of_action(env, clipped)
-    assert r_wild == r_clip
-    np.testing.assert_array_equal(i_wild["counts"], i_clip["counts"])
+    assert_same_outcome(env, wild, clipped)
 
 
 def test_nan_entries_count_as_zero(env, base):

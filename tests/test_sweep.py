@@ -19,9 +19,7 @@ from rlpruner_ray import sweep
 from rlpruner_ray.cli import build_parser, main
 from rlpruner_ray.config import CompressConfig
 
-from .local_cluster import TINY_SWEEP
-
-TINY = TINY_SWEEP
+from .local_cluster import TINY_SWEEP as TINY
 
 
 def _cli(args, env=None, timeout=420):

@@ -4,7 +4,6 @@ The sweep still completes with every trial and step, and nothing a trial had
 reported before the kill is computed again."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,27 +14,21 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from rlpruner_ray.sweep.storage import ROWS_FILE, TRIAL_FILE, read_json, read_rows
+
 from ..local_cluster import TINY_SWEEP, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 SPARSITIES = {"0.3": 3, "0.4": 4}        # steps per trial at --step-fraction 0.1
 
 
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _in_progress(out: Path, node_id: str):
     """The trial on its first attempt on node ``node_id``, past its first step and
     not finished: (name, its trial.json, rows reported so far); None until then."""
     for work in (out / "trials").glob("*"):
-        info, rows = _read(work / "trial.json"), work / "rows.jsonl"
-        if (info and info.get("node_id") == node_id and info.get("attempts") == 1 and rows.is_file()
-                and not (work / "summary.json").exists()):
-            reported = len(rows.read_text().splitlines())
+        info = read_json(work / TRIAL_FILE)
+        if info.get("node_id") == node_id and info.get("attempts") == 1 and not (work / "summary.json").exists():
+            reported = len(read_rows(work / ROWS_FILE))
             if reported:
                 return work.name, info, reported
     return None
@@ -86,7 +79,7 @@ def test_sweep_survives_a_killed_trial_and_a_lost_worker_node(tmp_path):
     assert sum(bool(x["final"]) for x in rows) == len(SPARSITIES)
     for name in (on_head, on_worker):
         mine = sorted((x for x in rows if x["trial"] == name), key=lambda x: x["step"])
-        info = _read(out / "trials" / name / "trial.json")
+        info = read_json(out / "trials" / name / TRIAL_FILE)
         assert info["attempts"] >= 2, (name, info)                 # it really was interrupted
         # steps reported before the kill were kept, not run again
         assert [x["attempt"] for x in mine[:reported[name]]] == [1] * reported[name], mine
