@@ -57,6 +57,15 @@ def test_spearman_and_sample_efficiency_helpers():
     assert bench.evals_to_fraction([0.1, 0.2, 0.3], 0.99) == 3
 
 
+def test_cost_verdict_names_the_cheaper_path():
+    verdict = _bench_module().cost_verdict
+    # BENCHMARKS.md section 1: physical minus masked = 1.014 - 1.053 and 0.941 - 1.068
+    assert "physical path is the cheaper one by 0.04x to 0.13x" in verdict([1.014 - 1.053, 0.941 - 1.068], 256)
+    assert "masked path is the cheaper one by 0.20x to 0.30x" in verdict([0.2, 0.3], 256)
+    assert "cost about the same" in verdict([0.05, -0.08], 256)
+    assert "neither path is cheaper for every model" in verdict([0.3, -0.2], 256)
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_a_well_formed_report(tmp_path):
     out, rows = tmp_path / "B.md", tmp_path / "rows.parquet"
