@@ -31,6 +31,7 @@ import numpy as np
 
 from rlpruner_ray.data import load_dataset
 from rlpruner_ray.scoring import StepScorer
+from rlpruner_ray.search.workers import CLOSED, SPENT
 
 FEATURES_PER_GROUP = 5
 GLOBAL_FEATURES = 3
@@ -132,7 +133,8 @@ class LayerPruningEnv(gym.Env):
     def _take_ticket(self) -> int:
         """Budgeted mode (RLlib env runners): one ticket per evaluation; wait while
         the step's budget is spent, and follow the base model when it moves on.
-        -1 means the search is over (the algorithm is being stopped)."""
+        CLOSED: the search is over (the algorithm is being stopped); SPENT: the
+        step's budget is recorded but a synchronous ``train()`` wants more samples."""
         import ray
         store = self._store_actor()
         while True:
@@ -147,8 +149,12 @@ class LayerPruningEnv(gym.Env):
     def step(self, action):
         distribution = self.action_to_distribution(action)
         ticket = self._take_ticket() if self.settings.get("budgeted") else None
-        if ticket == -1:   # search over: answer at once so the env runner can shut down
+        if ticket == CLOSED:   # search over: answer at once so the env runner can shut down
             return self._obs(), 0.0, True, False, {"closed": True}
+        if ticket == SPENT:    # nothing scored: the step's mean reward (advantage near 0)
+            import ray
+            reward = float(ray.get(self._store_actor().mean_reward.remote()))
+            return self._obs(), reward, True, False, {"unscored": True}
         self._t += 1
         started = time.perf_counter()
         result = self.evaluate_distribution(distribution, fraction=self._t / self.horizon,

@@ -3,11 +3,18 @@ once per test session and reused by every test that needs a trained model."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Subprocesses (CLI runs, Ray workers, cluster nodes) import this checkout, not
+# whatever copy an earlier `pip install -e` elsewhere left on the path.
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_CHECKOUT, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _CHECKOUT]])
 
 
 @pytest.fixture(scope="module")

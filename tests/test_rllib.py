@@ -90,8 +90,44 @@ def _search(setup, step, budget, rows):
                                                                      np.random.default_rng(step))
 
 
+def test_a_spent_budget_releases_synchronous_env_runners_unscored(rllib_setup):
+    """Every ticket recorded: a synchronous algorithm's environment answers at once,
+    unscored, with the step's mean reward; an asynchronous one waits until closed."""
+    import ray
+    import envs
+    from rlpruner_ray.search.workers import env_settings
+    store = rllib_setup["store"]
+    env = envs.LayerPruningEnv({**env_settings(rllib_setup["config"], store=rllib_setup["name"], device="cpu"),
+                                "budgeted": True})
+    obs, _ = env.reset(seed=0)
+    version = ray.get(store.version.remote())
+    action = np.zeros(env.action_space.shape, np.float32)
+    ray.get(store.begin_step.remote(version, 2, 60.0, release_when_spent=True))
+    rewards = [env.step(action)[1] for _ in range(2)]                    # the two tickets: scored
+    deadline = time.time() + 30                                          # records are fire-and-forget
+    while ray.get(store.status.remote())["ready"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert ray.get(store.status.remote()) == {"available": 0, "outstanding": 0, "ready": 2}
+    _, reward, terminated, _, info = env.step(action)
+    assert info == {"unscored": True} and terminated
+    assert reward == pytest.approx(np.mean(rewards))
+    assert ray.get(store.status.remote())["ready"] == 2                  # nothing recorded, nothing scored
+
+    ray.get(store.begin_step.remote(version, 0, 60.0, release_when_spent=False))
+    answer = []
+    waiter = threading.Thread(target=lambda: answer.append(env.step(action)))
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive() and not answer                              # asynchronous: waits for tickets
+    ray.get(store.close.remote())
+    waiter.join(timeout=30)
+    assert answer and answer[0][4] == {"closed": True}
+
+
 @pytest.mark.slow
 def test_env_runners_follow_new_base_and_survive_a_kill(rllib_setup, monkeypatch):
+    import ray
     from rlpruner_ray.pipeline import build_graph
     from rlpruner_ray.search import rllib as rl
     monkeypatch.setattr(rl, "TICKET_TIMEOUT_S", 5.0)
@@ -119,9 +155,12 @@ def test_env_runners_follow_new_base_and_survive_a_kill(rllib_setup, monkeypatch
         worker = threading.Thread(target=lambda: (search.search(ctx, evaluator), done.set()))
         worker.start()
         deadline = time.time() + 120
-        while len(rows) < 10:
+        store = setup["store"]
+        # mid-train (rows recorded but not yet drained): RLlib then loses the victim's
+        # steps and asks for more samples than tickets are left
+        while len(rows) < 10 or ray.get(store.status.remote())["ready"] < 1:
             assert time.time() < deadline and worker.is_alive()
-            time.sleep(0.05)
+            time.sleep(0.01)
         victim = rows[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         worker.join(timeout=400)

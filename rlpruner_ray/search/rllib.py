@@ -13,7 +13,10 @@ The evaluation budget is enforced with *tickets*: the driver gives the store
 the last evaluation scores the policy's deterministic action on the driver.
 A ticket held by an env runner that dies is handed out again after
 ``TICKET_TIMEOUT_S``; a late result for it is dropped, so no row is lost or
-counted twice. The applied distribution is the best of the step's sampled
+counted twice. RLlib also drops the steps the dead runner had taken and asks
+the others for more than the tickets left: once the whole budget is recorded,
+the environments of synchronous algorithms answer those with an unscored step
+worth the step's mean reward instead of waiting (see ``ModelStore.take_ticket``). The applied distribution is the best of the step's sampled
 candidates and the deterministic action.
 """
 from __future__ import annotations
@@ -34,6 +37,9 @@ log = logging.getLogger("rlpruner_ray")
 
 # RLlib algorithms (new API stack) that accept continuous Box actions.
 CONTINUOUS = {"ppo": "PPO", "appo": "APPO", "sac": "SAC", "impala": "IMPALA"}
+# Their env runners sample in the background, between train() calls, so an
+# environment must wait for the next step rather than answer unscored.
+ASYNCHRONOUS = ("appo", "impala")
 TICKET_TIMEOUT_S = 120.0
 
 
@@ -164,7 +170,8 @@ class RLlibSearch(SearchAlgorithm):
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
         version = ctx.step
         tickets = min(self.tickets, evaluate.remaining - 1)
-        ray.get(self.store.begin_step.remote(version, tickets, TICKET_TIMEOUT_S))
+        ray.get(self.store.begin_step.remote(version, tickets, TICKET_TIMEOUT_S,
+                                             release_when_spent=self.config.algo.lower() not in ASYNCHRONOUS))
         received = 0
         while received < tickets:
             status = ray.get(self.store.status.remote())

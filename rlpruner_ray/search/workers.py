@@ -52,6 +52,9 @@ def env_settings(config: CompressConfig, *, store: str | None = None, device: st
     }
 
 
+CLOSED, SPENT = -1, -2       # take_ticket's answers besides a ticket id and None (wait)
+
+
 @ray.remote(num_cpus=0)
 class ModelStore:
     """The current base model (payload + version), and the step's evaluation
@@ -66,6 +69,8 @@ class ModelStore:
         self._out: dict[int, float] = {}     # ticket -> time handed out
         self._rows: list[dict] = []
         self._closed = False
+        self._release_when_spent = False
+        self._reward_sum, self._reward_n = 0.0, 0
 
     def publish(self, payload: dict) -> int:
         self._version = payload["version"]
@@ -79,9 +84,13 @@ class ModelStore:
         return self._payload
 
     # ---- tickets: one per evaluation, so a budget is never overspent
-    def begin_step(self, version: int, tickets: int, timeout_s: float) -> None:
+    def begin_step(self, version: int, tickets: int, timeout_s: float, release_when_spent: bool = False) -> None:
+        """``release_when_spent``: once every ticket of the step is recorded, answer
+        SPENT instead of "wait" (synchronous algorithms, see ``take_ticket``)."""
         self._closed = False                  # a new search may follow a closed one
         self._tickets, self._timeout = tickets, timeout_s
+        self._release_when_spent = release_when_spent
+        self._reward_sum, self._reward_n = 0.0, 0
         self._out.clear()
         self._rows.clear()
 
@@ -97,12 +106,21 @@ class ModelStore:
         self._closed = True
 
     def take_ticket(self, version: int) -> int | None:
-        """A ticket id, None (wait: budget spent or stale model), or -1 (closed)."""
+        """A ticket id, None (wait: budget spent or stale model), CLOSED or SPENT.
+
+        SPENT: every ticket of the step is recorded, yet a synchronous algorithm's
+        ``train()`` still wants samples. That happens after an env runner dies
+        mid-fragment: RLlib drops the steps it had taken (their rows are already
+        recorded) and asks the others for more. Waiting would block ``train()``
+        until RLlib's sample timeout, so the environment answers without scoring.
+        """
         if self._closed:
-            return -1
+            return CLOSED
         self._expire()
-        if version != self._version or self._tickets <= 0:
+        if version != self._version:
             return None
+        if self._tickets <= 0:
+            return SPENT if self._release_when_spent and not self._out else None
         self._tickets -= 1
         self._next_ticket += 1
         self._out[self._next_ticket] = time.monotonic()
@@ -112,7 +130,14 @@ class ModelStore:
         if self._out.pop(ticket, None) is None:
             return False                      # expired and handed out again: drop, never count twice
         self._rows.append(row)
+        self._reward_sum += float(row["reward"])
+        self._reward_n += 1
         return True
+
+    def mean_reward(self) -> float:
+        """The step's mean recorded reward: what an unscored (SPENT) step returns,
+        so its advantage is near zero and it barely moves the policy."""
+        return self._reward_sum / self._reward_n if self._reward_n else 0.0
 
     def status(self) -> dict:
         self._expire()
