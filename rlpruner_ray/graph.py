@@ -225,6 +225,12 @@ class PruningGraph:
     def max_removable(self) -> int:
         return int((self.channels - self.floors).sum())
 
+    def sizes(self) -> dict:
+        """Channels per group, total channels, MACs and params of the model: a run's
+        ``original`` record (what every step's reductions are measured against)."""
+        return {"channels": dict(zip(self.keys, self.channels.tolist())), "total_channels": self.total_channels,
+                "macs": self.base_macs, "params": self.base_params}
+
     def initial_distribution(self) -> np.ndarray:
         """The paper's starting point: every filter equally likely, so each
         group's share is proportional to its channel count."""

@@ -209,9 +209,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     base = load_or_train_base(config, data, run, device).to(device).eval()
     base_graph = PruningGraph(base, data.example_inputs(1).to(device), exclude=config.exclude,
                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
-    original = {"channels": dict(zip(base_graph.keys, base_graph.channels.tolist())),
-                "total_channels": base_graph.total_channels,
-                "macs": base_graph.base_macs, "params": base_graph.base_params}
+    original = base_graph.sizes()
     targets = _step_targets(config, original["total_channels"])
 
     # ---- resume

@@ -117,11 +117,6 @@ def _tagged_model(name: str, data, seed: int = 0):
     return model.eval()
 
 
-def _original(graph) -> dict:
-    return {"channels": dict(zip(graph.keys, graph.channels.tolist())), "total_channels": graph.total_channels,
-            "macs": graph.base_macs, "params": graph.base_params}
-
-
 def _accuracy(model, batches) -> float:
     import torch
     correct = total = 0
@@ -179,7 +174,7 @@ def task_cost(p: dict) -> dict:
         graph = PruningGraph(model, data.example_inputs(1))
         graph.compute_scores("l1")
         num_filters = int(round(p["step_fraction"] * graph.total_channels))
-        context = {"step": 0, "num_steps": 1, "original": _original(graph), "num_filters": num_filters}
+        context = {"step": 0, "num_steps": 1, "original": graph.sizes(), "num_filters": num_filters}
         config = CompressConfig(dataset=p["dataset"], reward_samples=p["samples"], reward_batch_size=p["batch"],
                                 cpus_per_worker=p["threads"], criterion="l1")
         settings = env_settings(config, store=None)
@@ -249,7 +244,7 @@ def task_pool(p: dict) -> dict:
     save_pruned(model, p["model_file"])          # the PPO runs of this section start from it
     graph = PruningGraph(model, data.example_inputs(1))
     graph.compute_scores("l1")
-    context = {"step": 0, "num_steps": 1, "original": _original(graph),
+    context = {"step": 0, "num_steps": 1, "original": graph.sizes(),
                "num_filters": int(round(0.1 * graph.total_channels))}
     payload = make_payload(model, graph, context, version=0)
     rng = np.random.default_rng(0)
@@ -468,7 +463,7 @@ def task_fidelity(p: dict) -> dict:
     data = load_dataset(cfg.dataset, val_fraction=cfg.val_fraction, seed=cfg.seed)
     base = load_pruned(p["base"]).eval()
     graph = build_graph(cfg, base, data, "cpu")
-    original = _original(graph)
+    original = graph.sizes()
     # the first step of section 3's runs: MACs down to (1 - sparsity / num_steps) of the base
     value = original["macs"] * (1 - cfg.sparsity / cfg.num_steps)
     context = {"step": 0, "num_steps": cfg.num_steps, "original": original,

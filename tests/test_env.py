@@ -22,9 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make_context(graph, *, step=0, num_filters=None, original=None, **extra):
-    original = original or {"channels": dict(zip(graph.keys, graph.channels.tolist())),
-                            "total_channels": graph.total_channels,
-                            "macs": graph.base_macs, "params": graph.base_params}
+    original = original or graph.sizes()
     ctx = {"step": step, "num_steps": 5, "original": original,
            "num_filters": int(0.2 * graph.total_channels) if num_filters is None else num_filters}
     ctx.update(extra)

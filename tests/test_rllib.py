@@ -63,8 +63,7 @@ def rllib_setup(tmp_path_factory, base_checkpoint, digits16):
                             out_dir=str(out), image_size=16)
     model = load_pruned(base_checkpoint)
     graph = build_graph(config, model, digits16, "cpu")
-    original = {"channels": dict(zip(graph.keys, graph.channels.tolist())), "total_channels": graph.total_channels,
-                "macs": graph.base_macs, "params": graph.base_params}
+    original = graph.sizes()
     store, name = start_store()
 
     def publish(m, g, version):

@@ -16,8 +16,9 @@ A ticket held by an env runner that dies is handed out again after
 counted twice. RLlib also drops the steps the dead runner had taken and asks
 the others for more than the tickets left: once the whole budget is recorded,
 the environments of synchronous algorithms answer those with an unscored step
-worth the step's mean reward instead of waiting (see ``ModelStore.take_ticket``). The applied distribution is the best of the step's sampled
-candidates and the deterministic action.
+worth the step's mean reward instead of waiting (see ``ModelStore.take_ticket``).
+The applied distribution is the best of the step's sampled candidates and the
+deterministic action.
 """
 from __future__ import annotations
 

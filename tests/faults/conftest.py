@@ -41,8 +41,7 @@ def published(ray_local, digits16):
     model.eval()
     config = CompressConfig(**POOL_CONFIG).validate()
     graph = build_graph(config, model, digits16, "cpu")
-    original = {"channels": dict(zip(graph.keys, graph.channels.tolist())), "total_channels": graph.total_channels,
-                "macs": graph.base_macs, "params": graph.base_params}
+    original = graph.sizes()
     context = {"step": 0, "num_steps": 5, "original": original, "num_filters": int(0.2 * graph.total_channels)}
     store, name = start_store()
     ray_local.get(store.publish.remote(make_payload(model, graph, context, version=0)))

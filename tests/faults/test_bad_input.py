@@ -237,8 +237,7 @@ def env(graph, digits16):
     from rlpruner_ray.models import model_spec
     from rlpruner_ray.search.workers import env_settings, make_payload
     tag_model(graph.model, model_spec("resnet8", 10, 1), (1, 16, 16))
-    original = {"channels": dict(zip(graph.keys, graph.channels.tolist())), "total_channels": graph.total_channels,
-                "macs": graph.base_macs, "params": graph.base_params}
+    original = graph.sizes()
     context = {"step": 0, "num_steps": 5, "original": original, "num_filters": int(0.2 * graph.total_channels)}
     settings_ = env_settings(CompressConfig(reward_samples=16, reward_batch_size=16, image_size=16))
     settings_["payload"] = make_payload(graph.model, graph, context, version=0)
