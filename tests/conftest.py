@@ -17,6 +17,17 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [_CHECKOUT, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _CHECKOUT]])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_ray_token_in_home():
+    """No test leaves a Ray token in ~/.ray: a later `ray start` of this user would
+    pick it up (every Ray the tests start is private, with its token in the env)."""
+    token = Path.home() / ".ray" / "auth_token"
+    before = token.stat().st_mtime_ns if token.exists() else None
+    yield
+    after = token.stat().st_mtime_ns if token.exists() else None
+    assert after == before, f"a test wrote {token}"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: a second intra-op thread only spins

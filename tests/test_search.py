@@ -9,8 +9,6 @@ import copy
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -359,19 +357,17 @@ def test_make_algorithm_native_names(algo):
 
 # ---------------------------------------------------------------------- Ray evaluation pool
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(tmp_path_factory):
+    """The project's own private local Ray (loopback, token auth, nothing in ~/.ray)."""
     import ray
+    from rlpruner_ray.runtime import init_ray
     if ray.is_initialized():
         pytest.skip("Ray already initialised by another test")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    temp = tempfile.mkdtemp(prefix="rlt", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             log_to_driver=False, configure_logging=False)
+    init_ray(None, tmp_path_factory.mktemp("ray_pool"), num_cpus=2)
     try:
         yield ray
     finally:
         ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _same(pool_results, local_results):
