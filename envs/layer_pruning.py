@@ -16,7 +16,7 @@ through the run, and the sub-step's progress through the episode.
 removes the next ``1/horizon`` of the step's filters with the action's
 distribution and is rewarded with the score of everything removed so far.
 
-The base model comes from a payload (see ``rlpruner_ray.search.workers``):
+The base model comes from a payload (see ``rlpruner_ray.model_store``):
 given directly (``config["payload"]``) or fetched from a named Ray actor
 (``config["store"]``) whose version is checked on every ``reset`` — so an env
 runner that Ray restarts picks up the current base model by itself.
@@ -31,7 +31,7 @@ import numpy as np
 
 from rlpruner_ray.data import load_dataset
 from rlpruner_ray.scoring import StepScorer
-from rlpruner_ray.search.workers import CLOSED, SPENT
+from rlpruner_ray.model_store import CLOSED, SPENT
 
 FEATURES_PER_GROUP = 5
 GLOBAL_FEATURES = 3

@@ -230,7 +230,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         teacher_acc = evaluate(base, data, "val", device=device)["top1"]
 
     init_ray(config.ray_address, run.root)
-    from .search.workers import EvaluationPool, make_payload, start_store
+    from .model_store import make_payload, start_store
+    from .search.workers import EvaluationPool
     store, store_name = start_store()
     algo = pool = None
     history = HistoryWriter(run.history, algo=config.algo)
