@@ -13,6 +13,12 @@ Two ways to remove channels, with identical outputs:
   restore it on exit. This is the search's hot path: no graph rebuild, no copy;
   each group's slices are precomputed in importance order, so a plan becomes
   a handful of ``index_fill_`` calls on index-tensor prefixes.
+
+Every tensor the graph keeps (index tensors, scores, the example input) lives
+on the model's device, and follows the model when it moves (``graph.to`` or a
+plain ``model.to``): indexing a CUDA weight with a CPU index tensor raises.
+Reading values to the host (``pruned_indices``, ``group_features``) is
+explicit, in those two places only.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ class _Slice:
     root: torch.Tensor    # for each entry of ``idx``, the group's root channel
     multiplicity: int     # item indices per root channel (H*W after a flatten, else 1)
     ordered: torch.Tensor | None = None  # ``idx`` reordered by root importance rank
+    rank: torch.Tensor | None = None     # importance rank of each ``idx`` entry's root (0 = least)
 
 
 @dataclass
@@ -107,6 +114,7 @@ class PruningGraph:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         ignored = [names[n] for n in exclude] + linears[-1:]
         self._module_name = {m: n for n, m in names.items()}
+        self._device = model_device(model)
 
         with torch.enable_grad():  # torch-pruning traces with autograd
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
@@ -155,8 +163,8 @@ class PruningGraph:
             if _is_grouped_not_depthwise(module):
                 return None       # grouped convs tie channels in ways a filter plan cannot follow
             side = "out" if self.dg.is_out_channel_pruning_fn(fn) else "in"
-            idx = torch.as_tensor(item.idxs, dtype=torch.long)
-            root = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            idx = torch.as_tensor(item.idxs, dtype=torch.long, device=self._device)
+            root = torch.as_tensor(item.root_idxs, dtype=torch.long, device=self._device)
             multiplicity = max(1, len(idx) // channels)
             slices.append(_Slice(module, self._layer_id[module], side, _weight_dim(module, side),
                                  getattr(module, "bias", None) is not None and _weight_dim(module, side) == 0,
@@ -209,6 +217,46 @@ class PruningGraph:
                         (1 - out_frac) * (1 - in_frac))
         return ((1 - kept) * layer_cost).sum(axis=1)
 
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self) -> torch.device:
+        """The device of the model (and so of every tensor the graph keeps)."""
+        return self._device
+
+    def to(self, device) -> "PruningGraph":
+        """Move the model and every tensor the graph keeps to ``device``."""
+        self.model.to(device)
+        self._follow_model()
+        return self
+
+    def _follow_model(self) -> None:
+        """Move the graph's own tensors to wherever the model is now (a model may be
+        moved after its graph was built)."""
+        device = model_device(self.model)
+        if device == self._device:
+            return
+        self._device = device
+        for group in self.groups:
+            for s in group.slices:
+                s.idx, s.root = s.idx.to(device), s.root.to(device)
+                if s.ordered is not None:
+                    s.ordered, s.rank = s.ordered.to(device), s.rank.to(device)
+        if self.scores is not None:
+            self.scores = [t.to(device) for t in self.scores]
+        if torch.is_tensor(self.example_inputs):
+            self.example_inputs = self.example_inputs.to(device)
+
+    def tensors(self):
+        """(name, tensor) of every tensor the graph keeps (device checks)."""
+        yield "example_inputs", self.example_inputs
+        for g, group in enumerate(self.groups):
+            for i, s in enumerate(group.slices):
+                for name in ("idx", "root", "ordered", "rank"):
+                    if getattr(s, name) is not None:
+                        yield f"{group.key}[{i}].{name}", getattr(s, name)
+            if self.scores is not None:
+                yield f"{group.key}.scores", self.scores[g]
+
     @property
     def num_groups(self) -> int:
         return len(self.groups)
@@ -241,22 +289,24 @@ class PruningGraph:
         """Rank each group's channels by ``criterion`` and cache the order.
         ``taylor`` needs a calibration batch (``inputs``, ``targets``)."""
         validate_criterion(criterion)
-        scores = channel_scores(self, criterion, inputs, targets, seed=seed)
-        self.set_scores(scores, criterion)
-        return scores
+        self._follow_model()
+        self.set_scores(channel_scores(self, criterion, inputs, targets, seed=seed), criterion)
+        return self.scores
 
     def set_scores(self, scores: list[torch.Tensor], criterion: str):
         if len(scores) != self.num_groups:
             raise PlanError(f"expected {self.num_groups} score vectors, got {len(scores)}")
-        self.scores = [torch.as_tensor(s, dtype=torch.float32) for s in scores]
+        self._follow_model()
+        self.scores = [torch.as_tensor(s, dtype=torch.float32).to(self._device) for s in scores]
         self.criterion = criterion
         for group, score in zip(self.groups, self.scores):
             # rank of each root channel (0 = least important); ties broken by index
             order = torch.argsort(score, stable=True)
             rank = torch.empty_like(order)
-            rank[order] = torch.arange(len(order))
+            rank[order] = torch.arange(len(order), device=order.device)
             for s in group.slices:
-                s.ordered = s.idx[torch.argsort(rank[s.root], stable=True)]
+                s.rank = rank[s.root]
+                s.ordered = s.idx[torch.argsort(s.rank, stable=True)]
 
     def group_features(self) -> np.ndarray:
         """Per-group, scale-free importance statistics for an RL observation: the
@@ -264,7 +314,7 @@ class PruningGraph:
         under half the group mean (how much is cheap to remove)."""
         feats = np.zeros((self.num_groups, 2), dtype=np.float32)
         for g, s in enumerate(self.scores):
-            s = s.double().abs()
+            s = s.cpu().double().abs()
             mean = float(s.mean())
             if mean > 0:
                 feats[g, 0] = float(s.std(unbiased=False) / mean)
@@ -329,7 +379,7 @@ class PruningGraph:
         plan = self._check_plan(plan)
         out = []
         for g, k in enumerate(plan):
-            order = torch.argsort(self.scores[g], stable=True)
+            order = torch.argsort(self.scores[g].cpu(), stable=True)
             out.append(sorted(order[: int(k)].tolist()))
         return out
 
@@ -347,6 +397,7 @@ class PruningGraph:
         """Zero the planned channels of every coupled parameter of ``self.model`` in
         place; the outputs then equal ``prune(plan)``'s. Restored on exit."""
         plan = self._check_plan(plan)
+        self._follow_model()
         saved = []
         with torch.no_grad():
             for group, k in zip(self.groups, plan):
@@ -371,7 +422,13 @@ class PruningGraph:
 
     def prune(self, plan) -> nn.Module:
         """A physically smaller deep copy of the model; the original is untouched."""
-        indices = self.pruned_indices(plan)
+        return self.prune_channels(self.pruned_indices(plan))
+
+    def prune_channels(self, indices: list[list[int]]) -> nn.Module:
+        """``prune`` for explicit root channel indices per group (host lists)."""
+        if len(indices) != self.num_groups:
+            raise PlanError(f"expected {self.num_groups} index lists, got {len(indices)}")
+        self._follow_model()
         small = copy.deepcopy(self.model)
         history = list(getattr(self.model, HISTORY_ATTR, []))
         with torch.enable_grad():
@@ -386,6 +443,15 @@ class PruningGraph:
                        for name, is_out, idx in dg.pruning_history())
         setattr(small, HISTORY_ATTR, history)
         return small
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (CPU for a model without any)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 def group_widths(model: nn.Module, keys) -> dict[str, int]:

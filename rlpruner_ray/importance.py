@@ -77,14 +77,17 @@ def channel_scores(graph, criterion: str, inputs=None, targets=None, *, seed: in
 
 
 def _group_score(group, criterion: str) -> torch.Tensor | None:
-    total = torch.zeros(group.channels, dtype=torch.float64)
+    # sums live on the weights' device, beside the group's index tensors
+    device = group.slices[0].idx.device if group.slices else None
+    total = torch.zeros(group.channels, dtype=torch.float64, device=device)
     members = 0
     for s in group.slices:
         vals = _slice_score(s, criterion)
         if vals is None:
             continue
-        per_root = torch.zeros(group.channels, dtype=torch.float64).index_add_(0, s.root, vals)
+        per_root = torch.zeros(group.channels, dtype=torch.float64, device=vals.device).index_add_(0, s.root, vals)
         mean = per_root.mean()
-        total += per_root / mean if mean > 0 else per_root
+        # (no host read of `mean`: a device-side choice keeps the GPU from syncing)
+        total += torch.where(mean > 0, per_root / mean.clamp_min(1e-300), per_root)
         members += 1
     return (total / members).float() if members else None

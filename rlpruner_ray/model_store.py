@@ -26,7 +26,7 @@ def make_payload(model, graph, context: dict, version: int) -> dict:
         "model": model_to_bytes(model),
         "input_shape": list(graph.example_inputs.shape[1:]),
         "keys": graph.keys,
-        "scores": [s.numpy() for s in graph.scores],
+        "scores": [s.cpu().numpy() for s in graph.scores],
         "criterion": graph.criterion,
         "context": context,
     }

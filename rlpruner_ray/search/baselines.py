@@ -40,7 +40,7 @@ def global_counts(graph, num_filters: int) -> np.ndarray:
     normalised by their mean."""
     entries = []
     for g, s in enumerate(graph.scores):
-        s = s.double()
+        s = s.cpu().double()          # host copy: the scores live on the model's device
         mean = float(s.mean()) or 1.0
         order = np.argsort((s / mean).numpy(), kind="stable")
         capacity = int(graph.channels[g] - graph.floors[g])
