@@ -100,9 +100,13 @@ class LayerPruningEnv(gym.Env):
             self._adopt(ray.get(store.get.remote()))
 
     # ------------------------------------------------------------------ gym API
-    def _obs(self) -> np.ndarray:
-        removed = self._removed_before + float(self._removed.sum())
-        extra = np.array([removed / self._original_total, self._progress, self._t / self.horizon], np.float32)
+    def _obs(self, t: int | None = None, removed: np.ndarray | None = None) -> np.ndarray:
+        """Observation of an episode at sub-step ``t`` having removed ``removed``
+        (default: this env's own episode)."""
+        t = self._t if t is None else t
+        removed = self._removed if removed is None else removed
+        done = self._removed_before + float(removed.sum())
+        extra = np.array([done / self._original_total, self._progress, t / self.horizon], np.float32)
         return np.concatenate([np.maximum(self._static_obs, 0.0), extra]).astype(np.float32)
 
     def reset(self, *, seed=None, options=None):
@@ -123,12 +127,24 @@ class LayerPruningEnv(gym.Env):
     def evaluate_distribution(self, distribution, *, fraction: float = 1.0, already_removed=None) -> dict:
         """Plan and score one distribution on the current base model (the code path
         every search algorithm shares)."""
+        return self.evaluate_distributions([distribution], fraction=fraction, already_removed=already_removed)[0]
+
+    def evaluate_distributions(self, distributions: list, *, fraction: float = 1.0,
+                               already_removed=None) -> list[dict]:
+        """Plan each distribution, then score them together (K per forward pass on
+        the scorer's batched path)."""
+        return self.evaluate_plans([self.plan_distribution(d, fraction, already_removed) for d in distributions])
+
+    def plan_distribution(self, distribution, fraction: float = 1.0, already_removed=None) -> np.ndarray:
+        """The counts scored for ``distribution``: everything removed so far included."""
         counts = self.scorer.plan(distribution, fraction=fraction, already_removed=already_removed)
-        if already_removed is not None:
-            counts = counts + already_removed        # score everything removed so far
-        result = self.scorer.score(counts)
-        result.update(counts=counts, version=self.scorer.version)
-        return result
+        return counts if already_removed is None else counts + already_removed
+
+    def evaluate_plans(self, plans: list) -> list[dict]:
+        results = self.scorer.score_many(plans)
+        for counts, result in zip(plans, results):
+            result.update(counts=counts, version=self.scorer.version)
+        return results
 
     def _take_ticket(self) -> int:
         """Budgeted mode (RLlib env runners): one ticket per evaluation; wait while
@@ -143,29 +159,48 @@ class LayerPruningEnv(gym.Env):
                 return ticket
             if ray.get(store.version.remote()) != self.scorer.version:
                 self._adopt(ray.get(store.get.remote()))
-                self._t, self._removed = 0, np.zeros_like(self._removed)  # the episode restarts on it
+                self._base_changed = True           # running episodes restart on the new base
             time.sleep(0.05)
 
-    def step(self, action):
-        distribution = self.action_to_distribution(action)
-        ticket = self._take_ticket() if self.settings.get("budgeted") else None
-        if ticket == CLOSED:   # search over: answer at once so the env runner can shut down
-            return self._obs(), 0.0, True, False, {"closed": True}
-        if ticket == SPENT:    # nothing scored: the step's mean reward (advantage near 0)
-            import ray
-            reward = float(ray.get(self._store_actor().mean_reward.remote()))
-            return self._obs(), reward, True, False, {"unscored": True}
-        self._t += 1
+    def advance(self, episodes: list[tuple[int, np.ndarray]], actions) -> list[tuple]:
+        """One sub-step of several episodes ``(t, removed)`` on this env's scorer,
+        their candidates scored together. Returns per episode
+        ``(t, removed, reward, terminated, info)``. The single env steps its own
+        episode through here; the vector env steps all of its sub-envs at once."""
+        self._base_changed = False
+        out: list = [None] * len(episodes)
+        tickets, pending = {}, []
+        for i, action in enumerate(actions):
+            distribution = self.action_to_distribution(action)
+            ticket = self._take_ticket() if self.settings.get("budgeted") else None
+            if ticket == CLOSED:   # search over: answer at once so the env runner can shut down
+                out[i] = (*episodes[i], 0.0, True, {"closed": True})
+            elif ticket == SPENT:  # nothing scored: the step's mean reward (advantage near 0)
+                import ray
+                reward = float(ray.get(self._store_actor().mean_reward.remote()))
+                out[i] = (*episodes[i], reward, True, {"unscored": True})
+            else:
+                tickets[i] = ticket
+                pending.append((i, distribution))
+        if self._base_changed:     # a ticket wait adopted a new base model: episodes start over on it
+            episodes = [(0, np.zeros(self.scorer.graph.num_groups, np.int64))] * len(episodes)
         started = time.perf_counter()
-        result = self.evaluate_distribution(distribution, fraction=self._t / self.horizon,
-                                            already_removed=self._removed)
-        if ticket is not None:
-            row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version")}
-            row.update(counts=result["counts"].tolist(), distribution=distribution.tolist(),
-                       seconds=time.perf_counter() - started, pid=os.getpid(),
-                       channels=self.scorer.graph.channels.tolist())
-            self._store_actor().record.remote(ticket, row)
-        self._removed = result["counts"]
-        terminated = self._t >= self.horizon
-        info = dict(result, distribution=distribution)
-        return self._obs(), float(result["reward"]), terminated, False, info
+        plans = [self.plan_distribution(d, (episodes[i][0] + 1) / self.horizon, episodes[i][1])
+                 for i, d in pending]
+        results = self.evaluate_plans(plans)
+        seconds = (time.perf_counter() - started) / max(len(pending), 1)
+        for (i, distribution), result in zip(pending, results):
+            if tickets[i] is not None:
+                row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version")}
+                row.update(counts=result["counts"].tolist(), distribution=distribution.tolist(),
+                           seconds=seconds, pid=os.getpid(), channels=self.scorer.graph.channels.tolist())
+                self._store_actor().record.remote(tickets[i], row)
+            t = episodes[i][0] + 1
+            out[i] = (t, result["counts"], float(result["reward"]), t >= self.horizon,
+                      dict(result, distribution=distribution))
+        return out
+
+    def step(self, action):
+        t, removed, reward, terminated, info = self.advance([(self._t, self._removed)], [action])[0]
+        self._t, self._removed = t, removed
+        return self._obs(), reward, terminated, False, info

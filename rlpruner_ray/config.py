@@ -19,6 +19,8 @@ from .errors import ConfigError
 ALGORITHMS_NATIVE = ("rlpruner", "random", "uniform", "global")
 CRITERIA = ("taylor", "l1", "l2", "fpgm", "random")
 REWARDS = ("acc", "flops", "params")
+SCORING = ("auto", "single", "batched")
+PRECISIONS = ("fp32", "bf16")
 TARGETS = ("filters", "macs", "params")
 
 
@@ -70,6 +72,11 @@ class CompressConfig:
     reward_batch_size: int = _f(256, "batch size of the reward forward passes", "search", lo=1)
     bn_recalibration_batches: int = _f(0, "training batches to re-estimate BN statistics before scoring",
                                        "search", lo=0)
+    scoring: str = _f("auto", "score candidates one weight-masked pass each (single), K per pass with "
+                      "activation masks (batched, the GPU path), or time both and keep the faster (auto)",
+                      "search", choices=SCORING)
+    candidates_per_pass: int | None = _f(None, "K of the batched path (default: from free GPU memory, "
+                                         "8 on a CPU)", "search", lo=1, nullable=True)
     horizon: int = _f(1, "sub-steps per episode (1 = the paper's one-shot step)", "search", lo=1)
     action_scale: float = _f(3.0, "action a gives group weight initial*exp(scale*a)", "search",
                              lo=0, lo_open=True)
@@ -115,6 +122,10 @@ class CompressConfig:
     seed: int = _f(0, "random seed", "run", lo=0)
     out_dir: str = _f("runs/default", "output folder", "run")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N", "run")
+    precision: str = _f("fp32", "bf16: autocast forward passes (scoring, training, fine-tuning) to bfloat16",
+                        "run", choices=PRECISIONS)
+    channels_last: bool = _f(False, "channels-last memory format for models and images (faster convs on "
+                             "recent GPUs)", "run")
     resume: bool = _f(False, "continue an interrupted run in out_dir", "run")
     overwrite: bool = _f(False, "replace the results already in out_dir", "run")
 
@@ -128,6 +139,11 @@ class CompressConfig:
             raise ConfigError("algo must be a non-empty name")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("gpus_per_worker", "rl_gpus_per_learner"):
+            # Ray places a fraction of one GPU or whole GPUs, nothing in between
+            value = getattr(self, name)
+            if value > 1 and value != int(value):
+                raise ConfigError(f"{name} must be a fraction of one GPU or a whole number, got {value:g}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,12 +167,14 @@ class CompressConfig:
         return max(1, math.ceil(self.sparsity / self.step_fraction - 1e-9))
 
     def resolved_device(self) -> str:
+        """The device of this process's own work (base training, fine-tuning, the
+        final evaluation): checked against this machine, where the work runs."""
         import torch
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda"):
             index = int(self.device.partition(":")[2] or 0)
-            if index >= torch.cuda.device_count():
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
                 raise ConfigError(f"device {self.device} asked for, but this machine has "
                                   f"{torch.cuda.device_count()} CUDA device(s)")
         return self.device
@@ -165,7 +183,9 @@ class CompressConfig:
 # Settings that change results: a resumed run must match them exactly.
 RESULT_KEYS = tuple(f.name for f in dataclasses.fields(CompressConfig)
                     if f.name not in ("resume", "overwrite", "ray_address", "num_workers",
-                                      "cpus_per_worker", "gpus_per_worker", "out_dir", "device"))
+                                      "cpus_per_worker", "gpus_per_worker", "out_dir", "device",
+                                      # equal results by construction: how candidates are batched
+                                      "scoring", "candidates_per_pass", "channels_last"))
 
 
 def _check_field(f: dataclasses.Field, value) -> None:

@@ -107,7 +107,8 @@ def _check_reachable(config: CompressConfig, graph: PruningGraph, original: dict
 # ---------------------------------------------------------------------- pieces
 def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int, device: str) -> TrainSettings:
     return TrainSettings(epochs=epochs, batch_size=config.batch_size, lr=lr, seed=seed, device=device,
-                         max_batches_per_epoch=config.max_batches_per_epoch)
+                         max_batches_per_epoch=config.max_batches_per_epoch, precision=config.precision,
+                         channels_last=config.channels_last)
 
 
 def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, device: str):
@@ -285,6 +286,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
                 "counts": chosen.counts.tolist(),
             }
+            if pool is not None:
+                record.update(pool.scoring_choice())
             steps.append(record)
             history.flush(step, chosen.index)
             algo.save_extra(run.steps / f"step_{step:03d}_algo")

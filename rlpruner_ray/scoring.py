@@ -6,15 +6,30 @@ batches (a fixed slice of the validation split, kept on the scorer's device).
 Scoring a candidate is: plan -> ``graph.masked`` -> forward passes -> reward.
 No deep copy, no graph rebuild, no file I/O, no logging.
 
+Two exact ways to score a list of candidates, chosen once per scorer:
+
+* ``single``: one weight-masked pass per candidate (fastest on a CPU, where a
+  pass is compute-bound and masking costs next to nothing);
+* ``batched``: K candidates per pass, the reward images repeated K times with
+  per-candidate activation masks (:mod:`rlpruner_ray.batched`); on a GPU one
+  small pass is mostly kernel launches, so K at once keeps it busy.
+
+``auto`` times both on the first base model and keeps the faster; BN
+recalibration needs per-candidate statistics, so it always scores singly.
+
 The same :func:`plan_for_step` turns a distribution into per-group counts here
 and in the pipeline, so what is applied is exactly what was scored.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+
 import numpy as np
 import torch
 import torch.nn as nn
 
+from .batched import CandidateMasks
 from .checkpoint import load_pruned
 from .data import Dataset
 from .errors import ConfigError
@@ -65,6 +80,21 @@ def reward_of(accuracy: float, macs: float, params: float, settings: dict, origi
     raise ConfigError(f"unknown reward {kind!r}")
 
 
+SCORING_PATHS = ("auto", "single", "batched")
+MAX_CANDIDATES_PER_PASS = 64     # beyond this a GPU gains nothing and the mask tensors grow
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for ``precision == "bf16"`` (forward passes only), else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_memory_format(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
 class StepScorer:
     """Scores distributions on one base model. ``settings`` is the plain dict of
     environment settings (see ``envs.layer_pruning``)."""
@@ -72,22 +102,32 @@ class StepScorer:
     def __init__(self, settings: dict, data: Dataset):
         self.settings = settings
         self.device = torch.device(settings.get("device", "cpu"))
+        self.precision = settings.get("precision", "fp32")
+        self.channels_last = bool(settings.get("channels_last", False))
         n = settings["reward_samples"]
         bs = settings["reward_batch_size"]
         # fixed reward batches: the first n validation images, moved to the device once
         x, y = next(data.batches("val", n, device=self.device))
+        x = to_memory_format(x, self.channels_last)
         self.batches = list(zip(torch.split(x, bs), torch.split(y, bs)))
         nb = settings.get("bn_recalibration_batches", 0)
-        self.bn_batches = [x for x, _ in data.batches("train", bs, device=self.device, limit=nb)] if nb else []
+        self.bn_batches = ([to_memory_format(x, self.channels_last)
+                            for x, _ in data.batches("train", bs, device=self.device, limit=nb)] if nb else [])
         self.version = None
         self.model = None
         self.graph = None
+        self.masks: CandidateMasks | None = None
+        self.path: str | None = None          # "single" or "batched", fixed on the first base model
+        self.per_pass = 1                     # candidates per forward pass on the batched path
+        self.choice: dict = {}                # how the path was chosen (recorded in the run's summary)
 
     # ------------------------------------------------------------------ base model
     def load(self, payload: dict) -> None:
         """Adopt a new base model (once per outer step)."""
         # the payload is the driver's own model, loaded there under the user's allow_import
         model = load_pruned(payload["model"], allow_import=True).to(self.device).eval()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         graph = PruningGraph(model, torch.zeros(1, *payload["input_shape"], device=self.device),
                              exclude=self.settings.get("exclude", ()),
                              min_channels=self.settings["min_channels"],
@@ -100,6 +140,60 @@ class StepScorer:
         self.context = payload["context"]
         self.version = payload["version"]
         self._bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.masks = CandidateMasks(graph)
+        if self.path is None:
+            self._choose_path()
+
+    def _choose_path(self) -> None:
+        """Fix the scoring path (and K) once, from the settings or by timing both."""
+        asked = self.settings.get("scoring", "auto")
+        if asked not in SCORING_PATHS:
+            raise ConfigError(f"scoring must be one of {', '.join(SCORING_PATHS)}, got {asked!r}")
+        self.per_pass = int(self.settings.get("candidates_per_pass") or self._fitting_per_pass())
+        exact = self._batched_is_exact()
+        if self.bn_batches:
+            self.path, self.choice = "single", {"reason": "BN recalibration needs per-candidate statistics"}
+        elif not exact:
+            self.path, self.choice = "single", {"reason": "batched scoring is not exact for this model"}
+        elif asked != "auto":
+            self.path, self.choice = asked, {"reason": "asked for"}
+        else:
+            probe = [self.graph.plan(self.graph.initial_distribution(), self.graph.max_removable // 2)]
+            # a full pass of K on the batched side: per-candidate cost depends on K (caches, occupancy)
+            single = _seconds_per_candidate(lambda: [self._masked_accuracy(p) for p in probe * 2], 2)
+            batched = _seconds_per_candidate(lambda: self._batched_accuracies(probe * self.per_pass),
+                                             self.per_pass)
+            self.path = "batched" if batched < single else "single"
+            self.choice = {"reason": "timed", "single_ms": single * 1e3, "batched_ms": batched * 1e3}
+        if self.path == "single":
+            self.per_pass = 1
+        self.choice.update(path=self.path, candidates_per_pass=self.per_pass, device=str(self.device),
+                           precision=self.precision, channels_last=self.channels_last)
+
+    def _batched_is_exact(self) -> bool:
+        """Activation masks against weight masks on a few reward images and two random
+        plans: a model whose structure the masks do not follow is scored singly."""
+        rng = np.random.default_rng(0)
+        g = self.graph
+        plans = [g.plan(rng.dirichlet(np.ones(g.num_groups)), g.max_removable // d) for d in (2, 4)]
+        try:
+            self.masks.check_exact(self.batches[0][0][:4].float(), plans)
+            return True
+        except AssertionError:
+            return False
+
+    def _fitting_per_pass(self) -> int:
+        """K from free memory: what one candidate's pass takes, into half the free
+        memory (CUDA); a fixed small K elsewhere."""
+        if self.device.type != "cuda":
+            return 8
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._batched_accuracies([np.zeros(self.graph.num_groups, np.int64)])
+        per_candidate = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(min(MAX_CANDIDATES_PER_PASS, max(1, 0.5 * free // per_candidate)))
 
     # ------------------------------------------------------------------ scoring
     def plan(self, distribution, *, fraction: float = 1.0, already_removed=None) -> np.ndarray:
@@ -108,24 +202,49 @@ class StepScorer:
 
     def score(self, counts: np.ndarray) -> dict:
         """Accuracy, MACs, params and reward of the base model minus ``counts``."""
+        return self.score_many([counts])[0]
+
+    def score_many(self, plans: list) -> list[dict]:
+        """``score`` for each plan, through the scorer's path (same results)."""
+        if self.path == "batched":
+            accuracies = []
+            for i in range(0, len(plans), self.per_pass):
+                accuracies += self._batched_accuracies(plans[i:i + self.per_pass])
+        else:
+            accuracies = [self._masked_accuracy(p) for p in plans]
+        original = self.context["original"]
+        out = []
+        for counts, accuracy in zip(plans, accuracies):
+            macs, params = self.graph.cost(counts)
+            out.append({"reward": reward_of(accuracy, macs, params, self.settings, original),
+                        "accuracy": accuracy, "macs": macs, "params": params})
+        return out
+
+    def _masked_accuracy(self, counts) -> float:
         with self.graph.masked(counts):
             if self.bn_batches:
                 saved = self._recalibrate()
-            accuracy = self._accuracy()
+            accuracy = self._accuracies(self.model, 1)[0]
             if self.bn_batches:
                 self._restore_bn(saved)
-        macs, params = self.graph.cost(counts)
-        original = self.context["original"]
-        return {"reward": reward_of(accuracy, macs, params, self.settings, original),
-                "accuracy": accuracy, "macs": macs, "params": params}
+        return accuracy
 
-    def _accuracy(self) -> float:
-        correct = total = 0
-        with torch.inference_mode():
+    def _batched_accuracies(self, plans: list) -> list[float]:
+        with self.masks.applied(plans) as model:
+            return self._accuracies(model, len(plans))
+
+    def _accuracies(self, model, k: int) -> list[float]:
+        """Top-1 of ``k`` candidates whose inputs are the reward images repeated ``k``
+        times (k = 1: the plain masked model). One host read at the end."""
+        correct = torch.zeros(k, dtype=torch.long, device=self.device)
+        total = 0
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for x, y in self.batches:
-                correct += int((self.model(x).argmax(1) == y).sum())
+                rows = x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))
+                logits = model(rows)
+                correct += (logits.view(k, len(y), -1).argmax(-1) == y).sum(1)
                 total += len(y)
-        return correct / max(total, 1)
+        return (correct.double() / max(total, 1)).tolist()
 
     def _recalibrate(self):
         """Re-estimate BN statistics of the masked model on a few training batches:
@@ -137,7 +256,7 @@ class StepScorer:
             m.reset_running_stats()
             m.momentum = None                    # cumulative average over the batches
             m.train()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.device, self.precision):
             for x in self.bn_batches:
                 self.model(x)
         for m in self._bn:
@@ -150,3 +269,15 @@ class StepScorer:
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(n)
             m.momentum = momentum
+
+
+def _seconds_per_candidate(fn, k: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` timings of ``fn`` (scoring ``k`` candidates), per candidate:
+    the minimum is the least disturbed by other work on a shared machine."""
+    fn()                                   # warm-up (kernel selection, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best / k

@@ -36,6 +36,8 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     max_batches_per_epoch: int | None = None  # for quick runs and tests
+    precision: str = "fp32"                   # "bf16": autocast forward and loss (no grad scaler needed)
+    channels_last: bool = False               # channels-last weights and images (faster convs on GPUs)
 
 
 @dataclass
@@ -72,6 +74,8 @@ def _check_settings(s: TrainSettings) -> torch.device:
         raise ConfigError(f"max_batches_per_epoch must be None or an integer >= 1, got {s.max_batches_per_epoch!r}")
     if not _is_int(s.seed):
         raise ConfigError(f"seed must be an integer, got {s.seed!r}")
+    if s.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be fp32 or bf16, got {s.precision!r}")
     try:
         device = torch.device(s.device)
     except (RuntimeError, TypeError):
@@ -172,7 +176,10 @@ def finetune_kd(student: nn.Module, teacher: nn.Module, data: Dataset, settings:
 
 def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch.device, loss_fn,
          on_epoch, *, keep_start: bool) -> TrainResult:
+    from .scoring import autocast, to_memory_format
     model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
     torch.manual_seed(settings.seed)  # covers anything random inside the model (e.g. dropout)
     shuffle_gen = torch.Generator().manual_seed(settings.seed)
     if settings.epochs == 0:
@@ -209,7 +216,8 @@ def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch
             lr = lr_at(step, total_steps, settings.lr, settings.warmup_fraction, settings.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(x, y)
+            with autocast(device, settings.precision):
+                loss = loss_fn(to_memory_format(x, settings.channels_last), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -233,6 +241,8 @@ def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    if settings.channels_last:         # hand back the usual layout (saving, export, pruning)
+        model.to(memory_format=torch.contiguous_format)
     return TrainResult(best_epoch, best_top1, history)
 
 

@@ -92,3 +92,37 @@ def test_env_does_not_import_the_worker_pool():
             "import rlpruner_ray.search.workers")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------- bad GPU requests
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """This machine as a one-GPU machine, as far as the checks can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.mark.parametrize("args", [
+    ["compress", "--device", "cuda:7"],
+    ["compress", "--gpus-per-worker", "2"],
+    ["compress", "--gpus-per-worker", "1.5"],
+    ["train", "--device", "cuda:1"],
+    ["prune", "--device", "cuda:3"],
+])
+def test_bad_gpu_requests_stop_before_anything_is_written(one_gpu, tmp_path, capsys, args):
+    from rlpruner_ray.cli import main
+    out = tmp_path / "run"
+    code = main(["-q", *args, "--out-dir", str(out)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("rlpruner: error:") and ("GPU" in err[0] or "cuda" in err[0]), err
+    assert "unrecognized" not in err[0] and not out.exists()
+
+
+def test_device_cuda_without_cuda_is_refused(tmp_path):
+    from rlpruner_ray.config import CompressConfig
+    from rlpruner_ray.errors import ConfigError
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="CUDA"):
+        CompressConfig(device="cuda").validate().resolved_device()

@@ -29,6 +29,8 @@ def env_settings(config: CompressConfig, *, store: str | None = None, device: st
         "action_scale": config.action_scale, "min_channels": config.min_channels,
         "max_group_sparsity": config.max_group_sparsity, "exclude": list(config.exclude),
         "round_to": config.round_to, "device": device, "store": store, "namespace": NAMESPACE,
+        "scoring": config.scoring, "candidates_per_pass": config.candidates_per_pass,
+        "precision": config.precision, "channels_last": config.channels_last,
         "threads": max(1, int(config.cpus_per_worker)),
     }
 
@@ -43,16 +45,13 @@ class EvalWorker:
     def evaluate(self, distributions: list, version: int) -> list[dict]:
         if self.env.scorer.version != version:
             self.env.sync()
-        out = []
-        for d in distributions:
-            r = self.env.evaluate_distribution(np.asarray(d, dtype=np.float64))
-            out.append(r)
-        return out
+        return self.env.evaluate_distributions([np.asarray(d, dtype=np.float64) for d in distributions])
 
     def describe(self) -> dict:
         import os
         g = self.env.scorer.graph
-        return {"version": self.env.scorer.version, "channels": g.channels.tolist(), "pid": os.getpid()}
+        return {"version": self.env.scorer.version, "channels": g.channels.tolist(), "pid": os.getpid(),
+                "scoring": self.env.scorer.choice}
 
 
 class EvaluationPool:
@@ -84,6 +83,12 @@ class EvaluationPool:
 
     def describe(self) -> list[dict]:
         return ray.get([w.describe.remote() for w in self.workers])
+
+    def scoring_choice(self) -> dict:
+        """How the first worker scores candidates (every worker of a pool has the
+        same device and settings): flat keys for a step record."""
+        choice = self.describe()[0]["scoring"]
+        return {"scoring_path": choice.get("path"), "candidates_per_pass": choice.get("candidates_per_pass")}
 
     def close(self) -> None:
         for w in self.workers:

@@ -1,0 +1,150 @@
+"""Batched multi-candidate scoring: K candidates in one forward pass equal K
+weight-masked passes and K physically pruned models, on every zoo model; the
+scorer's paths give the same results; the vector env scores its sub-envs
+together and behaves like N single envs."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from envs import LayerPruningEnv
+from envs.vector import LayerPruningVectorEnv
+from rlpruner_ray.batched import CandidateMasks
+from rlpruner_ray.config import CompressConfig
+from rlpruner_ray.graph import PruningGraph
+from rlpruner_ray.models import build_model, list_models
+from rlpruner_ray.pipeline import build_graph
+from rlpruner_ray.search.workers import env_settings, make_payload
+
+from .test_graph import BATCH_ONE, _randomise_bn, _stable_seed
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_batched_equals_masked_and_physical_on_every_zoo_model(name):
+    torch.manual_seed(_stable_seed(name))
+    model = build_model(name, 10, 3).eval()
+    _randomise_bn(model, _stable_seed(name))
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 32))
+    graph.compute_scores("l1")
+    rng = np.random.default_rng(_stable_seed(name))
+    # different shapes of plan: proportional, random, and one group pruned hard
+    plans = [graph.plan(graph.initial_distribution(), graph.max_removable // 2),
+             graph.plan(rng.dirichlet(np.ones(graph.num_groups)), graph.max_removable // 3),
+             graph.plan(np.eye(graph.num_groups)[rng.integers(graph.num_groups)] + 1e-3,
+                        graph.max_removable // 4)]
+    n = 1 if name in BATCH_ONE else 2
+    x = torch.randn(n, 3, 32, 32)
+    with torch.no_grad(), CandidateMasks(graph).applied(plans) as batched:
+        out = batched(x.repeat(len(plans), 1, 1, 1)).view(len(plans), n, -1)
+    for k, plan in enumerate(plans):
+        with torch.no_grad(), graph.masked(plan) as masked:
+            reference = masked(x)
+        small = graph.prune(plan).eval()
+        with torch.no_grad():
+            physical = small(x)
+        assert (out[k] - reference).abs().max() < TOLERANCE, (name, k)
+        assert (out[k] - physical).abs().max() < TOLERANCE, (name, k)
+    # hooks are gone: the plain model is back
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)) and not any(m._forward_hooks or m._forward_pre_hooks
+                                                            for m in model.modules())
+
+
+def test_a_zero_plan_changes_nothing(quick_resnet8):
+    model = copy.deepcopy(quick_resnet8)
+    graph = PruningGraph(model, torch.zeros(1, 1, 16, 16))
+    graph.compute_scores("l2")
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        plain = model(x)
+        with CandidateMasks(graph).applied([np.zeros(graph.num_groups, np.int64)] * 2) as m:
+            out = m(x.repeat(2, 1, 1, 1)).view(2, 3, -1)
+    assert torch.allclose(out[0], plain, atol=1e-6) and torch.allclose(out[1], plain, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the scorer's paths
+@pytest.fixture(scope="module")
+def base(one_thread, digits16, quick_resnet8):
+    model = copy.deepcopy(quick_resnet8)
+    config = CompressConfig(reward_samples=200, reward_batch_size=64, image_size=16)
+    graph = build_graph(config, model, digits16, "cpu")
+    original = graph.sizes()
+    context = {"step": 0, "num_steps": 5, "original": original, "num_filters": int(0.3 * graph.total_channels)}
+    settings = env_settings(config)
+    settings["payload"] = make_payload(model, graph, context, version=0)
+    return settings
+
+
+def _env(base, **changes):
+    return LayerPruningEnv({**base, **changes})
+
+
+def test_single_and_batched_paths_score_alike(base):
+    rng = np.random.default_rng(0)
+    distributions = [rng.dirichlet(np.ones(6)) for _ in range(7)]
+    single = _env(base, scoring="single")
+    batched = _env(base, scoring="batched", candidates_per_pass=3)   # 7 = 3 + 3 + 1: a ragged last pass
+    assert single.scorer.path == "single" and batched.scorer.path == "batched"
+    assert batched.scorer.per_pass == 3
+    a = single.evaluate_distributions(distributions)
+    b = batched.evaluate_distributions(distributions)
+    for ra, rb in zip(a, b):
+        np.testing.assert_array_equal(ra["counts"], rb["counts"])
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-12)
+        assert ra["reward"] == pytest.approx(rb["reward"], abs=1e-12)
+    # one at a time through the gym API: the same numbers again
+    assert single.evaluate_distribution(distributions[2])["accuracy"] == pytest.approx(a[2]["accuracy"])
+
+
+def test_auto_times_both_paths_and_records_the_choice(base):
+    env = _env(base, scoring="auto")
+    choice = env.scorer.choice
+    assert choice["path"] in ("single", "batched") and choice["reason"] == "timed"
+    assert choice["single_ms"] > 0 and choice["batched_ms"] > 0
+    faster = "batched" if choice["batched_ms"] < choice["single_ms"] else "single"
+    assert choice["path"] == faster
+
+
+def test_bn_recalibration_always_scores_singly(base):
+    env = _env(base, scoring="batched", bn_recalibration_batches=2)
+    assert env.scorer.path == "single" and "BN" in env.scorer.choice["reason"]
+
+
+def test_bf16_scoring_agrees_with_fp32(base):
+    """bf16 autocast ranks candidates like fp32 (what the search needs), within a
+    few images of accuracy."""
+    rng = np.random.default_rng(1)
+    distributions = [rng.dirichlet(np.ones(6) * 0.5) for _ in range(12)]
+    fp32 = [r["accuracy"] for r in _env(base, scoring="single").evaluate_distributions(distributions)]
+    bf16 = [r["accuracy"] for r in _env(base, scoring="batched", precision="bf16",
+                                        channels_last=True).evaluate_distributions(distributions)]
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) <= 0.03
+    assert np.corrcoef(np.argsort(np.argsort(fp32)), np.argsort(np.argsort(bf16)))[0, 1] > 0.8
+
+
+# ---------------------------------------------------------------------- the vector env
+def test_vector_env_steps_like_single_envs(base):
+    vec = LayerPruningVectorEnv(dict(base, scoring="batched"), num_envs=3)
+    single = _env(base, scoring="single")
+    obs, _ = vec.reset(seed=0)
+    assert obs.shape == (3, *single.observation_space.shape)
+    assert vec.action_space.shape == (3, *single.action_space.shape)
+    actions = np.random.default_rng(2).uniform(-1, 1, (3, 6)).astype(np.float32)
+    obs, rewards, terminated, truncated, _ = vec.step(actions)
+    for i in range(3):
+        single.reset()
+        o, r, done, _, _ = single.step(actions[i])
+        assert r == pytest.approx(rewards[i], abs=1e-12) and done == terminated[i]
+        np.testing.assert_allclose(o, obs[i])
+    assert terminated.all() and not truncated.any()
+    # next-step autoreset: the finished sub-envs come back reset, reward 0
+    obs2, rewards2, terminated2, _, _ = vec.step(actions)
+    assert not terminated2.any() and (rewards2 == 0).all()
+    np.testing.assert_allclose(obs2[0], vec.reset()[0][0])
