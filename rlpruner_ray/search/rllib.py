@@ -117,6 +117,8 @@ def build_algorithm_config(config: CompressConfig, env_config: dict):
                         num_cpus_per_env_runner=config.cpus_per_worker,
                         num_gpus_per_env_runner=config.gpus_per_worker,
                         rollout_fragment_length=fragment, sample_timeout_s=600.0,
+                        # the env's own vector env scores all of a runner's envs in one batched call
+                        gym_env_vectorize_mode="vector_entry_point",
                         batch_mode="complete_episodes" if config.horizon > 1 else "truncate_episodes")
            .learners(num_learners=config.rl_num_learners, num_gpus_per_learner=config.rl_gpus_per_learner)
            .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=[config.rl_hidden, config.rl_hidden]))
@@ -142,7 +144,11 @@ def _register_env():
 
     def make(env_config):
         import envs
-        return envs.LayerPruningEnv(dict(env_config))
+        config = dict(env_config)
+        if "num_envs" in config:      # RLlib's vector entry point: one scorer for all sub-envs
+            from envs.vector import LayerPruningVectorEnv
+            return LayerPruningVectorEnv(config, config.pop("num_envs"))
+        return envs.LayerPruningEnv(config)
     register_env("rlpruner/LayerPruning-v0", make)
 
 
@@ -164,7 +170,9 @@ class RLlibSearch(SearchAlgorithm):
         algo_config = build_algorithm_config(config, runner_settings)
         self.algo = _in_folder(algo_config.algo_class, logdir)(config=algo_config)
         import envs
-        self.local_env = envs.LayerPruningEnv(env_settings(config, store=store_name, device="cpu"))
+        # the policy's own actions are scored on the driver, on the run's device
+        self.local_env = envs.LayerPruningEnv(env_settings(config, store=store_name,
+                                                          device=config.resolved_device()))
         self.iteration = 0
 
     # ------------------------------------------------------------------ search
@@ -205,14 +213,16 @@ class RLlibSearch(SearchAlgorithm):
         import torch
         from ray.rllib.core.columns import Columns
         module = self.algo.get_module()
-        batch = {Columns.OBS: torch.as_tensor(obs[None], dtype=torch.float32)}
+        # the module sits on the learner's device (a GPU when the driver learns on one)
+        device = next(iter(module.parameters())).device
+        batch = {Columns.OBS: torch.as_tensor(obs[None], dtype=torch.float32, device=device)}
         with torch.no_grad():
             out = module.forward_exploration(batch) if explore else module.forward_inference(batch)
         dist_cls = module.get_exploration_action_dist_cls() if explore else module.get_inference_action_dist_cls()
         dist = dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS])
         if not explore:
             dist = dist.to_deterministic()
-        return np.clip(dist.sample().numpy()[0], -1.0, 1.0)
+        return np.clip(dist.sample().cpu().numpy()[0], -1.0, 1.0)
 
     # ------------------------------------------------------------------ state
     def save_extra(self, folder) -> None:
