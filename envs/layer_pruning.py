@@ -146,17 +146,18 @@ class LayerPruningEnv(gym.Env):
             result.update(counts=counts, version=self.scorer.version)
         return results
 
-    def _take_ticket(self) -> int:
-        """Budgeted mode (RLlib env runners): one ticket per evaluation; wait while
-        the step's budget is spent, and follow the base model when it moves on.
-        CLOSED: the search is over (the algorithm is being stopped); SPENT: the
-        step's budget is recorded but a synchronous ``train()`` wants more samples."""
+    def _take_tickets(self, n: int):
+        """Budgeted mode (RLlib env runners): one ticket per evaluation, up to ``n``
+        at once; wait while the step's budget is spent, and follow the base model
+        when it moves on. CLOSED: the search is over (the algorithm is being
+        stopped); SPENT: the step's budget is recorded but a synchronous
+        ``train()`` wants more samples."""
         import ray
         store = self._store_actor()
         while True:
-            ticket = ray.get(store.take_ticket.remote(self.scorer.version))
-            if ticket is not None:
-                return ticket
+            got = ray.get(store.take_tickets.remote(self.scorer.version, n))
+            if got is not None:
+                return got
             if ray.get(store.version.remote()) != self.scorer.version:
                 self._adopt(ray.get(store.get.remote()))
                 self._base_changed = True           # running episodes restart on the new base
@@ -168,37 +169,36 @@ class LayerPruningEnv(gym.Env):
         ``(t, removed, reward, terminated, info)``. The single env steps its own
         episode through here; the vector env steps all of its sub-envs at once."""
         self._base_changed = False
-        out: list = [None] * len(episodes)
-        tickets, pending = {}, []
-        for i, action in enumerate(actions):
-            distribution = self.action_to_distribution(action)
-            ticket = self._take_ticket() if self.settings.get("budgeted") else None
-            if ticket == CLOSED:   # search over: answer at once so the env runner can shut down
-                out[i] = (*episodes[i], 0.0, True, {"closed": True})
-            elif ticket == SPENT:  # nothing scored: the step's mean reward (advantage near 0)
-                import ray
-                reward = float(ray.get(self._store_actor().mean_reward.remote()))
-                out[i] = (*episodes[i], reward, True, {"unscored": True})
-            else:
-                tickets[i] = ticket
-                pending.append((i, distribution))
+        n = len(actions)
+        tickets = self._take_tickets(n) if self.settings.get("budgeted") else [None] * n
+        if tickets == CLOSED:      # search over: answer at once so the env runner can shut down
+            return [(*e, 0.0, True, {"closed": True}) for e in episodes]
         if self._base_changed:     # a ticket wait adopted a new base model: episodes start over on it
-            episodes = [(0, np.zeros(self.scorer.graph.num_groups, np.int64))] * len(episodes)
+            episodes = [(0, np.zeros(self.scorer.graph.num_groups, np.int64))] * n
+        unscored = []
+        if tickets == SPENT or len(tickets) < n:
+            # nothing (or not all) to score: the step's mean reward, so the advantage is near 0
+            import ray
+            reward = float(ray.get(self._store_actor().mean_reward.remote()))
+            tickets = [] if tickets == SPENT else tickets
+            unscored = [(*episodes[i], reward, True, {"unscored": True}) for i in range(len(tickets), n)]
         started = time.perf_counter()
+        distributions = [self.action_to_distribution(a) for a in actions[:len(tickets)]]
         plans = [self.plan_distribution(d, (episodes[i][0] + 1) / self.horizon, episodes[i][1])
-                 for i, d in pending]
+                 for i, d in enumerate(distributions)]
         results = self.evaluate_plans(plans)
-        seconds = (time.perf_counter() - started) / max(len(pending), 1)
-        for (i, distribution), result in zip(pending, results):
+        seconds = (time.perf_counter() - started) / max(len(plans), 1)
+        out = []
+        for i, (distribution, result) in enumerate(zip(distributions, results)):
             if tickets[i] is not None:
                 row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version")}
                 row.update(counts=result["counts"].tolist(), distribution=distribution.tolist(),
                            seconds=seconds, pid=os.getpid(), channels=self.scorer.graph.channels.tolist())
                 self._store_actor().record.remote(tickets[i], row)
             t = episodes[i][0] + 1
-            out[i] = (t, result["counts"], float(result["reward"]), t >= self.horizon,
-                      dict(result, distribution=distribution))
-        return out
+            out.append((t, result["counts"], float(result["reward"]), t >= self.horizon,
+                        dict(result, distribution=distribution)))
+        return out + unscored
 
     def step(self, action):
         t, removed, reward, terminated, info = self.advance([(self._t, self._removed)], [action])[0]

@@ -94,6 +94,14 @@ class ModelStore:
         recorded) and asks the others for more. Waiting would block ``train()``
         until RLlib's sample timeout, so the environment answers without scoring.
         """
+        got = self.take_tickets(version, 1)
+        return got[0] if isinstance(got, list) else got
+
+    def take_tickets(self, version: int, n: int) -> list[int] | int | None:
+        """Up to ``n`` tickets at once (a vector env's sub-envs), or what
+        ``take_ticket`` answers when there is none. Taken atomically: two vector
+        envs each holding part of what they need and waiting for the rest would
+        wait for each other."""
         if self._closed:
             return CLOSED
         self._expire()
@@ -101,10 +109,13 @@ class ModelStore:
             return None
         if self._tickets <= 0:
             return SPENT if self._release_when_spent and not self._out else None
-        self._tickets -= 1
-        self._next_ticket += 1
-        self._out[self._next_ticket] = time.monotonic()
-        return self._next_ticket
+        taken = []
+        for _ in range(min(int(n), self._tickets)):
+            self._next_ticket += 1
+            self._out[self._next_ticket] = time.monotonic()
+            taken.append(self._next_ticket)
+        self._tickets -= len(taken)
+        return taken
 
     def record(self, ticket: int, row: dict) -> bool:
         if self._out.pop(ticket, None) is None:

@@ -124,6 +124,34 @@ def test_a_spent_budget_releases_synchronous_env_runners_unscored(rllib_setup):
     assert answer and answer[0][4] == {"closed": True}
 
 
+def test_a_vector_env_takes_its_tickets_at_once(rllib_setup):
+    """Three sub-envs, two tickets left: both are taken in one call and scored in one
+    batch, the third sub-env answers unscored; a runner never holds part of what it
+    needs while waiting for the rest."""
+    import ray
+    from envs.vector import LayerPruningVectorEnv
+    from rlpruner_ray.search.workers import env_settings
+    store = rllib_setup["store"]
+    vec = LayerPruningVectorEnv({**env_settings(rllib_setup["config"], store=rllib_setup["name"], device="cpu"),
+                                 "budgeted": True}, num_envs=3)
+    vec.reset(seed=0)
+    version = ray.get(store.version.remote())
+    ray.get(store.begin_step.remote(version, 5, 60.0, release_when_spent=True))
+    assert len(ray.get(store.take_tickets.remote(version, 3))) == 3          # three at once
+    assert ray.get(store.status.remote())["available"] == 2
+    ray.get(store.begin_step.remote(version, 2, 60.0, release_when_spent=True))
+    actions = np.zeros((3, *vec.single_action_space.shape), np.float32)
+    _, rewards, terminated, _, _ = vec.step(actions)
+    assert terminated.all()
+    deadline = time.time() + 30
+    while ray.get(store.status.remote())["ready"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    status = ray.get(store.status.remote())
+    assert status == {"available": 0, "outstanding": 0, "ready": 2}
+    assert rewards[2] == pytest.approx(np.mean(rewards[:2]))            # unscored: the step's mean
+
+
 @pytest.mark.slow
 def test_env_runners_follow_new_base_and_survive_a_kill(rllib_setup, monkeypatch):
     import ray

@@ -16,7 +16,9 @@ A ticket held by an env runner that dies is handed out again after
 counted twice. RLlib also drops the steps the dead runner had taken and asks
 the others for more than the tickets left: once the whole budget is recorded,
 the environments of synchronous algorithms answer those with an unscored step
-worth the step's mean reward instead of waiting (see ``ModelStore.take_ticket``).
+worth the step's mean reward instead of waiting (see ``ModelStore.take_ticket``). A vector
+env takes its sub-envs' tickets at once (``take_tickets``), so two runners never
+wait on each other holding part of what each needs.
 The applied distribution is the best of the step's sampled candidates and the
 deterministic action.
 """
