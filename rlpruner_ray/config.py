@@ -112,6 +112,8 @@ class CompressConfig:
                                  nullable=True)
     # ---- fine-tuning
     finetune_epochs: int = _f(2, "KD fine-tuning epochs after each step (paper: 20)", "finetune", lo=0)
+    finetune_batch_size: int | None = _f(None, "KD fine-tuning batch size (default: --batch-size); larger "
+                                         "batches keep a GPU busy", "finetune", lo=2, nullable=True)
     finetune_lr: float = _f(0.01, "KD fine-tuning peak learning rate (paper: 1e-3)", "finetune",
                             lo=0, lo_open=True)
     kd_temperature: float = _f(2.0, "distillation temperature T", "finetune", lo=0, lo_open=True)

@@ -105,8 +105,10 @@ def _check_reachable(config: CompressConfig, graph: PruningGraph, original: dict
 
 
 # ---------------------------------------------------------------------- pieces
-def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int, device: str) -> TrainSettings:
-    return TrainSettings(epochs=epochs, batch_size=config.batch_size, lr=lr, seed=seed, device=device,
+def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int, device: str,
+                   finetune: bool = False) -> TrainSettings:
+    batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
+    return TrainSettings(epochs=epochs, batch_size=batch, lr=lr, seed=seed, device=device,
                          max_batches_per_epoch=config.max_batches_per_epoch, precision=config.precision,
                          channels_last=config.channels_last)
 
@@ -267,7 +269,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             before = evaluate(small, data, "val", device=device)["top1"]
             ft = finetune_kd(small, teacher, data,
                              train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                            seed=config.seed + step + 1, device=device),
+                                            seed=config.seed + step + 1, device=device, finetune=True),
                              temperature=config.kd_temperature, alpha=config.kd_alpha)
             after = evaluate(small, data, "val", device=device)["top1"]
             if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
@@ -428,7 +430,7 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     small = graph.prune(counts)
     before = evaluate(small, data, "val", device=device)["top1"]
     finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                  seed=config.seed, device=device),
+                                                  seed=config.seed, device=device, finetune=True),
                 temperature=config.kd_temperature, alpha=config.kd_alpha)
     base_m = measure_model(base, data, device, test=True)
     pruned_m = measure_model(small, data, device, test=True)

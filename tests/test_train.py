@@ -212,3 +212,27 @@ def test_kd_recovers_accuracy_lost_to_structured_pruning(base_checkpoint, digits
     finetune_kd(small, teacher, digits16, TrainSettings(epochs=3, lr=0.02, batch_size=64, augment=False))
     healed = evaluate(small, digits16, "val")["top1"]
     assert healed > hurt + 0.1 or healed > 0.9, (hurt, healed)
+
+
+def test_finetune_batch_size_applies_to_kd_only():
+    from rlpruner_ray.config import CompressConfig
+    from rlpruner_ray.pipeline import train_settings
+    config = CompressConfig(batch_size=64, finetune_batch_size=512, precision="bf16", channels_last=True)
+    kd = train_settings(config, epochs=1, lr=0.01, seed=0, device="cpu", finetune=True)
+    base = train_settings(config, epochs=1, lr=0.01, seed=0, device="cpu")
+    assert (kd.batch_size, base.batch_size) == (512, 64)
+    assert kd.precision == base.precision == "bf16" and kd.channels_last and base.channels_last
+    assert train_settings(CompressConfig(batch_size=64), epochs=1, lr=0.01, seed=0, device="cpu",
+                          finetune=True).batch_size == 64
+
+
+def test_bf16_channels_last_training_runs_and_hands_back_a_plain_model(digits16):
+    from rlpruner_ray.models import build_model
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, 1)
+    result = train_base(model, digits16, TrainSettings(epochs=1, lr=0.05, batch_size=64, max_batches_per_epoch=3,
+                                                       precision="bf16", channels_last=True))
+    assert result.epochs and math.isfinite(result.epochs[0]["train_loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())          # autocast leaves weights fp32
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()                                        # usual layout again
