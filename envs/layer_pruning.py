@@ -175,13 +175,8 @@ class LayerPruningEnv(gym.Env):
             return [(*e, 0.0, True, {"closed": True}) for e in episodes]
         if self._base_changed:     # a ticket wait adopted a new base model: episodes start over on it
             episodes = [(0, np.zeros(self.scorer.graph.num_groups, np.int64))] * n
-        unscored = []
-        if tickets == SPENT or len(tickets) < n:
-            # nothing (or not all) to score: the step's mean reward, so the advantage is near 0
-            import ray
-            reward = float(ray.get(self._store_actor().mean_reward.remote()))
-            tickets = [] if tickets == SPENT else tickets
-            unscored = [(*episodes[i], reward, True, {"unscored": True}) for i in range(len(tickets), n)]
+        spent = tickets == SPENT
+        tickets = [] if spent else tickets
         started = time.perf_counter()
         distributions = [self.action_to_distribution(a) for a in actions[:len(tickets)]]
         plans = [self.plan_distribution(d, (episodes[i][0] + 1) / self.horizon, episodes[i][1])
@@ -198,7 +193,16 @@ class LayerPruningEnv(gym.Env):
             t = episodes[i][0] + 1
             out.append((t, result["counts"], float(result["reward"]), t >= self.horizon,
                         dict(result, distribution=distribution)))
-        return out + unscored
+        if len(out) < n:
+            # no ticket for these: unscored, worth the step's mean reward (advantage near 0): the
+            # mean recorded so far when the budget is spent, else the mean of what was just scored
+            if spent:
+                import ray
+                reward = float(ray.get(self._store_actor().mean_reward.remote()))
+            else:
+                reward = float(np.mean([o[2] for o in out]))
+            out += [(*episodes[i], reward, True, {"unscored": True}) for i in range(len(out), n)]
+        return out
 
     def step(self, action):
         t, removed, reward, terminated, info = self.advance([(self._t, self._removed)], [action])[0]
