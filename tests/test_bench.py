@@ -4,6 +4,7 @@ the expected columns."""
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import math
 import re
@@ -118,6 +119,26 @@ def test_the_gpu_section_is_kept_as_bench_gpu_wrote_it(tmp_path):
     assert "Not measured" in report._gpu_section(out)
     out.write_text("# Benchmarks\n\n## 6. Sample efficiency\n\nx\n\n## GPU\n\nH200 figures\n| a | 1 |\n")
     assert report._gpu_section(out) == "## GPU\n\nH200 figures\n| a | 1 |"
+
+
+def test_sections_not_rerun_are_carried_over_from_the_previous_state(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    common, report, cli = _package("common"), _package("report"), _package("cli")
+    rows = tmp_path / "rows.parquet"
+    previous = [common.row(k, "m", "v", "x", float(k)) for k in (1, 3, 4)]
+    pq.write_table(pa.Table.from_pylist(previous), rows)
+    state = {"profile": "quick", "sections": {"1": {"a": 1}, "3": {"b": 3}, "4": {"c": 4}},
+             "seconds": {"1": 10.0, "3": 30.0, "4": 40.0}, "machine": {"date": "then"}, "command": "bench old"}
+    (tmp_path / "rows_state.json").write_text(json.dumps(state))
+    bench = report.Bench(cli.parse_args(["--quick", "--rows", str(rows), "--work-dir", str(tmp_path)]))
+    bench.carry_over({3, 5, 6})
+    assert bench.state["sections"] == {"1": {"a": 1}, "4": {"c": 4}}
+    assert sorted(r["section"] for r in bench.rows) == [1, 4]
+    assert "Section(s) 1, 4 are carried over unchanged from the run of then" in report._carried(bench.state)
+    other = report.Bench(cli.parse_args(["--rows", str(rows), "--work-dir", str(tmp_path)]))   # full profile
+    other.carry_over({3})
+    assert other.state["sections"] == {} and other.rows == []
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--base", help="trained base model file for sections 3-6 (default: "
                                   "../shared/models/cifar10-resnet20.pt next to the checkout)")
     p.add_argument("--sections", type=int, nargs="*", default=sorted(SECTIONS), choices=sorted(SECTIONS),
-                   help="run only these sections (5 and 6 need 3)")
+                   help="run only these sections (5 and 6 bring 3); the others are carried over from the "
+                        "previous rows and state at --rows (same profile)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the profile's seeds for section 3")
     p.add_argument("--methods", nargs="*", choices=METHODS, help="override the methods of section 3")
     p.add_argument("--report-only", action="store_true",
@@ -59,6 +60,7 @@ def main(argv=None, description: str = "") -> int:
     st = bench.state
     st.update(profile=bench.profile, load_start=os.getloadavg()[0], machine=machine(),
               command="python scripts/bench.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv)))
+    bench.carry_over(wanted)
     for k in sorted(wanted):
         log(f"section {SECTIONS[k].TITLE}")
         t0 = time.perf_counter()

@@ -38,6 +38,23 @@ class Bench:
     def measure(self, k: int) -> dict:
         return SECTIONS[k].measure(self)
 
+    def carry_over(self, wanted: set) -> None:
+        """Keep the sections this run does not measure from the previous rows and
+        state at --rows (same profile), so one section can be rerun alone (the
+        quality section in one background run, the fidelity study in another)."""
+        if not (Path(self.args.rows).exists() and self.state_path().exists()):
+            return
+        import pyarrow.parquet as pq
+        old = json.loads(self.state_path().read_text())
+        kept = {k: v for k, v in old.get("sections", {}).items() if int(k) not in wanted}
+        if old.get("profile") != self.profile or not kept:
+            return
+        self.state["sections"].update(kept)
+        self.state["seconds"].update({k: v for k, v in old.get("seconds", {}).items() if k in kept})
+        self.rows += [r for r in pq.read_table(self.args.rows).to_pylist() if str(r["section"]) in kept]
+        self.state["carried"] = {"sections": sorted(kept, key=int), "date": old["machine"]["date"],
+                                 "command": old["command"]}
+
     def state_path(self) -> Path:
         rows = Path(self.args.rows)
         return rows.with_name(rows.stem + "_state.json")
@@ -91,7 +108,7 @@ class Bench:
             f"Written by `scripts/bench.py` ({st['profile']} profile) on {m['date']}; total wall time "
             f"{total / 60:.1f} min.{first_run} Raw rows: `{_rel(Path(self.args.rows))}` (columns "
             f"{', '.join(ROW_COLUMNS)}); the state the report is rendered from: `{_rel(self.state_path())}` "
-            f"(`--report-only` re-renders this file from the two).",
+            f"(`--report-only` re-renders this file from the two).{_carried(st)}",
             "",
             "## Summary",
             "",
@@ -130,6 +147,15 @@ class Bench:
         log(f"wrote {self.args.out} and {self.args.rows} ({len(self.rows)} rows)")
 
 
+def _carried(st: dict) -> str:
+    carried = st.get("carried")
+    if not carried:
+        return ""
+    names = ", ".join(carried["sections"])
+    return (f" Section(s) {names} are carried over unchanged from the run of {carried['date']} "
+            f"(`{carried['command']}`); the machine table below is this run's.")
+
+
 def _gpu_section(path: Path) -> str:
     """The GPU section is scripts/bench_gpu.py's (run on a GPU machine): kept as it is."""
     text = path.read_text() if path.exists() else ""
@@ -137,6 +163,15 @@ def _gpu_section(path: Path) -> str:
         kept = "## GPU\n" + text.split("\n## GPU\n", 1)[1]
         return kept.split("\n## ", 1)[0].rstrip("\n")
     return "## GPU\n\nNot measured: run `python scripts/bench_gpu.py` on a machine with a GPU."
+
+
+def _carried(st: dict) -> str:
+    carried = st.get("carried")
+    if not carried:
+        return ""
+    names = ", ".join(carried["sections"])
+    return (f" Section(s) {names} are carried over unchanged from the run of {carried['date']} "
+            f"(`{carried['command']}`); the machine table below is this run's.")
 
 
 def _gpu_section(path: Path) -> str:
