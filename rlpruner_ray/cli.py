@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="one-shot pruning with a non-learned strategy (baselines)")
     _add_fields(pr, ["model", "data", "train", "target", "finetune", "run"], skip=("resume", "step_fraction"))
-    pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random"), default="uniform",
+    pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random", "tp-uniform", "tp-global"), default="uniform",
                     help="how the filters to remove are spread across groups")
     pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1")
     pr.add_argument("--export", choices=("torchscript", "onnx"), help="also export the pruned model")

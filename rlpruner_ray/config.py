@@ -16,9 +16,11 @@ from typing import Any
 
 from .errors import ConfigError
 
-ALGORITHMS_NATIVE = ("rlpruner", "random", "uniform", "global")
+ALGORITHMS_NATIVE = ("rlpruner", "random", "uniform", "global", "tp-uniform", "tp-global")
 CRITERIA = ("taylor", "l1", "l2", "fpgm", "random")
 REWARDS = ("acc", "flops", "params")
+REWARD_METRICS = ("top1", "kl", "loss")
+NOISE_TYPES = ("additive", "multiplicative")
 SCORING = ("auto", "single", "batched")
 PRECISIONS = ("fp32", "bf16")
 TARGETS = ("filters", "macs", "params")
@@ -67,6 +69,10 @@ class CompressConfig:
     calibration_samples: int = _f(100, "training images for the taylor criterion", "search", lo=1)
     reward: str = _f("acc", "acc, or acc plus a bonus for the MACs (flops) or params reduction", "search",
                      choices=REWARDS)
+    reward_metric: str = _f("top1", "quality term of the reward on the reward images: top1, or minus the "
+                            "KL divergence to the unpruned model's outputs (kl), or minus the "
+                            "cross-entropy (loss); kl and loss vary far less than top-1", "search",
+                            choices=REWARD_METRICS)
     reward_coef: float = _f(0.25, "weight of the reduction bonus in flops/params rewards", "search", lo=0)
     reward_samples: int = _f(512, "validation images each candidate is scored on", "search", lo=1)
     reward_batch_size: int = _f(256, "batch size of the reward forward passes", "search", lo=1)
@@ -81,11 +87,18 @@ class CompressConfig:
     action_scale: float = _f(3.0, "action a gives group weight initial*exp(scale*a)", "search",
                              lo=0, lo_open=True)
     # ---- search
-    algo: str = _f("rlpruner", "search algorithm: rlpruner, random, uniform, global, or an RLlib "
-                   "algorithm (ppo, appo, sac, impala)", "search")
+    algo: str = _f("rlpruner", "search algorithm: rlpruner, random, uniform, global, tp-uniform, tp-global "
+                   "(Torch-Pruning's pruner), or an RLlib algorithm (ppo, appo, sac, impala)", "search")
     evaluations_per_step: int = _f(40, "candidate evaluations per pruning step (paper: 100)", "search", lo=1)
     samples_per_iteration: int = _f(10, "rlpruner: samples per iteration (Q)", "rlpruner", lo=1)
-    noise: float = _f(0.04, "rlpruner: Gaussian noise scale of samples", "rlpruner", lo=0)
+    noise: float = _f(0.04, "rlpruner: Gaussian noise scale of samples (additive noise)", "rlpruner", lo=0)
+    noise_type: str = _f("additive", "rlpruner: additive (the paper's, clamps small groups) or "
+                         "multiplicative (log-space: the same relative noise for every group)", "rlpruner",
+                         choices=NOISE_TYPES)
+    multiplicative_noise: float = _f(0.3, "rlpruner: noise scale in log space (multiplicative noise)",
+                                     "rlpruner", lo=0)
+    include_baselines: bool = _f(False, "rlpruner: score the uniform and global distributions as the "
+                                 "first iteration's candidates (counted in the budget)", "rlpruner")
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
                             lo=0, hi=1, lo_open=True)
     clip: float = _f(0.25, "rlpruner: per-element ratio clip (PPO-style)", "rlpruner", lo=0, hi=1, lo_open=True)
@@ -93,8 +106,11 @@ class CompressConfig:
     epsilon_decay_fraction: float = _f(0.1, "rlpruner: epsilon reaches 0 after this fraction of steps",
                                        "rlpruner", lo=0, hi=1, lo_open=True)
     buffer_size: int = _f(10, "rlpruner: replay buffer of the best samples", "rlpruner", lo=1)
-    drop_guard: float = _f(0.1, "reset the distribution when accuracy drops by more than this "
-                           "(relative); 0 disables", "rlpruner", lo=0, hi=1)
+    drop_guard: float = _f(0.1, "redo the step from the initial distribution when the chosen candidate's "
+                           "accuracy is more than this (relative) below the previous step's; 0 disables",
+                           "rlpruner", lo=0, hi=1)
+    guard_reserve: float = _f(0.25, "rlpruner: share of the step's budget kept for a redo (spent on the "
+                              "same search when the guard does not fire)", "rlpruner", lo=0, hi=1, hi_open=True)
     # ---- RLlib
     rl_num_env_runners: int | None = _f(None, "RLlib env runners (default: num_workers)", "rllib",
                                         lo=0, nullable=True)

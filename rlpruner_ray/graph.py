@@ -516,6 +516,7 @@ def _water_fill(weights: np.ndarray, capacity: np.ndarray, total: int) -> np.nda
 def _round_widths(counts, widths, capacity, r, target):
     """Move each group's remaining width to a multiple of ``r`` (where the floor
     allows), then adjust whole units of ``r`` toward ``target``."""
+    share = counts.astype(float)          # the proportional plan, before any rounding
     counts = counts.copy()
     for g in range(len(counts)):
         keep = int(widths[g] - counts[g])
@@ -533,8 +534,10 @@ def _round_widths(counts, widths, capacity, r, target):
         room = (counts + step <= capacity) & (counts + step >= 0)
         if not room.any():
             return counts
-        # adjust the group whose count is furthest from its proportional share
-        g = int(np.argmax(np.where(room, -step * counts, -np.inf)))
+        # adjust the group whose count is furthest from its proportional share, on
+        # the side the step moves it toward (most below it when adding, most above
+        # when taking back)
+        g = int(np.argmax(np.where(room, step * (share - counts), -np.inf)))
         counts[g] += step
 
 

@@ -231,6 +231,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         log.info("resuming after step %d of %d", done[-1] + 1, config.num_steps)
     if teacher_acc is None:
         teacher_acc = evaluate(base, data, "val", device=device)["top1"]
+    base_top1 = teacher_acc if not steps else None   # the drop guard's reference at step 0
 
     init_ray(config.ray_address, run.root)
     from .model_store import make_payload, start_store
@@ -260,12 +261,12 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
                                   on_candidate=history.add)
             ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
-                              reference_accuracy=steps[-1]["chosen_accuracy"] if steps else None,
-                              extras={"num_filters": context.get("num_filters")})
+                              reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
+                              extras={k: context.get(k) for k in ("num_filters", "cost_target")})
             chosen = algo.search(ctx, evaluator)
             search_s = time.perf_counter() - t0
 
-            small = graph.prune(chosen.counts)
+            small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
             before = evaluate(small, data, "val", device=device)["top1"]
             ft = finetune_kd(small, teacher, data,
                              train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
@@ -397,7 +398,8 @@ def _check_fits(model, data: Dataset, source) -> None:
 def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     """``rlpruner prune``: one-shot pruning with a non-learned strategy, then
     optional KD fine-tuning; writes ``pruned_model.pt`` and ``summary.json``."""
-    from .search.baselines import global_counts
+    from .search.baselines import global_plan
+    from .search.tp_baselines import tp_plan
     run = RunFolder(config.out_dir)
     if (run.model.exists() or run.summary.exists()) and not config.overwrite:
         raise ConfigError(f"{run.root} already holds results; pass --overwrite to replace them")
@@ -413,21 +415,21 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     original = {"macs": graph.base_macs, "params": graph.base_params}
     _check_reachable(config, graph, original)
     rng = np.random.default_rng(config.seed)
-    if config.algo == "global":
-        n = int(round(config.sparsity * graph.total_channels))
-        counts = global_counts(graph, n)
-        distribution = counts / counts.sum()
-    elif config.algo == "random":
-        distribution = rng.dirichlet(graph.initial_distribution() * graph.num_groups + 1e-3)
-    else:
-        distribution = graph.initial_distribution()
     from .scoring import plan_for_step
     if config.target == "filters":
         context = {"num_filters": int(round(config.sparsity * graph.total_channels))}
     else:
         context = {"cost_target": {"kind": config.target, "value": original[config.target] * (1 - config.sparsity)}}
-    counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
-    small = graph.prune(counts)
+    indices = None
+    if config.algo == "global":          # the global threshold itself, not rescaled by a plan
+        counts = global_plan(graph, context)
+    elif config.algo in ("tp-uniform", "tp-global"):
+        counts, indices = tp_plan(graph, context, global_pruning=config.algo == "tp-global")
+    else:
+        distribution = (rng.dirichlet(graph.initial_distribution() * graph.num_groups + 1e-3)
+                        if config.algo == "random" else graph.initial_distribution())
+        counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
+    small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
     before = evaluate(small, data, "val", device=device)["top1"]
     finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
                                                   seed=config.seed, device=device, finetune=True),

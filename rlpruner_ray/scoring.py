@@ -69,14 +69,25 @@ def plan_for_step(graph: PruningGraph, distribution, context: dict, *, round_to:
     return graph.plan(distribution, lo, round_to=round_to, already_removed=done)
 
 
-def reward_of(accuracy: float, macs: float, params: float, settings: dict, original: dict) -> float:
+def quality_of(measured: dict, settings: dict) -> float:
+    """The reward's quality term: top-1, or minus the KL divergence to the base
+    model's outputs, or minus the cross-entropy (both far less noisy than top-1)."""
+    metric = settings.get("reward_metric", "top1")
+    if metric == "top1":
+        return measured["accuracy"]
+    if metric in ("kl", "loss"):
+        return -measured[metric]
+    raise ConfigError(f"unknown reward metric {metric!r}")
+
+
+def reward_of(quality: float, macs: float, params: float, settings: dict, original: dict) -> float:
     kind, coef = settings["reward"], settings["reward_coef"]
     if kind == "acc":
-        return accuracy
+        return quality
     if kind == "flops":
-        return accuracy + coef * (1.0 - macs / original["macs"])
+        return quality + coef * (1.0 - macs / original["macs"])
     if kind == "params":
-        return accuracy + coef * (1.0 - params / original["params"])
+        return quality + coef * (1.0 - params / original["params"])
     raise ConfigError(f"unknown reward {kind!r}")
 
 
@@ -114,6 +125,7 @@ class StepScorer:
         self.bn_batches = ([to_memory_format(x, self.channels_last)
                             for x, _ in data.batches("train", bs, device=self.device, limit=nb)] if nb else [])
         self.version = None
+        self.base_log_probs: list[torch.Tensor] | None = None
         self.model = None
         self.graph = None
         self.masks: CandidateMasks | None = None
@@ -141,6 +153,7 @@ class StepScorer:
         self.version = payload["version"]
         self._bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.masks = CandidateMasks(graph)
+        self.base_log_probs = self._base_log_probs()
         if self.path is None:
             self._choose_path()
 
@@ -160,8 +173,8 @@ class StepScorer:
         else:
             probe = [self.graph.plan(self.graph.initial_distribution(), self.graph.max_removable // 2)]
             # a full pass of K on the batched side: per-candidate cost depends on K (caches, occupancy)
-            single = _seconds_per_candidate(lambda: [self._masked_accuracy(p) for p in probe * 2], 2)
-            batched = _seconds_per_candidate(lambda: self._batched_accuracies(probe * self.per_pass),
+            single = _seconds_per_candidate(lambda: [self._masked_measure(p) for p in probe * 2], 2)
+            batched = _seconds_per_candidate(lambda: self._batched_measure(probe * self.per_pass),
                                              self.per_pass)
             self.path = "batched" if batched < single else "single"
             self.choice = {"reason": "timed", "single_ms": single * 1e3, "batched_ms": batched * 1e3}
@@ -190,7 +203,7 @@ class StepScorer:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._batched_accuracies([np.zeros(self.graph.num_groups, np.int64)])
+        self._batched_measure([np.zeros(self.graph.num_groups, np.int64)])
         per_candidate = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(min(MAX_CANDIDATES_PER_PASS, max(1, 0.5 * free // per_candidate)))
@@ -201,50 +214,67 @@ class StepScorer:
                              fraction=fraction, already_removed=already_removed)
 
     def score(self, counts: np.ndarray) -> dict:
-        """Accuracy, MACs, params and reward of the base model minus ``counts``."""
+        """Accuracy (top-1), KL divergence to the base model, cross-entropy, MACs,
+        params and reward of the base model minus ``counts``."""
         return self.score_many([counts])[0]
 
     def score_many(self, plans: list) -> list[dict]:
         """``score`` for each plan, through the scorer's path (same results)."""
         if self.path == "batched":
-            accuracies = []
+            measured = []
             for i in range(0, len(plans), self.per_pass):
-                accuracies += self._batched_accuracies(plans[i:i + self.per_pass])
+                measured += self._batched_measure(plans[i:i + self.per_pass])
         else:
-            accuracies = [self._masked_accuracy(p) for p in plans]
+            measured = [self._masked_measure(p) for p in plans]
         original = self.context["original"]
         out = []
-        for counts, accuracy in zip(plans, accuracies):
+        for counts, m in zip(plans, measured):
             macs, params = self.graph.cost(counts)
-            out.append({"reward": reward_of(accuracy, macs, params, self.settings, original),
-                        "accuracy": accuracy, "macs": macs, "params": params})
+            out.append({"reward": reward_of(quality_of(m, self.settings), macs, params, self.settings, original),
+                        **m, "macs": macs, "params": params})
         return out
 
-    def _masked_accuracy(self, counts) -> float:
+    def _masked_measure(self, counts) -> dict:
         with self.graph.masked(counts):
             if self.bn_batches:
                 saved = self._recalibrate()
-            accuracy = self._accuracies(self.model, 1)[0]
+            measured = self._measure(self.model, 1)[0]
             if self.bn_batches:
                 self._restore_bn(saved)
-        return accuracy
+        return measured
 
-    def _batched_accuracies(self, plans: list) -> list[float]:
+    def _batched_measure(self, plans: list) -> list[dict]:
         with self.masks.applied(plans) as model:
-            return self._accuracies(model, len(plans))
+            return self._measure(model, len(plans))
 
-    def _accuracies(self, model, k: int) -> list[float]:
-        """Top-1 of ``k`` candidates whose inputs are the reward images repeated ``k``
-        times (k = 1: the plain masked model). One host read at the end."""
+    def _base_log_probs(self) -> list[torch.Tensor]:
+        """The unpruned base model's log-probabilities on the reward batches, once per
+        base model: what the KL reward compares every candidate with."""
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return [torch.log_softmax(self.model(x).float(), -1) for x, _ in self.batches]
+
+    def _measure(self, model, k: int) -> list[dict]:
+        """Top-1 (``accuracy``), mean KL(base || candidate) (``kl``) and mean
+        cross-entropy (``loss``) of ``k`` candidates whose inputs are the reward
+        images repeated ``k`` times (k = 1: the plain masked model), from one pass.
+        One host read at the end."""
         correct = torch.zeros(k, dtype=torch.long, device=self.device)
+        kl = torch.zeros(k, dtype=torch.float64, device=self.device)
+        loss = torch.zeros(k, dtype=torch.float64, device=self.device)
         total = 0
         with torch.inference_mode(), autocast(self.device, self.precision):
-            for x, y in self.batches:
+            for b, (x, y) in enumerate(self.batches):
                 rows = x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))
-                logits = model(rows)
-                correct += (logits.view(k, len(y), -1).argmax(-1) == y).sum(1)
+                log_probs = torch.log_softmax(model(rows).float().view(k, len(y), -1), -1)
+                correct += (log_probs.argmax(-1) == y).sum(1)
+                loss -= log_probs.gather(-1, y.expand(k, -1).unsqueeze(-1)).sum((1, 2)).double()
+                if self.base_log_probs is not None:
+                    base = self.base_log_probs[b]
+                    kl += (base.exp() * (base - log_probs)).sum((1, 2)).double()
                 total += len(y)
-        return (correct.double() / max(total, 1)).tolist()
+        n = max(total, 1)
+        return [{"accuracy": a, "kl": d, "loss": c} for a, d, c in
+                zip((correct.double() / n).tolist(), (kl / n).tolist(), (loss / n).tolist())]
 
     def _recalibrate(self):
         """Re-estimate BN statistics of the masked model on a few training batches:

@@ -134,7 +134,7 @@ class Bench:
         self.base_payload, graph = self.payload(copy.deepcopy(self.model))
         single = self.env(scoring="single")
         scorer = single.scorer
-        floor = timed(lambda: scorer._accuracies(scorer.model, 1), self.device)
+        floor = timed(lambda: scorer._measure(scorer.model, 1), self.device)
         n = self.p["masked_candidates"]
         ds = self.distributions(n, graph.num_groups)
         masked = timed(lambda: single.evaluate_distributions(ds), self.device) / n

@@ -103,6 +103,39 @@ def test_single_and_batched_paths_score_alike(base):
     assert single.evaluate_distribution(distributions[2])["accuracy"] == pytest.approx(a[2]["accuracy"])
 
 
+@pytest.mark.parametrize("metric", ["kl", "loss"])
+def test_continuous_rewards_agree_on_both_paths(base, metric):
+    rng = np.random.default_rng(1)
+    distributions = [rng.dirichlet(np.ones(6)) for _ in range(5)]
+    single = _env(base, scoring="single", reward_metric=metric)
+    batched = _env(base, scoring="batched", candidates_per_pass=2, reward_metric=metric)
+    for ra, rb in zip(single.evaluate_distributions(distributions), batched.evaluate_distributions(distributions)):
+        for key in ("kl", "loss", "reward", "accuracy"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-6), key
+        assert ra["reward"] == pytest.approx(-ra[metric])
+        assert ra["kl"] >= -1e-9 and ra["loss"] > 0
+
+
+def test_kl_reward_ranks_candidates_by_how_far_they_move_the_outputs(base):
+    env = _env(base, scoring="single", reward_metric="kl")
+    graph = env.scorer.graph
+    init = graph.initial_distribution()
+    # nested plans: each removes everything the previous one did, and more
+    plans = [np.zeros(graph.num_groups, np.int64)] + [graph.plan(init, int(f * graph.max_removable))
+                                                      for f in (0.1, 0.3, 0.6)]
+    results = env.evaluate_plans(plans)
+    assert results[0]["kl"] == pytest.approx(0.0, abs=1e-6)       # the base model itself
+    rewards = [r["reward"] for r in results]
+    assert rewards == sorted(rewards, reverse=True), rewards
+    # over random candidates, less divergence goes with more of the base's accuracy
+    rng = np.random.default_rng(0)
+    plans = [graph.plan(rng.dirichlet(np.ones(graph.num_groups)), graph.max_removable // 3) for _ in range(12)]
+    results = env.evaluate_plans(plans)
+    kl = np.array([r["kl"] for r in results])
+    accuracy = np.array([r["accuracy"] for r in results])
+    assert np.corrcoef(-kl, accuracy)[0, 1] > 0.3
+
+
 def test_auto_times_both_paths_and_records_the_choice(base):
     env = _env(base, scoring="auto")
     choice = env.scorer.choice

@@ -3,6 +3,8 @@ every section heading, parseable numbers in every table, and a rows file with
 the expected columns."""
 from __future__ import annotations
 
+import importlib
+import json
 import importlib.util
 import math
 import re
@@ -64,6 +66,79 @@ def test_cost_verdict_names_the_cheaper_path():
     assert "masked path is the cheaper one by 0.20x to 0.30x" in verdict([0.2, 0.3], 256)
     assert "cost about the same" in verdict([0.05, -0.08], 256)
     assert "neither path is cheaper for every model" in verdict([0.3, -0.2], 256)
+
+
+def _package(name: str):
+    _bench_module()                       # puts scripts/ on the path
+    return importlib.import_module(f"bench.{name}")
+
+
+def test_bootstrap_interval_and_paired_differences():
+    common, quality = _package("common"), _package("quality")
+    low, high = common.bootstrap_interval([0.01, 0.02, 0.03, 0.012, 0.018], resamples=2000)
+    assert 0.01 <= low < 0.018 < high <= 0.03
+    assert all(math.isnan(v) for v in common.bootstrap_interval([0.5]))
+    rlo, rhi = common.spearman_interval(list(range(30)), [v + (v % 3) for v in range(30)], resamples=500)
+    assert 0.8 < rlo <= rhi <= 1.0
+
+    def run(method, seed, top1):
+        return {"method": method, "seed": seed, "summary": {"pruned": {"test_top1": top1}}}
+    runs = {f"{m}_{s}": run(m, s, v) for m, s, v in [("rlpruner", 0, 0.80), ("rlpruner", 1, 0.82),
+                                                      ("rlpruner", 2, 0.81), ("tp-global", 0, 0.79),
+                                                      ("tp-global", 1, 0.80), ("uniform", 0, 0.70)]}
+    paired = quality.paired_differences(runs, [["rlpruner", "tp-global"], ["rlpruner", "uniform"]], 1000)
+    d = paired["rlpruner - tp-global"]
+    assert d["seeds"] == [0, 1] and d["diffs"] == pytest.approx([0.01, 0.02])
+    assert d["mean"] == pytest.approx(0.015) and d["low"] <= d["mean"] <= d["high"]
+    assert paired["rlpruner - uniform"]["seeds"] == [0] and math.isnan(paired["rlpruner - uniform"]["low"])
+
+
+def test_every_method_gets_the_same_fine_tuning_in_total(tmp_path):
+    quality, report = _package("quality"), _package("report")
+    args = _package("cli").parse_args(["--work-dir", str(tmp_path), "--data", str(tmp_path),
+                                       "--base", str(tmp_path / "base.pt")])
+    bench = report.Bench(args)
+    assert bench.P["dataset"] == f"npz:{tmp_path.resolve()}" and bench.P["base"] == str(tmp_path / "base.pt")
+    total = {}
+    for method in bench.P["methods"]:
+        cfg = quality.run_config(bench, method, 0, "base.pt")
+        steps = quality.num_steps(bench.P, method)
+        total[method] = cfg["finetune_epochs"] * steps
+        assert cfg["target"] == "macs" and cfg["sparsity"] == 0.5
+        assert cfg["max_batches_per_epoch"] == bench.P["finetune_batches"]
+        assert cfg["evaluations_per_step"] == bench.P["evals"]
+        assert (steps == 1) == (method in ("uniform", "global", "tp-uniform", "tp-global"))
+    assert set(total.values()) == {bench.P["finetune_total_epochs"]}, total
+    assert {"rlpruner", "global", "tp-global"} <= set(bench.P["paired_methods"])
+    assert len(bench.P["paired_seeds"]) >= 3 and bench.P["fid_samples"] >= 60
+
+
+def test_the_gpu_section_is_kept_as_bench_gpu_wrote_it(tmp_path):
+    report = _package("report")
+    out = tmp_path / "B.md"
+    assert "Not measured" in report._gpu_section(out)
+    out.write_text("# Benchmarks\n\n## 6. Sample efficiency\n\nx\n\n## GPU\n\nH200 figures\n| a | 1 |\n")
+    assert report._gpu_section(out) == "## GPU\n\nH200 figures\n| a | 1 |"
+
+
+def test_sections_not_rerun_are_carried_over_from_the_previous_state(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    common, report, cli = _package("common"), _package("report"), _package("cli")
+    rows = tmp_path / "rows.parquet"
+    previous = [common.row(k, "m", "v", "x", float(k)) for k in (1, 3, 4)]
+    pq.write_table(pa.Table.from_pylist(previous), rows)
+    state = {"profile": "quick", "sections": {"1": {"a": 1}, "3": {"b": 3}, "4": {"c": 4}},
+             "seconds": {"1": 10.0, "3": 30.0, "4": 40.0}, "machine": {"date": "then"}, "command": "bench old"}
+    (tmp_path / "rows_state.json").write_text(json.dumps(state))
+    bench = report.Bench(cli.parse_args(["--quick", "--rows", str(rows), "--work-dir", str(tmp_path)]))
+    bench.carry_over({3, 5, 6})
+    assert bench.state["sections"] == {"1": {"a": 1}, "4": {"c": 4}}
+    assert sorted(r["section"] for r in bench.rows) == [1, 4]
+    assert "Section(s) 1, 4 are carried over unchanged from the run of then" in report._carried(bench.state)
+    other = report.Bench(cli.parse_args(["--rows", str(rows), "--work-dir", str(tmp_path)]))   # full profile
+    other.carry_over({3})
+    assert other.state["sections"] == {} and other.rows == []
 
 
 @pytest.mark.slow

@@ -43,6 +43,17 @@ def test_train_evaluate_prune_export(tmp_path, base_checkpoint, digits16):
         assert torch.allclose(scripted(x), small(x), atol=1e-5)
 
 
+def test_prune_with_torch_pruning_reaches_the_macs_target(tmp_path, base_checkpoint):
+    r = _cli("prune", "--base-checkpoint", str(base_checkpoint), "--target", "macs", "--sparsity", "0.5",
+             "--algo", "tp-global", "--finetune-epochs", "0", "--out-dir", str(tmp_path / "tp"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["strategy"] == "tp-global"
+    assert 0.5 <= summary["reductions"]["macs"] < 0.56      # reached, by the smallest ratio that does
+    small = load_pruned(tmp_path / "tp" / "pruned_model.pt")
+    assert sum(p.numel() for p in small.parameters()) == summary["pruned"]["params"]
+
+
 def test_bad_input_one_line_exit_2(tmp_path, base_checkpoint):
     cases = [
         ("evaluate", str(tmp_path / "missing.pt")),

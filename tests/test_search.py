@@ -18,11 +18,11 @@ from envs import LayerPruningEnv
 from rlpruner_ray.config import CompressConfig
 from rlpruner_ray.errors import ConfigError
 from rlpruner_ray.pipeline import build_graph
-from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, make_algorithm
+from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, make_algorithm, plans_for
 from rlpruner_ray.search.rlpruner import epsilon_at
 from rlpruner_ray.search.workers import env_settings, make_payload
 
-NATIVE = ("rlpruner", "random", "uniform", "global")
+NATIVE = ("rlpruner", "random", "uniform", "global", "tp-uniform", "tp-global")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -57,10 +57,10 @@ class Counter:
         self.calls = 0
         self.distributions = []
 
-    def __call__(self, distributions):
-        self.calls += len(distributions)
-        self.distributions += [np.array(d) for d in distributions]
-        return [self.env.evaluate_distribution(d) for d in distributions]
+    def __call__(self, items):
+        self.calls += len(items)
+        self.distributions += [d if isinstance(d, dict) else np.array(d) for d in items]
+        return self.env.evaluate_plans(plans_for(self.env, items))   # as an evaluation actor does
 
 
 def real_ctx(real, seed=0, step=0, **kw):
@@ -84,7 +84,10 @@ def test_every_native_algorithm_respects_its_budget(real, algo, budget):
     assert evaluator.used == counter.calls == len(evaluator.candidates)
     assert [c.index for c in evaluator.candidates] == list(range(counter.calls))
     assert any(chosen is c for c in evaluator.candidates)
-    assert int(chosen.counts.sum()) == real["context"]["num_filters"]
+    if algo.startswith("tp-"):           # a ratio: at least the count, never far above it
+        assert int(chosen.counts.sum()) >= real["context"]["num_filters"]
+    else:
+        assert int(chosen.counts.sum()) == real["context"]["num_filters"]
     if algo == "uniform":
         np.testing.assert_allclose(chosen.distribution, real["graph"].initial_distribution())
 
@@ -290,40 +293,48 @@ def test_rlpruner_restarts_from_initial_when_the_group_count_changes():
 
 
 # ---------------------------------------------------------------------- drop guard
-def test_drop_guard_resets_the_distribution_when_accuracy_collapses():
+def test_drop_guard_redoes_the_step_from_the_initial_distribution_within_the_budget():
+    graph = FakeGraph([16] * 8)
+    problem = sensitive_problem(graph, accuracy=lambda d: 0.85)
+
+    def score(distributions):          # rewards fall with every evaluation: the first is the best
+        out = problem(distributions)
+        for r in out:
+            r["reward"] = 1.0 - 0.01 * len(problem.calls)
+        return out
+
+    # every candidate collapsed (0.85 < (1 - 0.1) * 1.0): the chosen one fails the guard
+    search, evaluator, chosen = run_search("rlpruner", graph, score, budget=40, seed=0, reference=1.0,
+                                           drop_guard=0.1, guard_reserve=0.25, epsilon=0.0)
+    assert evaluator.used == 40                     # the redo stays inside the step's budget
+    first = [c for c in evaluator.candidates if c.index < 30]
+    redo = [c for c in evaluator.candidates if c.index >= 30]
+    assert len(redo) == 10
+    # the buffer was cleared: the choice is the redo's best, not the step's best
+    assert chosen is redo[0] and evaluator.best is first[0]
+    # the redo sampled around the initial distribution, not around the moved one
+    search2, _, _ = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.85), budget=40,
+                               seed=0, reference=1.0, drop_guard=0.1, guard_reserve=0.25, epsilon=0.0)
+    init = graph.initial_distribution()
+    moved, _, _ = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.85), budget=30,
+                             seed=0, reference=None, epsilon=0.0)
+    assert np.abs(search2.pd - init).sum() < np.abs(moved.pd - init).sum()
+
+
+def test_drop_guard_does_not_fire_on_a_small_drop_and_the_reserve_continues_the_search():
     graph = FakeGraph([16] * 8)
     init = graph.initial_distribution()
-    # accuracy collapsed: 0.85 < (1 - 0.1) * 1.0
-    collapsed, _, _ = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.85),
-                                 budget=50, seed=0, reference=1.0, drop_guard=0.1)
-    np.testing.assert_array_equal(collapsed.pd, init)
-    # a small drop, within the guard: the distribution keeps what it learned
-    fine, _, _ = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.95),
-                            budget=50, seed=0, reference=1.0, drop_guard=0.1)
-    assert not np.allclose(fine.pd, init)
-    assert fine.pd[SENSITIVE] < init[SENSITIVE]
-    # guard disabled, or no reference (first step): no reset either
-    for kw in (dict(reference=1.0, drop_guard=0.0), dict(reference=None, drop_guard=0.1)):
-        free, _, _ = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.1),
-                                budget=50, seed=0, **kw)
-        assert not np.allclose(free.pd, init)
+    search, evaluator, chosen = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.95),
+                                           budget=40, seed=0, reference=1.0, drop_guard=0.1, epsilon=0.0)
+    assert evaluator.used == 40
+    assert chosen is evaluator.best                 # one search over all 40 evaluations
+    assert sorted({c.iteration for c in evaluator.candidates}) == [0, 1, 2, 3]
+    assert search.pd[SENSITIVE] < init[SENSITIVE]
 
 
-def test_drop_guard_only_fires_on_collapsed_accuracy():
-    # accuracy collapses only where the sensitive group is pruned hard: the guard
-    # must not reset while the step's best accuracy is fine
-    graph = FakeGraph([16] * 8)
-    init = graph.initial_distribution()
-    acc = lambda d: 0.95 if d[SENSITIVE] < 0.2 else 0.3   # noqa: E731
-    search, evaluator, _ = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=acc), budget=50,
-                                      seed=0, reference=1.0, drop_guard=0.1)
-    assert evaluator.best.accuracy == 0.95
-    assert not np.allclose(search.pd, init)
-
-
-def test_drop_guard_looks_at_the_best_candidate_not_the_worst_elite():
-    # every new best candidate keeps its accuracy, all others collapse: the step's
-    # best is fine, so no reset although most of the elite buffer collapsed
+def test_drop_guard_is_checked_once_on_the_chosen_candidate():
+    # only the best candidate of the step keeps its accuracy, every other one collapses:
+    # the guard looks at the chosen (best) candidate, so there is no redo
     graph = FakeGraph([16] * 8)
     init = graph.initial_distribution()
     best = [-math.inf]
@@ -335,11 +346,169 @@ def test_drop_guard_looks_at_the_best_candidate_not_the_worst_elite():
             return 0.95
         return 0.3
 
-    search, evaluator, _ = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=acc), budget=50,
-                                      seed=0, reference=1.0, drop_guard=0.1)
-    assert evaluator.best.accuracy == 0.95
+    search, evaluator, chosen = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=acc), budget=50,
+                                           seed=0, reference=1.0, drop_guard=0.1, epsilon=0.0)
+    assert chosen is evaluator.best and chosen.accuracy == 0.95
     assert sum(c.accuracy == 0.3 for c in evaluator.candidates) > 25
     assert not np.allclose(search.pd, init)
+
+
+@pytest.mark.parametrize("kw", [dict(reference=1.0, drop_guard=0.0), dict(reference=None, drop_guard=0.1)])
+def test_drop_guard_off_without_reference_or_when_disabled(kw):
+    graph = FakeGraph([16] * 8)
+    search, evaluator, chosen = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.1),
+                                           budget=40, seed=0, epsilon=0.0, **kw)
+    assert chosen is evaluator.best                 # no redo: the best of all 40 is kept
+    assert not np.allclose(search.pd, graph.initial_distribution())
+
+
+def test_step_zero_is_guarded_against_the_base_accuracy():
+    # the pipeline passes the base model's accuracy as the reference at step 0
+    graph = FakeGraph([16] * 8)
+    _, evaluator, chosen = run_search("rlpruner", graph, sensitive_problem(graph, accuracy=lambda d: 0.5),
+                                      budget=40, seed=0, step=0, reference=0.9, epsilon=0.0)
+    assert chosen.index >= 30                       # redone with the reserve
+
+
+# ---------------------------------------------------------------------- epsilon over the whole buffer
+def test_epsilon_greedy_draws_from_the_whole_buffer():
+    graph = FakeGraph([16] * 8)
+    picks = []
+    for seed in range(40):
+        _, evaluator, chosen = run_search("rlpruner", graph, sensitive_problem(graph), budget=10, seed=seed,
+                                          epsilon=1.0, epsilon_decay_fraction=1.0, buffer_size=5)
+        ranked = sorted(evaluator.candidates, key=lambda c: -c.reward)[:5]
+        picks.append(next(i for i, c in enumerate(ranked) if c is chosen))
+    # every rank of the buffer, the best one included, is drawn
+    assert set(picks) == set(range(5)), picks
+
+
+# ---------------------------------------------------------------------- noise and baseline candidates
+def test_multiplicative_noise_explores_small_groups_as_much_as_large_ones():
+    from rlpruner_ray.search.rlpruner import sample_around
+    pd = np.array([0.002, 0.008, 0.09, 0.3, 0.6])
+    rng = np.random.default_rng(0)
+    spread = {}
+    for kind in ("additive", "multiplicative"):
+        samples = np.array(sample_around(pd, 2000, rng, CompressConfig(noise_type=kind)))
+        clamped = np.mean(samples[:, 0] <= 2e-5)              # the smallest group pushed to the clamp
+        assert (clamped > 0.05) == (kind == "additive"), (kind, clamped)
+        spread[kind] = np.std(np.log(samples / pd), axis=0)   # relative spread per group
+    # additive: huge relative moves on small groups, next to none on large ones;
+    # multiplicative: the same order everywhere (renormalising damps the largest a little)
+    assert spread["additive"].max() / spread["additive"].min() > 20
+    assert spread["multiplicative"].max() / spread["multiplicative"].min() < 3
+
+
+def test_rlpruner_can_score_the_uniform_and_global_distributions_first(real):
+    counter = Counter(real["env"])
+    evaluator = Evaluator(counter, 12)
+    search = make_algorithm(real["config"].replace(algo="rlpruner", include_baselines=True))
+    search.search(real_ctx(real), evaluator)
+    assert counter.calls == 12
+    from rlpruner_ray.search.baselines import global_plan
+    counts = global_plan(real["graph"], {"num_filters": real["context"]["num_filters"]})
+    np.testing.assert_allclose(counter.distributions[0], real["graph"].initial_distribution())
+    np.testing.assert_array_equal(evaluator.candidates[1].counts, counts)
+    assert {c.iteration for c in evaluator.candidates[:2]} == {0}
+
+
+# ---------------------------------------------------------------------- global threshold in every target mode
+def _cost_env(real, kind, fraction):
+    graph = real["graph"]
+    original = graph.sizes()
+    context = {"step": 0, "num_steps": 1, "original": original, "num_filters": None,
+               "cost_target": {"kind": kind, "value": original[kind] * (1 - fraction)}}
+    settings = dict(real["settings"], payload=make_payload(real["model"], graph, context, version=0))
+    return LayerPruningEnv(settings), context
+
+
+def _is_global_threshold(graph, counts):
+    """Every removed channel scores (normalised) no higher than every kept removable one."""
+    removed, kept = [], []
+    for g, s in enumerate(graph.scores):
+        s = np.sort((s.double() / float(s.double().mean())).numpy())
+        removed += list(s[: counts[g]])
+        if counts[g] < graph.channels[g] - graph.floors[g]:
+            kept.append(s[counts[g]])
+    return max(removed) <= min(kept) + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["macs", "params"])
+def test_global_is_a_threshold_search_in_cost_modes(real, kind):
+    from rlpruner_ray.search.baselines import global_counts, global_plan
+    graph = real["graph"]
+    env, context = _cost_env(real, kind, 0.4)
+    target = context["cost_target"]["value"]
+    axis = 0 if kind == "macs" else 1
+    counts = global_plan(graph, context)
+    assert _is_global_threshold(graph, counts)
+    assert graph.cost(counts)[axis] <= target
+    n = int(counts.sum())
+    assert graph.cost(global_counts(graph, n - 1))[axis] > target       # the threshold stops at the target
+    evaluator = Evaluator(Counter(env), 5)
+    chosen = make_algorithm(real["config"].replace(algo="global")).search(
+        StepContext(0, 1, graph, np.random.default_rng(0), extras=context), evaluator)
+    assert evaluator.used == 1
+    np.testing.assert_array_equal(chosen.counts, counts)               # scored exactly
+
+
+def test_global_in_filters_mode_removes_the_count_asked(real):
+    from rlpruner_ray.search.baselines import global_plan
+    n = real["context"]["num_filters"]
+    counts = global_plan(real["graph"], {"num_filters": n})
+    assert int(counts.sum()) == n and _is_global_threshold(real["graph"], counts)
+
+
+# ---------------------------------------------------------------------- Torch-Pruning baselines
+@pytest.mark.parametrize("algo", ["tp-uniform", "tp-global"])
+def test_torch_pruning_baselines_reach_the_macs_target_with_one_evaluation(real, algo):
+    from rlpruner_ray.measure import macs_params
+    from rlpruner_ray.search.tp_baselines import RATIO_TOLERANCE, tp_channels
+    graph = real["graph"]
+    env, context = _cost_env(real, "macs", 0.5)
+    target = context["cost_target"]["value"]
+    counter = Counter(env)
+    evaluator = Evaluator(counter, 10)
+    chosen = make_algorithm(real["config"].replace(algo=algo)).search(
+        StepContext(0, 1, graph, np.random.default_rng(0), extras=context), evaluator)
+    assert counter.calls == evaluator.used == 1                        # the budget is counted
+    assert chosen.source == "torch-pruning" and chosen.indices is not None
+    assert [len(i) for i in chosen.indices] == chosen.counts.tolist()
+    assert np.all(chosen.counts <= graph.channels - graph.floors)
+    assert graph.cost(chosen.counts)[0] <= target                      # target reached ...
+    small = graph.prune_channels(chosen.indices)
+    macs, _ = macs_params(small, graph.example_inputs)
+    assert macs == pytest.approx(graph.cost(chosen.counts)[0], rel=1e-3)
+    # ... by the smallest ratio that reaches it (bisection): a little less misses it
+    ratio = _found_ratio(graph, chosen.indices, algo == "tp-global")
+    fewer = tp_channels(graph, max(ratio - 2 * RATIO_TOLERANCE, 0.0), algo == "tp-global")
+    assert graph.cost(np.array([len(i) for i in fewer]))[0] > target
+    if algo == "tp-uniform":            # the same ratio everywhere: shares follow widths
+        ratios = chosen.counts / graph.channels
+        assert ratios.max() - ratios.min() <= 1.0 / graph.channels.min() + 1e-9
+
+
+def _found_ratio(graph, indices, global_pruning):
+    """The smallest ratio whose Torch-Pruning plan is ``indices`` (scan, for the test)."""
+    from rlpruner_ray.search.tp_baselines import tp_channels
+    lo, hi = 0.0, 0.9
+    while hi - lo > 1e-5:
+        mid = (lo + hi) / 2
+        if sum(map(len, tp_channels(graph, mid, global_pruning))) >= sum(map(len, indices)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def test_torch_pruning_global_in_filters_mode_removes_at_least_the_count(real):
+    n = real["context"]["num_filters"]
+    counter = Counter(real["env"])
+    evaluator = Evaluator(counter, 3)
+    chosen = make_algorithm(real["config"].replace(algo="tp-global")).search(real_ctx(real), evaluator)
+    assert evaluator.used == 1
+    assert n <= int(chosen.counts.sum()) <= n + 3
 
 
 # ---------------------------------------------------------------------- registry

@@ -28,6 +28,8 @@ class Candidate:
     index: int                    # evaluation number within the step
     source: str = "sample"        # "sample" or e.g. "policy" (RLlib's deterministic action)
     learner_stats: dict | None = None   # RLlib's learner statistics of the iteration
+    indices: list | None = None   # explicit root channels per group to prune instead of
+                                  # the importance order's first ``counts`` (Torch-Pruning's)
 
 
 class BudgetExhausted(RuntimeError):
@@ -53,14 +55,18 @@ class Evaluator:
         return self.budget - self.used
 
     def __call__(self, distributions, iteration: int, source: str = "sample") -> list[Candidate]:
-        distributions = [np.asarray(d, dtype=np.float64) for d in distributions][: self.remaining]
-        if not distributions:
+        """Score distributions (or :func:`exact_plan` items) and record them."""
+        items = [d if isinstance(d, dict) else np.asarray(d, dtype=np.float64)
+                 for d in distributions][: self.remaining]
+        if not items:
             raise BudgetExhausted("evaluation budget used up")
         started = time.perf_counter()
-        results = self.score_fn(distributions)
-        seconds = (time.perf_counter() - started) / len(distributions)
+        results = self.score_fn(items)
+        seconds = (time.perf_counter() - started) / len(items)
         out = []
-        for d, r in zip(distributions, results):
+        for d, r in zip(items, results):
+            if isinstance(d, dict):
+                d = d["counts"] / max(d["counts"].sum(), 1)
             out.append(self.record(candidate_from(d, r, iteration, source), seconds))
         return out
 
@@ -76,6 +82,18 @@ class Evaluator:
         if self.on_candidate is not None:
             self.on_candidate(c, seconds)
         return c
+
+
+def exact_plan(counts) -> dict:
+    """An item for an :class:`Evaluator` that is scored as these per-group counts,
+    not re-planned from a distribution (a threshold's plan, Torch-Pruning's)."""
+    return {"counts": np.asarray(counts, dtype=np.int64)}
+
+
+def plans_for(env, items: list) -> list[np.ndarray]:
+    """Counts to score for each item: exact plans as they are, distributions
+    planned by ``env`` for its step."""
+    return [np.asarray(d["counts"]) if isinstance(d, dict) else env.plan_distribution(d) for d in items]
 
 
 def candidate_from(distribution, result: dict, iteration: int, source: str = "sample",
@@ -140,12 +158,17 @@ def register(cls: type[SearchAlgorithm]) -> type[SearchAlgorithm]:
     return cls
 
 
+def _load_native() -> None:
+    from . import baselines, rlpruner, tp_baselines  # noqa: F401  (modules register their algorithms)
+
+
 def native_names() -> list[str]:
+    _load_native()
     return sorted(_REGISTRY)
 
 
 def make_algorithm(config: CompressConfig, **kwargs) -> SearchAlgorithm:
-    from . import baselines, rlpruner  # noqa: F401  (register the native algorithms)
+    _load_native()
     name = config.algo.lower()
     if name in _REGISTRY:
         return _REGISTRY[name](config, **kwargs)
@@ -160,7 +183,7 @@ def make_algorithm(config: CompressConfig, **kwargs) -> SearchAlgorithm:
 def planned_resources(config: CompressConfig) -> dict[str, float]:
     """Resources the search of ``config`` will ask Ray for (a Tune trial reserves
     exactly this)."""
-    from . import baselines, rlpruner  # noqa: F401
+    _load_native()
     if config.algo.lower() in _REGISTRY:
         return {"CPU": config.num_workers * config.cpus_per_worker,
                 "GPU": config.num_workers * config.gpus_per_worker}
@@ -170,7 +193,7 @@ def planned_resources(config: CompressConfig) -> dict[str, float]:
 
 def check_algorithm(config: CompressConfig) -> None:
     """Refuse an unknown algorithm, or settings it cannot run with, before any work."""
-    from . import baselines, rlpruner  # noqa: F401
+    _load_native()
     name = config.algo.lower()
     if name in _REGISTRY:
         return
@@ -184,7 +207,7 @@ def check_algorithm(config: CompressConfig) -> None:
 
 def check_algorithm_name(name: str) -> None:
     """Refuse an unknown algorithm name (settings are checked by check_algorithm)."""
-    from . import baselines, rlpruner  # noqa: F401
+    _load_native()
     if name.lower() not in _REGISTRY:
         from .rllib import check_rllib_algorithm
         check_rllib_algorithm(name.lower())

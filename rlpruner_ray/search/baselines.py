@@ -2,16 +2,21 @@
 
 * ``uniform``: every group loses the same fraction of its channels (the
   paper's initial distribution); one evaluation, to report its reward.
-* ``global``: one ranking of all channels by normalised importance across
-  groups (torch-pruning's global pruning), no search; one evaluation.
+* ``global``: Torch-Pruning-style global pruning with the run's importance:
+  one ranking of all channels by importance normalised within each group, and
+  one threshold moved down that ranking until the step's target (filters, MACs
+  or params) is met; no search, one evaluation.
 * ``random``: random search — the whole budget on distributions drawn from a
   Dirichlet whose mean is the initial distribution; the best one wins.
+
+``tp-uniform`` and ``tp-global`` (Torch-Pruning's own pruner) are in
+``tp_baselines``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, register
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
 
 
 @register
@@ -27,29 +32,49 @@ class GlobalSearch(SearchAlgorithm):
     name = "global"
 
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
-        graph = ctx.graph
-        n = ctx.extras.get("num_filters") or int(round(self.config.step_fraction * graph.total_channels))
-        n = max(1, min(n, graph.max_removable))
-        counts = global_counts(graph, n)
-        return evaluate([counts / counts.sum()], 0)[0]
+        counts = global_plan(ctx.graph, ctx.extras, step_fraction=self.config.step_fraction)
+        return evaluate([exact_plan(counts)], 0)[0]
 
 
-def global_counts(graph, num_filters: int) -> np.ndarray:
-    """Remove the ``num_filters`` globally least important channels, respecting each
-    group's floor. Scores are comparable across groups because each group's are
-    normalised by their mean."""
-    entries = []
+def global_order(graph) -> np.ndarray:
+    """Group of each removable channel, in global order (least important first).
+    Scores are comparable across groups because each group's are divided by their
+    mean; a group offers at most its capacity (channels above its floor)."""
+    scores, groups = [], []
     for g, s in enumerate(graph.scores):
-        s = s.cpu().double()          # host copy: the scores live on the model's device
+        s = s.cpu().double().numpy()          # host copy: the scores live on the model's device
         mean = float(s.mean()) or 1.0
-        order = np.argsort((s / mean).numpy(), kind="stable")
         capacity = int(graph.channels[g] - graph.floors[g])
-        entries += [(float(s[i]) / mean, g) for i in order[:capacity]]
-    entries.sort(key=lambda e: e[0])
-    counts = np.zeros(graph.num_groups, np.int64)
-    for _, g in entries[:num_filters]:
-        counts[g] += 1
-    return counts
+        scores.append(np.sort(s / mean, kind="stable")[:capacity])
+        groups.append(np.full(capacity, g, np.int64))
+    scores, groups = np.concatenate(scores), np.concatenate(groups)
+    return groups[np.argsort(scores, kind="stable")]
+
+
+def global_counts(graph, num_filters: int, order: np.ndarray | None = None) -> np.ndarray:
+    """Per-group counts when the ``num_filters`` globally least important channels go."""
+    order = global_order(graph) if order is None else order
+    return np.bincount(order[:num_filters], minlength=graph.num_groups).astype(np.int64)
+
+
+def global_plan(graph, context: dict, *, step_fraction: float = 0.1) -> np.ndarray:
+    """The global threshold for this step: a filter count (``num_filters``), or the
+    fewest globally ranked channels that bring MACs / params down to
+    ``cost_target`` (cost falls as the threshold moves, so bisect it)."""
+    order = global_order(graph)
+    target = context.get("cost_target")
+    if target is None:
+        n = context.get("num_filters") or int(round(step_fraction * graph.total_channels))
+        return global_counts(graph, max(1, min(n, len(order))), order)
+    kind = 0 if target["kind"] == "macs" else 1
+    lo, hi = 0, len(order)                 # smallest n whose cost meets the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if graph.cost(global_counts(graph, mid, order))[kind] <= target["value"]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return global_counts(graph, max(lo, 1), order)
 
 
 @register

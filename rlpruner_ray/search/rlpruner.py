@@ -3,21 +3,33 @@
 The policy is one global vector, the pruning distribution (PD) over groups,
 carried from step to step. Each iteration:
 
-1. sample Q candidates ``PD + randn * noise * U(0, 1)``, clamp at 1e-5, renormalise;
+1. sample Q candidates around PD (noise below), renormalise;
 2. score them in parallel (masked pruning, reward on validation batches);
 3. keep the ``buffer_size`` best (reward, candidate) of the step;
 4. if the iteration's best beats the step's best so far, move PD toward it by
    ``step_length`` and clip each element's ratio new/old to [1 - clip, 1 + clip]
-   (the PPO-style trust region), renormalise;
-5. drop guard: if the step's best accuracy so far falls more than ``drop_guard``
-   (relative) below the previous step's, reset PD to the initial distribution —
-   the reference code redoes the step; we continue with the step's remaining
-   budget so every algorithm spends the same number of evaluations.
+   (the PPO-style trust region), renormalise.
 
-The step's candidate is chosen epsilon-greedily from the buffer, epsilon
+The step's candidate is chosen epsilon-greedily from the whole buffer, epsilon
 starting at ``epsilon`` and cosine-decayed to 0 over the first
-``epsilon_decay_fraction`` of the steps. There are no gradients: it is a
-hill-climb toward elite samples.
+``epsilon_decay_fraction`` of the steps.
+
+Drop guard, as the reference runs it: once per step, on the chosen candidate,
+against the previous step's accuracy (the base model's at step 0). When the
+chosen accuracy is more than ``drop_guard`` (relative) below it, the buffer is
+cleared, PD reset to the initial distribution and the step redone. The redo
+must fit in the step's budget (every algorithm spends the same number of
+evaluations), so while the guard is armed the first attempt leaves
+``guard_reserve`` of the budget; if the guard does not fire, the same attempt
+goes on with it and chooses again.
+
+Noise: ``additive`` is the paper's ``PD + randn * noise * U(0, 1)`` clamped at
+1e-5, which barely moves large groups in relative terms and clamps small ones
+to ~0 often; ``multiplicative`` perturbs log PD instead
+(``PD * exp(randn * multiplicative_noise * U(0, 1))``), the same relative
+exploration for small and large groups.
+
+There are no gradients: it is a hill-climb toward elite samples.
 """
 from __future__ import annotations
 
@@ -25,7 +37,7 @@ import math
 
 import numpy as np
 
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, register
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
 
 
 def epsilon_at(step: int, num_steps: int, epsilon: float, decay_fraction: float) -> float:
@@ -40,6 +52,15 @@ def _normalise(d: np.ndarray) -> np.ndarray:
     return d / d.sum()
 
 
+def sample_around(pd: np.ndarray, n: int, rng: np.random.Generator, config) -> list[np.ndarray]:
+    """``n`` noisy variants of ``pd`` (see the module docstring for the two kinds)."""
+    z = rng.standard_normal((n, len(pd)))      # (this draw order keeps the paper's noise as it was)
+    scale = rng.uniform(0, 1, (n, 1))
+    if config.noise_type == "multiplicative":
+        return [_normalise(pd * np.exp(row)) for row in z * config.multiplicative_noise * scale]
+    return [_normalise(pd + row) for row in z * config.noise * scale]
+
+
 @register
 class RLPrunerSearch(SearchAlgorithm):
     name = "rlpruner"
@@ -50,31 +71,48 @@ class RLPrunerSearch(SearchAlgorithm):
 
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
         c = self.config
-        rng = ctx.rng
         if self.pd is None or len(self.pd) != ctx.graph.num_groups:
             self.pd = ctx.initial.copy()
-        buffer: list[Candidate] = []
-        step_best = -math.inf
-        iteration = 0
-        while evaluate.remaining > 0:
-            n = min(c.samples_per_iteration, evaluate.remaining)
-            noise = rng.standard_normal((n, len(self.pd))) * c.noise * rng.uniform(0, 1, (n, 1))
-            samples = [_normalise(self.pd + z) for z in noise]
-            results = evaluate(samples, iteration)
-            buffer = sorted(buffer + results, key=lambda r: -r.reward)[: c.buffer_size]
-            best = max(results, key=lambda r: r.reward)
-            if best.reward > step_best:
-                step_best = best.reward
-                moved = self.pd + c.step_length * (best.distribution - self.pd)
-                ratio = np.clip(moved / self.pd, 1.0 - c.clip, 1.0 + c.clip)
-                self.pd = _normalise(self.pd * ratio)
-            if (c.drop_guard > 0 and ctx.reference_accuracy is not None
-                    and buffer[0].accuracy < (1.0 - c.drop_guard) * ctx.reference_accuracy):
-                self.pd = ctx.initial.copy()
-            iteration += 1
+        armed = c.drop_guard > 0 and ctx.reference_accuracy is not None
+        reserve = int(c.guard_reserve * evaluate.remaining) if armed else 0
+        state = {"buffer": [], "best": -math.inf, "iteration": 0}
+        if c.include_baselines:
+            self._iterate(state, evaluate, baseline_distributions(ctx, c))
+        self._run(ctx, evaluate, state, evaluate.remaining - reserve)
+        chosen = self._choose(ctx, state["buffer"])
+        if armed and chosen.accuracy < (1.0 - c.drop_guard) * ctx.reference_accuracy and evaluate.remaining:
+            # redo the step from the initial distribution with what is left
+            self.pd = ctx.initial.copy()
+            state.update(buffer=[], best=-math.inf)
+        if evaluate.remaining:
+            self._run(ctx, evaluate, state, evaluate.remaining)
+            chosen = self._choose(ctx, state["buffer"])
+        return chosen
+
+    def _run(self, ctx: StepContext, evaluate: Evaluator, state: dict, budget: int) -> None:
+        """Sample-score-update iterations until ``budget`` evaluations are spent."""
+        stop_at = evaluate.remaining - budget
+        while evaluate.remaining > stop_at:
+            n = min(self.config.samples_per_iteration, evaluate.remaining - stop_at)
+            self._iterate(state, evaluate, sample_around(self.pd, n, ctx.rng, self.config))
+
+    def _iterate(self, state: dict, evaluate: Evaluator, samples: list) -> None:
+        c = self.config
+        results = evaluate(samples, state["iteration"])
+        state["iteration"] += 1
+        state["buffer"] = sorted(state["buffer"] + results, key=lambda r: -r.reward)[: c.buffer_size]
+        best = max(results, key=lambda r: r.reward)
+        if best.reward > state["best"]:
+            state["best"] = best.reward
+            moved = self.pd + c.step_length * (best.distribution - self.pd)
+            ratio = np.clip(moved / self.pd, 1.0 - c.clip, 1.0 + c.clip)
+            self.pd = _normalise(self.pd * ratio)
+
+    def _choose(self, ctx: StepContext, buffer: list[Candidate]) -> Candidate:
+        c = self.config
         eps = epsilon_at(ctx.step, ctx.num_steps, c.epsilon, c.epsilon_decay_fraction)
-        if len(buffer) > 1 and rng.uniform() < eps:
-            return buffer[int(rng.integers(1, len(buffer)))]   # explore: another elite sample
+        if len(buffer) > 1 and ctx.rng.uniform() < eps:
+            return buffer[int(ctx.rng.integers(0, len(buffer)))]   # explore: any elite sample
         return buffer[0]
 
     def state_dict(self) -> dict:
@@ -82,3 +120,11 @@ class RLPrunerSearch(SearchAlgorithm):
 
     def load_state_dict(self, state: dict) -> None:
         self.pd = None if state.get("pd") is None else np.asarray(state["pd"], dtype=np.float64)
+
+
+def baseline_distributions(ctx: StepContext, config) -> list:
+    """The uniform and global-threshold distributions of this step, scored as the
+    first iteration's candidates: the search then starts no worse than either."""
+    from .baselines import global_plan
+    counts = global_plan(ctx.graph, ctx.extras, step_fraction=config.step_fraction)
+    return [ctx.initial, exact_plan(counts)]

@@ -16,6 +16,7 @@ from ..errors import RLPrunerError
 # re-exported: the store's names were long imported from here
 from ..model_store import CLOSED, SPENT, ModelStore, make_payload, start_store  # noqa: F401
 from ..runtime import NAMESPACE, check_resources
+from .base import plans_for
 
 
 def env_settings(config: CompressConfig, *, store: str | None = None, device: str = "cpu") -> dict:
@@ -23,7 +24,7 @@ def env_settings(config: CompressConfig, *, store: str | None = None, device: st
     return {
         "dataset": {"name": config.dataset, "data_dir": config.data_dir, "val_fraction": config.val_fraction,
                     "seed": config.seed, "image_size": config.image_size},
-        "reward": config.reward, "reward_coef": config.reward_coef,
+        "reward": config.reward, "reward_coef": config.reward_coef, "reward_metric": config.reward_metric,
         "reward_samples": config.reward_samples, "reward_batch_size": config.reward_batch_size,
         "bn_recalibration_batches": config.bn_recalibration_batches, "horizon": config.horizon,
         "action_scale": config.action_scale, "min_channels": config.min_channels,
@@ -42,10 +43,11 @@ class EvalWorker:
         import envs  # registers the env; importable on every node
         self.env = envs.LayerPruningEnv(settings)
 
-    def evaluate(self, distributions: list, version: int) -> list[dict]:
+    def evaluate(self, items: list, version: int) -> list[dict]:
+        """Score distributions, or exact plans (``search.base.exact_plan``)."""
         if self.env.scorer.version != version:
             self.env.sync()
-        return self.env.evaluate_distributions([np.asarray(d, dtype=np.float64) for d in distributions])
+        return self.env.evaluate_plans(plans_for(self.env, items))
 
     def describe(self) -> dict:
         import os

@@ -10,7 +10,7 @@ from .storage import (EXPERIMENT, SWEEP_FILE, TRIALS_DIR, is_uri, local_dir_for,
                       resolve_location, trial_name)
 
 GRID_KEYS = ("sparsity", "algo", "reward", "criterion", "seed")
-COMPARE_ALGOS = ("rlpruner", "random", "uniform", "global")
+COMPARE_ALGOS = ("rlpruner", "random", "uniform", "global", "tp-uniform", "tp-global")
 
 
 def grid_points(grid: dict) -> list[dict]:

@@ -1,0 +1,109 @@
+"""Torch-Pruning's own pruner as external baselines: ``tp-uniform`` (every group
+loses the same ratio) and ``tp-global`` (one global threshold over group
+importances), both with ``GroupMagnitudeImportance(p=1)`` and the classifier
+ignored, the ratio bisected until the step's target (filters, MACs or params)
+is met.
+
+The channels Torch-Pruning picks are what the step applies (``Candidate.indices``);
+the step's one evaluation (budget counted like any one-shot baseline) scores the
+same per-group counts in the run's importance order, so its reward is close to,
+not exactly, that of Torch-Pruning's channels.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..errors import PlanError
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
+
+RATIO_TOLERANCE = 1e-4
+# Highest ratio tried: near 1 Torch-Pruning skips every group it would empty, so the
+# channels removed stop growing with the ratio (and the bisection needs them to)
+MAX_RATIO = 0.9
+
+
+def tp_channels(graph, ratio: float, global_pruning: bool, model=None) -> list[list[int]]:
+    """Root channel indices per group of ``graph`` that Torch-Pruning's pruner
+    removes at ``ratio`` (read off its interactive step; nothing is pruned)."""
+    model = model if model is not None else copy.deepcopy(graph.model)
+    names = dict(model.named_modules())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    importance = tp.importance.GroupMagnitudeImportance(p=1)
+    with torch.enable_grad():   # torch-pruning traces with autograd
+        pruner = tp.pruner.BasePruner(model, graph.example_inputs, importance=importance,
+                                      global_pruning=global_pruning, pruning_ratio=ratio,
+                                      ignored_layers=linears[-1:])
+        module_name = {m: n for n, m in names.items()}
+        position = {k: g for g, k in enumerate(graph.keys)}
+        chosen = [[] for _ in graph.keys]
+        for group in pruner.step(interactive=True):
+            key = module_name.get(group[0].dep.target.module)
+            if key in position:        # groups this graph does not prune are left alone
+                chosen[position[key]] = sorted(int(i) for i in group[0].idxs)
+    return [_within_floor(graph, g, idx, pruner, importance, names) for g, idx in enumerate(chosen)]
+
+
+def _within_floor(graph, g: int, idx: list[int], pruner, importance, names) -> list[int]:
+    """Torch-Pruning's one-shot global threshold can empty a group; the run's floors
+    hold for every method, so such a group keeps its most important chosen channels."""
+    capacity = int(graph.channels[g] - graph.floors[g])
+    if len(idx) <= capacity:
+        return idx
+    group = graph.groups[g]
+    full = pruner.DG.get_pruning_group(names[group.key], group.pruning_fn, list(range(int(graph.channels[g]))))
+    scores = importance(full).detach().cpu().numpy()
+    return sorted(sorted(idx, key=lambda i: scores[i])[:capacity])
+
+
+def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, list[list[int]]]:
+    """(counts, indices) at the smallest ratio that meets the step's target."""
+    model = copy.deepcopy(graph.model)
+    target = context.get("cost_target")
+
+    def plan(ratio):
+        indices = tp_channels(graph, ratio, global_pruning, model)
+        return np.array([len(i) for i in indices], np.int64), indices
+
+    def meets(counts):
+        if target is None:
+            return counts.sum() >= context["num_filters"]
+        return graph.cost(counts)[0 if target["kind"] == "macs" else 1] <= target["value"]
+
+    lo, hi = 0.0, MAX_RATIO
+    best = plan(hi)
+    if not meets(best[0]):
+        raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
+    while hi - lo > RATIO_TOLERANCE:
+        mid = (lo + hi) / 2
+        candidate = plan(mid)
+        if meets(candidate[0]):
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    return best
+
+
+class _TorchPruningSearch(SearchAlgorithm):
+    global_pruning = False
+
+    def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
+        counts, indices = tp_plan(ctx.graph, ctx.extras, self.global_pruning)
+        chosen = evaluate([exact_plan(counts)], 0)[0]
+        chosen.indices, chosen.source = indices, "torch-pruning"   # the channels the step applies
+        return chosen
+
+
+@register
+class TorchPruningUniform(_TorchPruningSearch):
+    name = "tp-uniform"
+
+
+@register
+class TorchPruningGlobal(_TorchPruningSearch):
+    name = "tp-global"
+    global_pruning = True

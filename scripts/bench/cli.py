@@ -1,0 +1,91 @@
+"""The command line of scripts/bench.py (see that file for usage)."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .common import METHODS, ROOT, TASKS, log, machine, task_main
+from .report import SECTIONS, Bench
+
+
+def parse_args(argv=None, description: str = ""):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny version of every section (CI, a few minutes)")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="Markdown report to write")
+    p.add_argument("--rows", default=str(ROOT / "benchmarks" / "bench_rows.parquet"), help="Parquet file of raw rows")
+    p.add_argument("--work-dir", default=str(ROOT / "bench_runs"), help="model files and run folders (git-ignored)")
+    p.add_argument("--data", help="folder of the CIFAR-10 npz copy (default: ../shared/data/cifar10 next to the "
+                                  "checkout)")
+    p.add_argument("--base", help="trained base model file for sections 3-6 (default: "
+                                  "../shared/models/cifar10-resnet20.pt next to the checkout)")
+    p.add_argument("--sections", type=int, nargs="*", default=sorted(SECTIONS), choices=sorted(SECTIONS),
+                   help="run only these sections (5 and 6 bring 3); the others are carried over from the "
+                        "previous rows and state at --rows (same profile)")
+    p.add_argument("--seeds", type=int, nargs="*", help="override the profile's seeds for section 3")
+    p.add_argument("--methods", nargs="*", choices=METHODS, help="override the methods of section 3")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render --out from --rows and its _state.json, without measuring")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="keep section-3 runs whose summary.json has the same settings instead of rerunning them")
+    p.add_argument("--task", choices=sorted(TASKS), help=argparse.SUPPRESS)
+    p.add_argument("--task-in", help=argparse.SUPPRESS)
+    p.add_argument("--task-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None, description: str = "") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv, description)
+    if args.task:
+        return task_main(args.task, args.task_in, args.task_out)
+    bench = Bench(args)
+    if args.report_only:
+        bench.load()
+        bench.write()
+        return 0
+    started = time.perf_counter()
+    wanted = set(args.sections)
+    if wanted & {5, 6}:
+        wanted.add(3)
+    missing = _missing_inputs(bench, wanted)
+    if missing:
+        print(f"bench: {missing}; use --quick, --data or --base", file=sys.stderr)
+        return 2
+    bench.work.mkdir(parents=True, exist_ok=True)
+    st = bench.state
+    st.update(profile=bench.profile, load_start=os.getloadavg()[0], machine=machine(),
+              command="python scripts/bench.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv)))
+    bench.carry_over(wanted)
+    for k in sorted(wanted):
+        log(f"section {SECTIONS[k].TITLE}")
+        t0 = time.perf_counter()
+        try:
+            st["sections"][str(k)] = bench.measure(k)
+        except Exception as exc:  # noqa: BLE001  (report it and go on with the other sections)
+            traceback.print_exc()
+            st["failed"][str(k)] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        st["seconds"][str(k)] = time.perf_counter() - t0
+        log(f"section {k} took {st['seconds'][str(k)]:.0f}s")
+    st.update(total_seconds=time.perf_counter() - started, load_end=os.getloadavg()[0])
+    bench.save()
+    bench.write()
+    log(f"done in {st['total_seconds'] / 60:.1f} min")
+    return 1 if st["failed"] else 0
+
+
+def _missing_inputs(bench: Bench, wanted: set) -> str | None:
+    """A sentence naming the data or model file the wanted sections need and lack."""
+    if not wanted & {3, 4, 5, 6}:
+        return None
+    dataset = bench.P["dataset"]
+    if dataset.startswith("npz:") and not Path(dataset[4:], "train.npz").exists():
+        return f"the CIFAR-10 copy is missing ({dataset[4:]})"
+    base = bench.P.get("base")
+    if base not in (None, "train") and not Path(base).exists():
+        return f"the base model is missing ({base})"
+    return None

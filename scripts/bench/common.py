@@ -1,0 +1,286 @@
+"""What every section shares: paths, the budgets of each profile, result rows,
+small statistics, and running a task in a fresh process."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]          # the checkout
+SCRIPT = ROOT / "scripts" / "bench.py"              # tasks run through it (--task)
+# the project's shared data and models sit next to the checkout (../shared)
+SHARED = ROOT.parent / "shared"
+CIFAR_DEFAULT = SHARED / "data" / "cifar10"
+SHARED_BASE = SHARED / "models" / "cifar10-resnet20.pt"
+METHODS = ("rlpruner", "ppo", "random", "uniform", "global", "tp-uniform", "tp-global")
+ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all their fine-tuning after one step
+ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
+PAPER_EVALS_PER_STEP = 100
+
+# Budgets. Everything that decides how long a section takes is here.
+PROFILES = {
+    "full": dict(
+        # 1: CIFAR-style models at 32x32, 256 reward images in one batch
+        cost_models=["resnet56", "mobilenetv3_large"], cost_samples=256, cost_batch=256, cost_repeats=7,
+        cost_step_fraction=0.1,
+        # 2: resnet20 at 32x32, 256 reward images
+        scale_model="resnet20", scale_samples=256, scale_evals=12, scale_repeats=3, scale_rt=5,
+        scale_ppo_evals=31, scale_ppo_batch=10,
+        synth_train=3000, synth_test=200,
+        # 3-6: real CIFAR-10 copy and the shared, well-trained ResNet-20 (never retrained)
+        dataset="cifar10", model="resnet20", base="shared",
+        sparsity=0.5, step_fraction=0.25, evals=40, reward_samples=512,
+        # every method gets the same KD fine-tuning in total: multi-step methods split it
+        # over their steps, one-shot methods get all of it after their single step
+        finetune_total_epochs=2, finetune_batches=50, finetune_lr=0.01, num_workers=2,
+        methods=list(METHODS), seeds=[0], paired_seeds=[0, 1, 2],
+        paired_methods=["rlpruner", "uniform", "global", "tp-global"],
+        pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"], ["ppo", "random"]],
+        rl_batch_size=20, bootstrap=10000,
+        # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole
+        # epoch; ground truth on every validation row the rewards do not use
+        fid_samples=60, fid_kd_epochs=1, fid_kd_batches=None, fid_kd_batch_size=128, fid_bn_batches=4,
+        fid_reward_sizes=[512, 2048], fid_eval_images=None,
+        lat_repeats=3, lat_b64_repeats=5,
+    ),
+    "quick": dict(
+        cost_models=["resnet8", "mobilenetv3_small"], cost_samples=64, cost_batch=64, cost_repeats=3,
+        cost_step_fraction=0.1,
+        scale_model="resnet8", scale_samples=64, scale_evals=4, scale_repeats=2, scale_rt=3,
+        scale_ppo_evals=5, scale_ppo_batch=4,
+        synth_train=800, synth_test=50,
+        dataset="digits", model="resnet8", base="train", train_epochs=6, train_batches=12, train_lr=0.05,
+        sparsity=0.5, step_fraction=0.5, evals=3, reward_samples=64,
+        finetune_total_epochs=1, finetune_batches=2, finetune_lr=0.01, num_workers=2,
+        # one seed, and no ppo here: section 2 already runs `compress --algo ppo` twice
+        methods=["rlpruner", "random", "uniform", "global", "tp-global"], seeds=[0], paired_seeds=[0, 1],
+        paired_methods=["rlpruner", "tp-global"], pairs=[["rlpruner", "tp-global"]],
+        rl_batch_size=2, bootstrap=500,
+        fid_samples=6, fid_kd_epochs=1, fid_kd_batches=2, fid_kd_batch_size=32, fid_bn_batches=2,
+        fid_reward_sizes=[32, 64], fid_eval_images=80,
+        lat_repeats=1, lat_b64_repeats=2,
+    ),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def row(section, item, variant, metric, value, unit="", repeat=-1, seed=-1) -> dict:
+    return {"section": int(section), "item": str(item), "variant": str(variant), "metric": str(metric),
+            "value": float(value), "unit": str(unit), "repeat": int(repeat), "seed": int(seed)}
+
+
+def _threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(int(n))
+
+
+def _tagged_model(name: str, data, seed: int = 0):
+    import torch
+    from rlpruner_ray.checkpoint import tag_model
+    from rlpruner_ray.models import build_model, model_spec
+    torch.manual_seed(seed)
+    model = build_model(name, data.num_classes, data.in_channels)
+    tag_model(model, model_spec(name, data.num_classes, data.in_channels), data.example_inputs(1).shape[1:])
+    return model.eval()
+
+
+def _accuracy(model, batches) -> float:
+    import torch
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def _median(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else float("nan")
+
+
+def make_synthetic_npz(folder: Path, n_train: int, n_test: int, size: int = 32, seed: int = 0) -> str:
+    """A folder with random 32x32 RGB images in the npz layout: the cost of a
+    forward pass does not depend on pixel values, and it loads in milliseconds."""
+    import numpy as np
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f"n{n_train}_{n_test}_{size}_{seed}.ok"
+    if not marker.exists():
+        rng = np.random.default_rng(seed)
+        for name, n in (("train", n_train), ("test", n_test)):
+            np.savez(folder / f"{name}.npz", images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                     labels=np.arange(n, dtype=np.int64) % 10)
+        for old in folder.glob("*.ok"):
+            old.unlink()
+        marker.touch()
+    return f"npz:{folder}"
+
+
+def _ranks(values):
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1      # ties share their average rank
+        i = j + 1
+    return ranks
+
+
+def pearson(x, y) -> float:
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def spearman(x, y) -> float:
+    return pearson(_ranks(list(x)), _ranks(list(y)))
+
+
+def bootstrap_interval(values, *, statistic=None, level: float = 0.9, resamples: int = 10000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` (default: the mean) of
+    ``values`` (a list of items; tuples for a paired statistic such as Spearman)."""
+    import numpy as np
+    values = list(values)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    statistic = statistic or (lambda v: statistics.fmean(v))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        sample = [values[i] for i in rng.integers(0, len(values), len(values))]
+        value = statistic(sample)
+        if math.isfinite(value):
+            draws.append(value)
+    if not draws:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    return float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))
+
+
+def spearman_interval(x, y, **kw) -> tuple[float, float]:
+    """90% bootstrap interval of Spearman's rho over (x, y) pairs."""
+    return bootstrap_interval(list(zip(x, y)), statistic=lambda s: spearman([a for a, _ in s], [b for _, b in s]),
+                              **kw)
+
+
+# Tasks: heavy pieces run in a fresh Python process (isolates Ray and memory).
+TASKS: dict = {}
+
+
+def task(fn):
+    """Register ``fn`` as a task ``run_task`` can start by its name (task_<name>)."""
+    TASKS[fn.__name__.removeprefix("task_")] = fn
+    return fn
+
+
+def run_task(name: str, params: dict, work: Path, timeout: float | None = None) -> dict:
+    """Run one task in a fresh Python process; its stderr is passed through."""
+    work.mkdir(parents=True, exist_ok=True)
+    tag = f"{name}-{os.getpid()}-{time.monotonic_ns()}"
+    inp, out = work / f".task-{tag}.json", work / f".task-{tag}.out.json"
+    inp.write_text(json.dumps(params))
+    # this checkout's packages first, in the task and in the Ray workers it starts
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore::DeprecationWarning",
+               RAY_DEDUP_LOGS="1", PYTHONPATH=path)
+    try:
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--task", name, "--task-in", str(inp),
+                               "--task-out", str(out)], cwd=str(ROOT), env=env, timeout=timeout,
+                              stdout=sys.stderr, stderr=sys.stderr)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"task {name} failed with exit code {proc.returncode}")
+        return json.loads(out.read_text())
+    finally:
+        inp.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+
+
+def task_main(name: str, task_in: str, task_out: str) -> int:
+    params = json.loads(Path(task_in).read_text())
+    result = TASKS[name](params)
+    Path(task_out).write_text(json.dumps(result, default=_json_default))
+    return 0
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def num(value, spec: str = ".3f", suffix: str = "") -> str:
+    """A table cell: the number, or n/a when it is missing or not finite."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:{spec}}{suffix}" if math.isfinite(v) else "n/a"
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _getter(rows):
+    index = {(r["item"], r["variant"], r["metric"]): r["value"] for r in rows if r["repeat"] == -1}
+    return lambda item, variant, metric: index.get((item, variant, metric), float("nan"))
+
+
+def machine() -> dict:
+    import numpy
+    import ray
+    import torch
+    import torch_pruning
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        memory = f"{kb / 2 ** 20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        memory = "unknown"
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": memory, "os": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "torch_pruning": getattr(torch_pruning, "__version__", "?"), "numpy": numpy.__version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)

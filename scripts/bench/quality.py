@@ -1,0 +1,346 @@
+"""Section 3: quality at equal budgets, and the compress / train tasks its runs use."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .common import ONE_SHOT, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
+
+TITLE = "3. Quality at equal budgets"
+
+
+def _fingerprint_model(model) -> str:
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _memoise_evaluations(cache_file: Path) -> None:
+    """Memoise ``evaluate(model, data, split)`` on (weights, split contents, args):
+    evaluating bit-identical weights on the same images is deterministic, and the
+    pipeline repeats such evaluations (the base model on val and test in every
+    run; a pruned model before fine-tuning and at fine-tuning's epoch 0). No
+    figure changes; only wall time does. The cache persists across runs."""
+    from rlpruner_ray import pipeline, train
+    original = getattr(train, "evaluate", None)
+    if original is None or getattr(original, "_bench_memo", False):
+        return
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    split_keys: dict = {}
+
+    def split_key(data, split):
+        k = (id(data), split)
+        if k not in split_keys:
+            part = data.split(split)
+            h = hashlib.sha1(part.labels.numpy().tobytes())
+            h.update(part.images.numpy().tobytes())
+            h.update(repr((data.mean, data.std, data.image_size)).encode())
+            split_keys[k] = h.hexdigest()
+        return split_keys[k]
+
+    def evaluate(model, data, split="val", *, batch_size=512, device="cpu", limit=None):
+        key = "|".join([_fingerprint_model(model), split_key(data, split), split, str(batch_size), str(device),
+                        str(limit)])
+        if key in cache:
+            model.to(device)
+            return dict(cache[key])
+        out = original(model, data, split, batch_size=batch_size, device=device, limit=limit)
+        cache[key] = out
+        cache_file.write_text(json.dumps(cache))
+        return dict(out)
+
+    evaluate._bench_memo = True
+    train.evaluate = evaluate
+    if getattr(pipeline, "evaluate", None) is original:
+        pipeline.evaluate = evaluate
+
+
+@task
+def task_compress(p: dict) -> dict:
+    """Run several compress() calls, optionally sharing one local Ray."""
+    import logging
+    from rlpruner_ray.config import CompressConfig
+    from rlpruner_ray.pipeline import compress
+    logging.getLogger("rlpruner_ray").setLevel(logging.WARNING)
+    _threads(p.get("driver_threads", 1))
+    if p.get("memo"):
+        _memoise_evaluations(Path(p["memo"]))
+    if p.get("shared_ray"):
+        from rlpruner_ray.runtime import init_ray
+        init_ray(None, p["ray_dir"])
+    results = []
+    for cfg in p["configs"]:
+        out = Path(cfg["out_dir"])
+        summary_file = out / "summary.json"
+        if p.get("reuse") and summary_file.exists():
+            saved = json.loads(summary_file.read_text())
+            if _same_config(saved.get("config", {}), cfg):
+                log(f"reusing {out}")
+                results.append({"out_dir": str(out), "ok": True, "reused": True})
+                continue
+        log(f"compress {cfg.get('algo')} seed {cfg.get('seed')} -> {out}")
+        started = time.perf_counter()
+        try:
+            compress(CompressConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()},
+                                    overwrite=True))
+            results.append({"out_dir": str(out), "ok": True, "seconds": time.perf_counter() - started})
+        except Exception as exc:  # one failed run must not sink the benchmark
+            traceback.print_exc()
+            results.append({"out_dir": str(out), "ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        log(f"  done in {time.perf_counter() - started:.0f}s")
+    if p.get("shared_ray"):
+        from rlpruner_ray.runtime import shutdown_ray
+        shutdown_ray()
+    return {"runs": results}
+
+
+def _same_config(saved: dict, wanted: dict) -> bool:
+    skip = {"overwrite", "resume"}
+    return all(_plain(saved.get(k)) == _plain(v) for k, v in wanted.items() if k not in skip)
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+@task
+def task_train(p: dict) -> dict:
+    """The base model, trained by the function behind ``rlpruner train`` (with a
+    per-epoch batch cap, which that command does not expose)."""
+    from rlpruner_ray.config import CompressConfig
+    import logging
+    from rlpruner_ray.pipeline import train_command
+    logging.basicConfig(level=logging.WARNING, format="[rlpruner] %(message)s", stream=sys.stderr)
+    logging.getLogger("rlpruner_ray").setLevel(logging.INFO)      # one line per epoch
+    _threads(p.get("threads", 1))
+    started = time.perf_counter()
+    out = train_command(CompressConfig(**p["config"], overwrite=True))
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+
+def base_model(bench) -> dict:
+    """The base every method starts from: the shared, well-trained model file (full
+    profile), or a small model trained once and cached (quick profile)."""
+    P = bench.P
+    if P["base"] != "train":
+        return {"file": P["base"], "shared": True, "reused": True, "seconds": 0.0}
+    base_dir = bench.work / "base"
+    cfg = dict(model=P["model"], dataset=P["dataset"], train_epochs=P["train_epochs"],
+               max_batches_per_epoch=P["train_batches"], train_lr=P["train_lr"], seed=0, out_dir=str(base_dir))
+    meta_file = base_dir / "bench_base.json"
+    if meta_file.exists() and (base_dir / "base_model.pt").exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("config") == cfg:
+            log(f"base model: reusing {base_dir / 'base_model.pt'} (trained in {meta['seconds']:.0f}s)")
+            meta["reused"] = True
+            return meta
+    log(f"base model: training {P['model']} for {P['train_epochs']} epochs x {P['train_batches']} batches")
+    out = run_task("train", {"config": cfg, "threads": 1}, bench.work)
+    meta = {"config": cfg, "file": str(base_dir / "base_model.pt"), "val_top1": out["val_top1"],
+            "macs": out["macs"], "params": out["params"], "seconds": out["seconds"]}
+    meta_file.write_text(json.dumps(meta, indent=2))
+    meta["reused"] = False
+    return meta
+
+
+def num_steps(P: dict, method: str) -> int:
+    if method in ONE_SHOT:
+        return 1
+    return max(1, math.ceil(P["sparsity"] / P["step_fraction"] - 1e-9))
+
+
+def run_config(bench, method: str, seed: int, base_file: str) -> dict:
+    """One run of the protocol: the same MACs target, evaluations per step and KD
+    epochs in total for every method (one-shot methods: one step with all of it)."""
+    P = bench.P
+    steps = num_steps(P, method)
+    if P["finetune_total_epochs"] % steps:
+        raise ValueError(f"finetune_total_epochs {P['finetune_total_epochs']} does not split over {steps} steps")
+    cfg = dict(model=P["model"], dataset=P["dataset"], base_checkpoint=base_file, algo=method,
+               target="macs", sparsity=P["sparsity"],
+               step_fraction=P["sparsity"] if method in ONE_SHOT else P["step_fraction"],
+               evaluations_per_step=P["evals"], reward_samples=P["reward_samples"],
+               finetune_epochs=P["finetune_total_epochs"] // steps, max_batches_per_epoch=P["finetune_batches"],
+               finetune_lr=P["finetune_lr"], num_workers=P["num_workers"], rl_batch_size=P["rl_batch_size"],
+               seed=seed, out_dir=str(bench.work / "runs" / f"{method}_s{seed}"))
+    if seed != 0 and "split_seed" in _config_fields():
+        # the shared base trained on seed 0's split: other seeds must not move the
+        # validation rows onto its training rows
+        cfg["split_seed"] = 0
+    return cfg
+
+
+def _config_fields() -> set:
+    import dataclasses
+    from rlpruner_ray.config import CompressConfig
+    return {f.name for f in dataclasses.fields(CompressConfig)}
+
+
+def seeds_of(P: dict, method: str) -> list[int]:
+    return P["paired_seeds"] if method in P["paired_methods"] else P["seeds"]
+
+
+def measure(bench):
+    P = bench.P
+    base = base_model(bench)
+    runs = {}
+    native = [m for m in P["methods"] if m != "ppo"]
+    groups = [(native, True)] if native else []
+    if "ppo" in P["methods"]:
+        groups.append((["ppo"], False))      # each RLlib run starts (and stops) its own Ray
+    for methods, shared in groups:
+        configs = [run_config(bench, m, s, base["file"]) for m in methods for s in seeds_of(P, m)]
+        log(f"section 3: {len(configs)} runs of {', '.join(methods)}")
+        try:
+            res = run_task("compress", {"configs": configs, "shared_ray": shared, "driver_threads": 1,
+                                        "ray_dir": str(bench.work / "s3_ray"), "reuse": bench.args.reuse_runs,
+                                        "memo": str(bench.work / "eval_memo.json")}, bench.work)
+            status = res["runs"]
+        except Exception as exc:     # noqa: BLE001
+            status = [{"ok": False, "error": str(exc), "out_dir": c["out_dir"]} for c in configs]
+        for cfg, st in zip(configs, status):
+            key = f"{cfg['algo']}_s{cfg['seed']}"
+            runs[key] = {"method": cfg["algo"], "seed": cfg["seed"], "dir": cfg["out_dir"], "ok": st["ok"],
+                         "error": st.get("error"), "steps": num_steps(P, cfg["algo"]),
+                         "finetune_epochs": cfg["finetune_epochs"]}
+            if st["ok"]:
+                s = json.loads((Path(cfg["out_dir"]) / "summary.json").read_text())
+                runs[key]["summary"] = {k: s[k] for k in ("base", "pruned", "reductions", "evaluations",
+                                                          "wall_seconds")}
+    for r in runs.values():
+        s, seed, method = r.get("summary"), r["seed"], r["method"]
+        if not s:
+            continue
+        for k in ("test_top1", "test_top5", "val_top1", "macs", "params"):
+            bench.rows.append(row(3, method, "pruned", k, s["pruned"][k], seed=seed))
+        bench.rows.append(row(3, method, "pruned", "macs_reduction", s["reductions"]["macs"], seed=seed))
+        bench.rows.append(row(3, method, "pruned", "params_reduction", s["reductions"]["params"], seed=seed))
+        bench.rows.append(row(3, method, "run", "evaluations", s["evaluations"], seed=seed))
+        bench.rows.append(row(3, method, "run", "wall_seconds", s["wall_seconds"], "s", seed=seed))
+    first = next((r["summary"] for r in runs.values() if r.get("summary")), None)
+    if first:
+        for k in ("test_top1", "val_top1", "macs", "params"):
+            bench.rows.append(row(3, "base", "base", k, first["base"][k]))
+    paired = paired_differences(runs, P["pairs"], P["bootstrap"])
+    for name, d in paired.items():
+        for k in ("mean", "low", "high"):
+            bench.rows.append(row(3, name, "paired", f"test_top1_diff_{k}", d[k]))
+    return {"base": base, "runs": runs, "paired": paired}
+
+
+def paired_differences(runs: dict, pairs, resamples: int) -> dict:
+    """Per pair (a, b): test top-1 of a minus b on every seed both ran, their mean
+    and the 90% bootstrap interval of the mean (seeds resampled)."""
+    top1 = {(r["method"], r["seed"]): r["summary"]["pruned"]["test_top1"] for r in runs.values()
+            if r.get("summary")}
+    out = {}
+    for a, b in pairs:
+        seeds = sorted(s for m, s in top1 if m == a and (b, s) in top1)
+        diffs = [top1[(a, s)] - top1[(b, s)] for s in seeds]
+        low, high = bootstrap_interval(diffs, resamples=resamples)
+        out[f"{a} - {b}"] = {"seeds": seeds, "diffs": diffs, "mean": _mean(diffs), "low": low, "high": high}
+    return out
+
+
+def render(bench, st) -> tuple[str, list[str]]:
+    P = bench.P
+    base, runs = st["base"], st["runs"]
+    first = next((r["summary"] for r in runs.values() if r.get("summary")), None)
+    b = first["base"] if first else {}
+    steps = num_steps(P, "rlpruner")
+    data = (f"Real CIFAR-10 (`{P['dataset']}`: 27,000 train / 3,000 val / 10,000 test), CIFAR-style "
+            f"{P['model']}." if P["dataset"].startswith("npz:") else
+            f"Dataset `{P['dataset']}` (quick profile), {P['model']}.")
+    if base.get("shared"):
+        made = (f"the shared, well-trained base `{_rel(Path(base['file']))}` (trained once on the 27,000 training "
+                f"rows of seed 0's split; see its README), never retrained here.")
+    else:
+        trained = (f"reused, trained by an earlier run in {base['seconds']:.0f} s" if base.get("reused") else
+                   f"trained in this run in {base['seconds']:.0f} s")
+        made = (f"{P['train_epochs']} epochs x {P['train_batches']} batches of 128, lr {P['train_lr']}, trained by "
+                f"`pipeline.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
+    one_shot = ", ".join(m for m in P["methods"] if m in ONE_SHOT)
+    multi = ", ".join(m for m in P["methods"] if m not in ONE_SHOT)
+    paired_seeds = ", ".join(map(str, P["paired_seeds"]))
+    lines = [
+        data,
+        "",
+        f"Base model: {made}",
+        f"Every method: `--target macs --sparsity {P['sparsity']}`, `--reward-samples {P['reward_samples']}`, "
+        f"{P['finetune_total_epochs']} KD fine-tuning epochs in total (`--max-batches-per-epoch "
+        f"{P['finetune_batches']}` for every method), `--num-workers {P['num_workers']}`, criterion taylor. "
+        f"Searches ({multi}): `--step-fraction {P['step_fraction']}` ({steps} step{'s' if steps > 1 else ''}, "
+        f"{P['finetune_total_epochs'] // steps} KD epoch(s) after each), `--evaluations-per-step {P['evals']}`; "
+        f"ppo: {P['num_workers']} env runners, `--rl-batch-size {P['rl_batch_size']}`. One-shot methods "
+        f"({one_shot}): one step with all {P['finetune_total_epochs']} KD epochs after it, one evaluation. "
+        f"tp-uniform / tp-global are Torch-Pruning's own pruner (GroupMagnitudeImportance(p=1), classifier "
+        f"ignored, ratio bisected to the MACs target). Seeds {paired_seeds} for "
+        f"{', '.join(P['paired_methods'])}, seed {', '.join(map(str, P['seeds']))} for the others. Test split "
+        f"read once per run, at its end.",
+        "",
+    ]
+    if b:
+        lines += [f"Base model: test top-1 {b['test_top1']:.4f}, val top-1 {b['val_top1']:.4f}, "
+                  f"MACs {b['macs'] / 1e6:.2f} M, params {b['params'] / 1e6:.4f} M.", ""]
+    lines += ["| method | runs | test top-1 mean ± std | min | max | drop vs base (pts) | MACs (M) "
+              "| MACs reduction (%) | params (M) | params reduction (%) | evaluations | wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    means, summary = {}, []
+    for method in P["methods"]:
+        ok = [r["summary"] for r in runs.values() if r["method"] == method and r.get("summary")]
+        failed = [r for r in runs.values() if r["method"] == method and not r.get("summary")]
+        if failed:
+            summary.append(f"Quality: {len(failed)} {method} run(s) failed: {str(failed[0].get('error'))[:200]}")
+        if not ok:
+            lines.append(f"| {method} | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        acc = [s["pruned"]["test_top1"] for s in ok]
+        mean = statistics.fmean(acc)
+        sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+        means[method] = (mean, sd)
+        lines.append(
+            f"| {method} | {len(ok)} | {mean:.4f} ± {num(sd, '.4f')} | {min(acc):.4f} | {max(acc):.4f} | "
+            f"{100 * (b['test_top1'] - mean):.2f} | {_mean(s['pruned']['macs'] for s in ok) / 1e6:.2f} | "
+            f"{100 * _mean(s['reductions']['macs'] for s in ok):.1f} | "
+            f"{_mean(s['pruned']['params'] for s in ok) / 1e6:.4f} | "
+            f"{100 * _mean(s['reductions']['params'] for s in ok):.1f} | "
+            f"{_mean(s['evaluations'] for s in ok):.0f} | {_mean(s['wall_seconds'] for s in ok):.0f} |")
+    lines += ["", "std: sample standard deviation over the seeds. Wall time per run includes Ray start-up, search, "
+              "fine-tuning and the final test evaluation. Evaluations of bit-identical weights on the same split "
+              "(the base model in every run; a pruned model before fine-tuning and at its epoch 0) are memoised "
+              "by the benchmark: no figure changes, only wall time."]
+    paired = st.get("paired", {})
+    if paired:
+        lines += ["", "Paired differences of test top-1 (first method minus second, same seed), in points; "
+                  f"90% percentile-bootstrap interval of the mean over the seeds ({P['bootstrap']} resamples):",
+                  "", "| pair | seeds | mean difference (pts) | 90% low (pts) | 90% high (pts) |",
+                  "|---|---|---|---|---|"]
+        verdicts = []
+        for name, d in paired.items():
+            lines.append(f"| {name} | {len(d['seeds'])} | {num(100 * d['mean'], '.2f')} "
+                         f"| {num(100 * d['low'], '.2f')} | {num(100 * d['high'], '.2f')} |")
+            above = math.isfinite(d["low"]) and d["low"] > 0
+            verdicts.append(f"{name} {num(100 * d['mean'], '+.2f')} pts "
+                            f"({'interval above 0' if above else 'interval not above 0'})")
+        lines += ["", "Target: rlpruner at least 0.5 points above tp-global and above uniform with the 90% interval "
+                  "of the difference above 0. " + "; ".join(verdicts) + "."]
+        summary.append("Paired over seeds: " + "; ".join(verdicts) + ".")
+    if means:
+        order = sorted(means, key=lambda m: -means[m][0])
+        ranking = ", ".join(f"{m} {means[m][0]:.4f}" for m in order)
+        lines += ["", f"Ranking by mean test top-1: {ranking}."]
+        summary.insert(0, f"Quality at equal budgets ({P['model']}, {P['sparsity']:.0%} of the MACs removed): mean "
+                          f"test top-1 {ranking}; base {b.get('test_top1', float('nan')):.4f}.")
+    return "\n".join(lines), summary

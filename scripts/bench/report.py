@@ -1,0 +1,183 @@
+"""The benchmark run: measures the sections it is asked for, keeps raw rows and a
+small JSON state, and renders the report from rows + state alone, so the
+Markdown can be rebuilt without measuring again (``--report-only``)."""
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+from . import cost, efficiency, fidelity, quality, scaling, speedup
+from .common import (CIFAR_DEFAULT, PROFILES, ROW_COLUMNS, SHARED_BASE, _json_default, _rel, log,
+                     make_synthetic_npz)
+
+SECTIONS = {1: cost, 2: scaling, 3: quality, 4: fidelity, 5: speedup, 6: efficiency}
+EXTRA_HEADINGS = ("Summary", "Machine and command", "GPU")
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.profile = "quick" if args.quick else "full"
+        self.P = dict(PROFILES[self.profile])
+        if args.seeds is not None:
+            self.P["seeds"] = self.P["paired_seeds"] = args.seeds
+        if args.methods is not None:
+            self.P["methods"] = args.methods
+        if self.P["dataset"] == "cifar10":           # the real CIFAR-10 copy, --data or ../shared
+            self.P["dataset"] = f"npz:{Path(args.data or CIFAR_DEFAULT).resolve()}"
+        if self.P.get("base") == "shared":
+            self.P["base"] = str(Path(args.base or SHARED_BASE).resolve())
+        self.work = Path(args.work_dir).resolve() / self.profile
+        self.rows: list[dict] = []
+        self.state: dict = {"sections": {}, "seconds": {}, "failed": {}}
+
+    def synthetic(self) -> str:
+        return make_synthetic_npz(self.work / "synth32", self.P["synth_train"], self.P["synth_test"])
+
+    def measure(self, k: int) -> dict:
+        return SECTIONS[k].measure(self)
+
+    def carry_over(self, wanted: set) -> None:
+        """Keep the sections this run does not measure from the previous rows and
+        state at --rows (same profile), so one section can be rerun alone (the
+        quality section in one background run, the fidelity study in another)."""
+        if not (Path(self.args.rows).exists() and self.state_path().exists()):
+            return
+        import pyarrow.parquet as pq
+        old = json.loads(self.state_path().read_text())
+        kept = {k: v for k, v in old.get("sections", {}).items() if int(k) not in wanted}
+        if old.get("profile") != self.profile or not kept:
+            return
+        self.state["sections"].update(kept)
+        self.state["seconds"].update({k: v for k, v in old.get("seconds", {}).items() if k in kept})
+        self.rows += [r for r in pq.read_table(self.args.rows).to_pylist() if str(r["section"]) in kept]
+        self.state["carried"] = {"sections": sorted(kept, key=int), "date": old["machine"]["date"],
+                                 "command": old["command"]}
+
+    def state_path(self) -> Path:
+        rows = Path(self.args.rows)
+        return rows.with_name(rows.stem + "_state.json")
+
+    def save(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        rows_path = Path(self.args.rows)
+        rows_path.parent.mkdir(parents=True, exist_ok=True)
+        schema = pa.schema([("section", pa.int32()), ("item", pa.string()), ("variant", pa.string()),
+                            ("metric", pa.string()), ("value", pa.float64()), ("unit", pa.string()),
+                            ("repeat", pa.int32()), ("seed", pa.int32())])
+        pq.write_table(pa.Table.from_pylist(self.rows, schema), rows_path)
+        self.state["profile_settings"] = self.P
+        self.state_path().write_text(json.dumps(self.state, indent=1, default=_json_default))
+
+    def load(self) -> None:
+        import pyarrow.parquet as pq
+        self.rows = pq.read_table(self.args.rows).to_pylist()
+        self.state = json.loads(self.state_path().read_text())
+        self.P = self.state["profile_settings"]
+        self.profile = self.state["profile"]
+
+    def write(self) -> None:
+        st = self.state
+        summary, bodies = [], {}
+        for k, module in SECTIONS.items():
+            key = str(k)
+            if key in st["failed"]:
+                bodies[k] = f"FAILED: {st['failed'][key]}"
+                summary.append(f"Section {k} failed: {st['failed'][key][:200]}")
+            elif key in st["sections"]:
+                try:
+                    bodies[k], lines = module.render(self, st["sections"][key])
+                    summary += lines
+                except Exception as exc:  # noqa: BLE001
+                    traceback.print_exc()
+                    bodies[k] = f"FAILED to render: {type(exc).__name__}: {exc}"
+            else:
+                bodies[k] = "Not run (see `--sections`)."
+        m = st["machine"]
+        total = st["total_seconds"]
+        base = st["sections"].get("3", {}).get("base")
+        first_run = ""
+        if base and base.get("reused") and not base.get("shared"):
+            first_run = (f" The base model of section 3 was reused from an earlier run (its training took "
+                         f"{base['seconds'] / 60:.1f} min, which a first run on a clean checkout adds).")
+        out = [
+            "# Benchmarks",
+            "",
+            f"Written by `scripts/bench.py` ({st['profile']} profile) on {m['date']}; total wall time "
+            f"{total / 60:.1f} min.{first_run} Raw rows: `{_rel(Path(self.args.rows))}` (columns "
+            f"{', '.join(ROW_COLUMNS)}); the state the report is rendered from: `{_rel(self.state_path())}` "
+            f"(`--report-only` re-renders this file from the two).{_carried(st)}",
+            "",
+            "## Summary",
+            "",
+            *[f"- {line}" for line in summary],
+            "",
+            "## Machine and command",
+            "",
+            "```",
+            st["command"],
+            "```",
+            "",
+            "| what | value |",
+            "|---|---|",
+            f"| CPU | {m['cpu']} |",
+            f"| cores | {m['cores']} |",
+            f"| memory | {m['memory']} |",
+            f"| load average (1 min) at start / end | {st['load_start']:.2f} / {st['load_end']:.2f} |",
+            f"| OS | {m['os']} |",
+            f"| Python | {m['python']} |",
+            f"| torch | {m['torch']} |",
+            f"| ray | {m['ray']} |",
+            f"| torch-pruning | {m['torch_pruning']} |",
+            f"| numpy | {m['numpy']} |",
+            f"| date (UTC) | {m['date']} |",
+            f"| total wall time (s) | {total:.0f} |",
+            "",
+            "Section wall times (s): " + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(st["seconds"].items())) + ".",
+            "The machine is shared with other jobs and noisy: timings are medians of repeats, and every ratio is "
+            "of two numbers measured in the same process, interleaved.",
+        ]
+        for k, module in SECTIONS.items():
+            out += ["", f"## {module.TITLE}", "", bodies[k]]
+        out += ["", _gpu_section(Path(self.args.out))]
+        Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.out).write_text("\n".join(out) + "\n")
+        log(f"wrote {self.args.out} and {self.args.rows} ({len(self.rows)} rows)")
+
+
+def _carried(st: dict) -> str:
+    carried = st.get("carried")
+    if not carried:
+        return ""
+    names = ", ".join(carried["sections"])
+    return (f" Section(s) {names} are carried over unchanged from the run of {carried['date']} "
+            f"(`{carried['command']}`); the machine table below is this run's.")
+
+
+def _gpu_section(path: Path) -> str:
+    """The GPU section is scripts/bench_gpu.py's (run on a GPU machine): kept as it is."""
+    text = path.read_text() if path.exists() else ""
+    if "\n## GPU\n" in text:
+        kept = "## GPU\n" + text.split("\n## GPU\n", 1)[1]
+        return kept.split("\n## ", 1)[0].rstrip("\n")
+    return "## GPU\n\nNot measured: run `python scripts/bench_gpu.py` on a machine with a GPU."
+
+
+def _carried(st: dict) -> str:
+    carried = st.get("carried")
+    if not carried:
+        return ""
+    names = ", ".join(carried["sections"])
+    return (f" Section(s) {names} are carried over unchanged from the run of {carried['date']} "
+            f"(`{carried['command']}`); the machine table below is this run's.")
+
+
+def _gpu_section(path: Path) -> str:
+    """The GPU section is scripts/bench_gpu.py's (run on a GPU machine): kept as it is."""
+    text = path.read_text() if path.exists() else ""
+    if "\n## GPU\n" in text:
+        kept = "## GPU\n" + text.split("\n## GPU\n", 1)[1]
+        return kept.split("\n## ", 1)[0].rstrip("\n")
+    return "## GPU\n\nNot measured: run `python scripts/bench_gpu.py` on a machine with a GPU."
