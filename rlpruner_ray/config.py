@@ -46,6 +46,9 @@ class CompressConfig:
                                 lo=8, hi=1024, nullable=True)
     val_fraction: float = _f(0.1, "fraction of the training split held out for validation", "data",
                              lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    split_seed: int | None = _f(None, "seed of the train/validation split (default: --seed); fix it to "
+                                "compare seeds on one base model without validating on its training rows",
+                                "data", lo=0, nullable=True)
     base_checkpoint: str | None = _f(None, "start from this trained model file instead of training",
                                      "model", nullable=True)
     # ---- base training
@@ -179,6 +182,11 @@ class CompressConfig:
 
     def replace(self, **changes) -> "CompressConfig":
         return dataclasses.replace(self, **changes).validate()
+
+    @property
+    def data_seed(self) -> int:
+        """The seed that draws the validation split."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def num_steps(self) -> int:

@@ -178,7 +178,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     check_algorithm(config)
     run = prepare_run(config)
     started = time.perf_counter()
-    data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+    data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
                         download=config.download, image_size=config.image_size)
     device = config.resolved_device()
 
@@ -358,7 +358,7 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, s
 
 # ---------------------------------------------------------------------- other commands
 def _load_data(config: CompressConfig) -> Dataset:
-    return load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+    return load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
                         download=config.download, image_size=config.image_size)
 
 

@@ -23,7 +23,7 @@ def env_settings(config: CompressConfig, *, store: str | None = None, device: st
     """The plain-dict environment config derived from the run's config."""
     return {
         "dataset": {"name": config.dataset, "data_dir": config.data_dir, "val_fraction": config.val_fraction,
-                    "seed": config.seed, "image_size": config.image_size},
+                    "seed": config.data_seed, "image_size": config.image_size},
         "reward": config.reward, "reward_coef": config.reward_coef, "reward_metric": config.reward_metric,
         "reward_samples": config.reward_samples, "reward_batch_size": config.reward_batch_size,
         "bn_recalibration_batches": config.bn_recalibration_batches, "horizon": config.horizon,
