@@ -41,6 +41,11 @@ def total(bundles: list[dict]) -> dict[str, float]:
     return out
 
 
+def asked(bundles: list[dict]) -> list[dict]:
+    """The bundles that ask for anything (a CPU-only trial has a GPU entry of 0)."""
+    return [b for b in bundles if any(v > 0 for v in b.values())]
+
+
 def shortfall(need: dict, offered: dict) -> tuple[str, float, float] | None:
     """The first resource ``offered`` lacks: (name, needed, offered); None when it fits."""
     for key, amount in need.items():
@@ -128,7 +133,7 @@ def check_request(bundles: list[dict], what: str, offered: dict | None = None) -
     ``offered``: what the private local Ray, not started yet, will hold;
     otherwise the connected cluster is asked."""
     from .runtime import private_ray_running
-    bundles = [b for b in bundles if any(v > 0 for v in b.values())]
+    bundles = asked(bundles)
     need = total(bundles)
     fixed = offered is not None or private_ray_running()
     if offered is None:
@@ -143,7 +148,8 @@ def check_request(bundles: list[dict], what: str, offered: dict | None = None) -
         raise ResourceError(f"{what} needs {amount:g} {key} but the Ray cluster has {have:g}; "
                             f"lower the request or add nodes")
     if types and not fits_some_node_type(bundles, {**types, **_current_nodes()}):
-        kinds = "; ".join(f"{n}: {describe(t['resources'])} x{t['max_workers']}" for n, t in types.items())
+        kinds = "; ".join(f"{n}: {describe(t['resources'])} x{t['max_workers']}" for n, t in types.items()
+                          if describe(t["resources"]) != "nothing") or "none with resources"
         raise ResourceError(f"{what} needs {describe(need)} ({len(bundles)} bundles) but no node the "
                             f"autoscaler may launch can hold it ({kinds}); lower the request or add a node type")
     return False
@@ -158,7 +164,7 @@ def wait_for_request(bundles: list[dict], what: str, *, timeout_s: float) -> Non
         return
     import ray
     from ray.autoscaler.sdk import request_resources
-    bundles = [b for b in bundles if any(v > 0 for v in b.values())]
+    bundles = asked(bundles)
     need = total(bundles)
     log.info("%s needs %s; the cluster has %s: waiting up to %g s for the autoscaler to add nodes "
              "(--autoscale-timeout)", what, describe(need), describe(ray.cluster_resources()), timeout_s)

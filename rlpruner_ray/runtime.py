@@ -46,7 +46,10 @@ def init_ray(address: str | None, out_dir, *, num_cpus: int | None = None, num_g
         return
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        # Ray's own connection lines only when rlpruner logs at INFO (not with -q)
+        quiet = log.getEffectiveLevel() > logging.INFO
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
+                 logging_level=logging.WARNING if quiet else logging.INFO)
         return
     global _private_temp
     temp = ray_temp_dir(out_dir)
