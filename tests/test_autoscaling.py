@@ -76,11 +76,42 @@ def test_request_no_node_type_can_hold_is_refused_at_once(cluster, tmp_path):
     assert cluster.worker_ids() == set()               # and nothing was asked of the autoscaler
 
 
+def _wait_for_scale_down(cluster, timeout: float = 180) -> None:
+    """Until the autoscaler has removed every idle node (idle_timeout_minutes 0.1)."""
+    until = time.time() + timeout
+    while cluster.worker_ids():
+        assert time.time() < until, "the autoscaler kept idle nodes"
+        time.sleep(2)
+
+
+def _evaluation_actors(cluster) -> list[dict]:
+    actors = (cluster.get("/api/v0/actors?limit=1000&detail=true") or {})["data"]["result"]["result"]
+    return [a for a in actors if a.get("class_name") == "EvalWorker"]
+
+
+@pytest.mark.slow
+def test_gpu_compress_waits_for_the_autoscaler(cluster, tmp_path):
+    """compress's evaluation actor (0.5 GPU) waits for a GPU node instead of being refused."""
+    out = tmp_path / "run"
+    assert cluster.worker_ids() == set()
+    r = subprocess.run([sys.executable, "scripts/compress.py", "--out-dir", str(out), "--sparsity", "0.1",
+                        *TINY_SWEEP, *GPU_SWEEP], cwd=ROOT, env={**cluster.env, "RAY_ADDRESS": cluster.address},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "1 evaluation actors needs 1 CPU, 0.5 GPU; the cluster has nothing: waiting up to 300 s" in r.stderr
+    assert (out / "summary.json").is_file()
+    actors = _evaluation_actors(cluster)
+    assert len(actors) == 1 and actors[0]["node_id"] != cluster.head_id, actors
+    _wait_for_scale_down(cluster)
+
+
 @pytest.mark.slow
 def test_gpu_sweep_scales_up_survives_a_lost_node_and_scales_down(cluster, tmp_path):
     out = tmp_path / "sw"
     head = cluster.head_id
     assert cluster.worker_ids() == set()                                       # 0 GPU workers to start with
+    # the evaluation actors of an earlier test of this cluster (its nodes are gone)
+    earlier_nodes = {a["node_id"] for a in _evaluation_actors(cluster)}
     log = tmp_path / "driver.log"
     driver = _sweep(cluster, out, "--sparsity", *SPARSITIES, "--algo", *ALGOS, "--max-failures", "3",
                     *TINY_SWEEP, *GPU_SWEEP, log=log)
@@ -101,18 +132,13 @@ def test_gpu_sweep_scales_up_survives_a_lost_node_and_scales_down(cluster, tmp_p
         assert killed is not None, "no trial was caught mid-run"
 
         # evaluation actors ran on the autoscaled GPU nodes only
-        actors = (cluster.get("/api/v0/actors?limit=1000&detail=true") or {})["data"]["result"]["result"]
-        evaluators = [a for a in actors if a.get("class_name") == "EvalWorker"]
+        evaluators = [a for a in _evaluation_actors(cluster) if a["node_id"] not in earlier_nodes]
         assert evaluators and all(a["node_id"] in seen for a in evaluators), evaluators
         for a in evaluators:             # in a placement group Ray names it GPU_group_<i>_<group id>
             gpus = {v for k, v in (a.get("required_resources") or {}).items() if k.split("_group_")[0] == "GPU"}
             assert gpus == {0.5}, a
 
-        # idle nodes go again (idle_timeout_minutes 0.1)
-        until = time.time() + 180
-        while cluster.worker_ids():
-            assert time.time() < until, "the autoscaler kept idle nodes"
-            time.sleep(2)
+        _wait_for_scale_down(cluster)             # idle nodes go again
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
