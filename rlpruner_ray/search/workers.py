@@ -169,8 +169,7 @@ class EvalWorker:
     def describe(self) -> dict:
         import os
         g = self.env.scorer.graph
-        return {"version": self.env.scorer.version, "channels": g.channels.tolist(), "pid": os.getpid(),
-                "device": str(self.env.scorer.device), "node_id": ray.get_runtime_context().get_node_id()}
+        return {"version": self.env.scorer.version, "channels": g.channels.tolist(), "pid": os.getpid()}
 
 
 class EvaluationPool:
