@@ -129,6 +129,8 @@ class CompressConfig:
     gpus_per_worker: float = _f(0.0, "GPUs per evaluation actor (fractions share a GPU)", "workers", lo=0)
     ray_address: str | None = _f(None, "Ray cluster address ('auto' to join a running cluster)", "workers",
                                  nullable=True)
+    autoscale_timeout: float = _f(900.0, "seconds to wait for an autoscaling cluster to add the nodes a "
+                                  "request needs before giving up", "workers", lo=0)
     # ---- fine-tuning
     finetune_epochs: int = _f(2, "KD fine-tuning epochs after each step (paper: 20)", "finetune", lo=0)
     finetune_batch_size: int | None = _f(None, "KD fine-tuning batch size (default: --batch-size); larger "
@@ -208,8 +210,8 @@ class CompressConfig:
 
 # Settings that change results: a resumed run must match them exactly.
 RESULT_KEYS = tuple(f.name for f in dataclasses.fields(CompressConfig)
-                    if f.name not in ("resume", "overwrite", "ray_address", "num_workers",
-                                      "cpus_per_worker", "gpus_per_worker", "out_dir", "device",
+                    if f.name not in ("resume", "overwrite", "ray_address", "num_workers", "cpus_per_worker",
+                                      "gpus_per_worker", "autoscale_timeout", "out_dir", "device",
                                       # equal results by construction: how candidates are batched
                                       "scoring", "candidates_per_pass", "channels_last"))
 

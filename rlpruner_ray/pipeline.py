@@ -192,14 +192,17 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                                min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
     _check_reachable(config, probe_graph, {"macs": probe_graph.base_macs, "params": probe_graph.base_params})
     del probe, probe_graph
-    from .runtime import check_resources, init_ray, local_offer, shutdown_ray
-    from .search.base import planned_resources
+    from .cluster_offer import check_request
+    from .runtime import init_ray, local_offer, shutdown_ray
+    from .search.base import planned_bundles
     import ray
     own_ray = not ray.is_initialized()
     if config.ray_address:
         init_ray(config.ray_address, run.root)
-    check_resources(planned_resources(config), f"algorithm {config.algo}", offered=None if
-                    (config.ray_address or not own_ray) else local_offer())
+    # refused here only when it can never fit; an autoscaling cluster gets time to grow
+    # when the evaluation pool starts
+    check_request(planned_bundles(config), f"algorithm {config.algo}", offered=None if
+                  (config.ray_address or not own_ray) else local_offer())
 
     if config.overwrite and run.root.exists():
         for p in [run.steps, run.history, run.base, *[run.root / f for f in RESULT_FILES]]:

@@ -1,4 +1,5 @@
-"""The one place Ray is started, and resource checks against what the cluster offers."""
+"""The one place Ray is started and stopped, and the device an actor computes on.
+(What the cluster can hold is checked in :mod:`rlpruner_ray.cluster_offer`.)"""
 from __future__ import annotations
 
 import contextlib
@@ -6,25 +7,34 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ResourceError
-
 log = logging.getLogger("rlpruner_ray")
 NAMESPACE = "rlpruner"
-# Ray's socket paths must fit in 107 bytes; its session folder adds ~70.
-_MAX_TEMP_DIR = 36
+# Ray's socket paths must fit in 107 bytes; its session folder adds ~70, and
+# init_ray's "/r" below 2 more.
+_MAX_TEMP_DIR = 34
+# The private folder of the local Ray this process started (None: no such Ray).
+_private_temp: str | None = None
 
 
 def ray_temp_dir(out_dir) -> str:
-    """Ray's temp folder for a run: inside the run's folder when the path is short
-    enough for Ray's sockets, else a short folder named after the run's path."""
+    """The private folder of a run's local Ray: inside the run's folder when the
+    path is short enough for Ray's sockets, else a short folder named after the
+    run's path. Ray itself gets its subfolder ``r`` (see :func:`init_ray`)."""
     inside = Path(out_dir).resolve() / "ray"
     if len(str(inside)) <= _MAX_TEMP_DIR:
         return str(inside)
     digest = hashlib.sha1(str(inside).encode()).hexdigest()[:10]
     return os.path.join(tempfile.gettempdir(), f"rlpr-{digest}")
+
+
+def private_ray_running() -> bool:
+    """Whether the Ray this process uses is the private local one init_ray started."""
+    import ray
+    return _private_temp is not None and ray.is_initialized()
 
 
 def init_ray(address: str | None, out_dir, *, num_cpus: int | None = None, num_gpus: int | None = None):
@@ -36,17 +46,30 @@ def init_ray(address: str | None, out_dir, *, num_cpus: int | None = None, num_g
         return
     env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     if address:
-        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True)
+        # Ray's own connection lines only when rlpruner logs at INFO (not with -q)
+        quiet = log.getEffectiveLevel() > logging.INFO
+        ray.init(address=address, namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
+                 logging_level=logging.WARNING if quiet else logging.INFO)
         return
+    global _private_temp
     temp = ray_temp_dir(out_dir)
-    Path(temp).mkdir(parents=True, exist_ok=True)
+    _make_private_folder(temp)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     _session_token()
     with _loopback_only():
+        # Ray makes its temp folder world-writable (0777, for machines shared by
+        # several users); inside our 0700 folder nobody else can reach it
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=temp, namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
+                 _temp_dir=os.path.join(temp, "r"), namespace=NAMESPACE, runtime_env=env, log_to_driver=True,
                  configure_logging=True, logging_level=logging.WARNING)
+    _private_temp = temp
     log.info("started a local Ray (temp folder %s)", temp)
+
+
+def _make_private_folder(path: str) -> None:
+    """``path`` as a folder only this user can enter (also when a run left it behind)."""
+    Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 def _session_token() -> None:
@@ -97,19 +120,26 @@ def local_offer() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
 
 
-def check_resources(need: dict[str, float], what: str, offered: dict | None = None) -> None:
-    """Fail fast (one line) when the cluster cannot ever place ``need``."""
-    if offered is None:
-        import ray
-        offered = ray.cluster_resources()
-    have = offered
-    for key, amount in need.items():
-        if amount > 0 and have.get(key, 0.0) + 1e-9 < amount:
-            raise ResourceError(f"{what} needs {amount:g} {key} but the Ray cluster has "
-                                f"{have.get(key, 0.0):g}; lower the request or add nodes")
+def actor_device(configured: str) -> str:
+    """The device of an evaluation actor or env runner, decided where it runs: CUDA
+    only when Ray assigned it a GPU and CUDA is there. An explicit ``cpu`` (the
+    run's ``--device``) wins even on a node that declares GPUs, so placement by
+    GPU resource can be tested on machines without one."""
+    if configured == "cpu":
+        return "cpu"
+    import ray
+    import torch
+    if not ray.get_gpu_ids() or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"       # Ray limits CUDA_VISIBLE_DEVICES to the GPUs it assigned
 
 
 def shutdown_ray() -> None:
+    """Disconnect; a private local Ray is stopped and its temp folder removed."""
+    global _private_temp
     import ray
     if ray.is_initialized():
         ray.shutdown()
+    temp, _private_temp = _private_temp, None
+    if temp is not None:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -34,9 +34,13 @@ def free_port() -> int:
 
 
 class Node:
-    def __init__(self, name: str, temp_dir: str, markers: tuple[str, ...] = ()):
+    """A node's processes, found by markers on their command lines: its temp folder
+    (a node started with ``ray start``) or ``--node_id=ID`` (a node the fake
+    autoscaler started, which shares the head's temp folder)."""
+
+    def __init__(self, name: str, temp_dir: str | None, markers: tuple[str, ...] = ()):
         self.name, self.temp_dir = name, temp_dir
-        self.markers = (temp_dir, *markers)
+        self.markers = ((temp_dir,) if temp_dir else ()) + tuple(markers)
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this node: those started with its temp folder (or, for
@@ -174,6 +178,109 @@ class LocalCluster:
         for node in reversed(self.nodes):       # workers first, the head (GCS) last
             node.kill()
         for node in self.nodes:
-            shutil.rmtree(node.temp_dir, ignore_errors=True)
+            if node.temp_dir:
+                shutil.rmtree(node.temp_dir, ignore_errors=True)
         shutil.rmtree(self.home, ignore_errors=True)
+
+    def get(self, path: str):
+        """A JSON answer of the head's dashboard (None while it cannot answer)."""
+        import json
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{self.dashboard}{path}", timeout=10) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+
+FAKE_HEAD_TYPE = "ray.head.default"      # the head's type name in Ray's fake_multinode provider
+_COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                 "head_start_ray_commands", "worker_start_ray_commands")
+
+
+def fake_autoscaling_config(cluster_file, *, cpus_per_node: int = 2, max_workers: int = 2,
+                            idle_timeout_minutes: float = 0.1) -> dict:
+    """The worker node types of a cluster file from clusters/ (GPUs as declared, CPUs
+    and node counts scaled down to this machine), with the provider swapped for
+    Ray's ``fake_multinode``: its real autoscaler starts each node as local Ray
+    processes. The head has no CPU, so every trial needs an autoscaled node.
+    The whole config is written out (the provider's defaults file is not in
+    Ray's wheel)."""
+    import yaml
+    with open(cluster_file) as f:
+        src = yaml.safe_load(f)
+    types = {FAKE_HEAD_TYPE: {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}}
+    for name, t in src["available_node_types"].items():
+        if name == src["head_node_type"]:
+            continue
+        resources = {**t["resources"], "CPU": min(t["resources"].get("CPU", cpus_per_node), cpus_per_node),
+                     "object_store_memory": 256 * 2**20}          # small models; spare /dev/shm
+        types[name] = {"resources": resources, "node_config": {}, "min_workers": t.get("min_workers", 0),
+                       "max_workers": min(t["max_workers"], max_workers)}
+    return {"cluster_name": f"fake-{src['cluster_name']}", "max_workers": max_workers,
+            "upscaling_speed": src.get("upscaling_speed", 1.0), "idle_timeout_minutes": idle_timeout_minutes,
+            # nodes share 127.0.0.1: the autoscaler tells them apart by node id; a
+            # node that stops reporting is terminated (and replaced) instead of repaired
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "launch_multiple": True},
+            "auth": {"ssh_user": "ray"}, "available_node_types": types, "head_node_type": FAKE_HEAD_TYPE,
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [], **{k: [] for k in _COMMAND_KEYS}}
+
+
+class AutoscalingCluster(LocalCluster):
+    """A head node running Ray's real autoscaler with the fake multi-node provider:
+    worker nodes come and go as the autoscaler decides, as local Ray processes
+    with the resources their node type declares (GPUs included, none real).
+
+    Everything listens on and talks to 127.0.0.1: the provider resolves node
+    addresses with Ray's own rule, which keeps the loopback address only with
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (every process of the cluster, and
+    every driver, inherits it from ``env``). The autoscaler reads its config
+    from ``~/ray_bootstrap_config.yaml`` of the cluster's home, as on a cluster
+    ``ray up`` started."""
+
+    def __init__(self, config: dict):
+        super().__init__(cpus_per_node=0)
+        self.env.update({"RAY_FAKE_CLUSTER": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                         "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"})   # replace a lost node in seconds
+        self.config = {**config, "provider": {**config["provider"], "gcs_address": self.address}}
+        self.config_path = os.path.join(self.home, "ray_bootstrap_config.yaml")
+
+    def __enter__(self) -> "AutoscalingCluster":
+        import yaml
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(self.config, f)
+        client_port = free_port()
+        try:
+            self._start("head", ["--head", "--port", str(self.gcs_port), "--include-dashboard", "true",
+                                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                                 "--ray-client-server-port", str(client_port), "--disable-usage-stats",
+                                 f"--autoscaling-config={self.config_path}"],
+                        markers=(f"--port={client_port}",))
+            self._wait_for_autoscaler()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_autoscaler(self, timeout: float = 120.0) -> None:
+        """Until the autoscaler has published its first status (what drivers read)."""
+        deadline = time.time() + timeout
+        while "autoscalerReport" not in (((self.get("/api/cluster_status") or {}).get("data") or {})
+                                         .get("clusterStatus") or {}):
+            assert time.time() < deadline, "the autoscaler published no status"
+            time.sleep(1.0)
+
+    @property
+    def head_id(self) -> str:
+        return self.nodes[0].node_id
+
+    def worker_ids(self) -> set[str]:
+        """The alive nodes the autoscaler started."""
+        return self.alive_node_ids() - {self.head_id}
+
+    def kill_worker(self, node_id: str) -> int:
+        """SIGKILL one autoscaled node: its raylet and everything the raylet started."""
+        return Node(f"node-{node_id[-5:]}", None, markers=(f"--node_id={node_id}",)).kill()
 

@@ -180,15 +180,21 @@ def make_algorithm(config: CompressConfig, **kwargs) -> SearchAlgorithm:
     return RLlibSearch(config, **kwargs)
 
 
-def planned_resources(config: CompressConfig) -> dict[str, float]:
-    """Resources the search of ``config`` will ask Ray for (a Tune trial reserves
-    exactly this)."""
+def planned_bundles(config: CompressConfig) -> list[dict[str, float]]:
+    """What the search of ``config`` asks Ray for, one resource dict per actor
+    (evaluation actors, or RLlib env runners and learners); a Tune trial
+    reserves exactly these."""
     _load_native()
     if config.algo.lower() in _REGISTRY:
-        return {"CPU": config.num_workers * config.cpus_per_worker,
-                "GPU": config.num_workers * config.gpus_per_worker}
-    from .rllib import rllib_resources
-    return rllib_resources(config)
+        return [{"CPU": config.cpus_per_worker, "GPU": config.gpus_per_worker}] * config.num_workers
+    from .rllib import rllib_bundles
+    return rllib_bundles(config)[1:]       # the first is the driver's own
+
+
+def planned_resources(config: CompressConfig) -> dict[str, float]:
+    """The total of :func:`planned_bundles`."""
+    from ..cluster_offer import total
+    return {"CPU": 0.0, "GPU": 0.0, **total(planned_bundles(config))}
 
 
 def check_algorithm(config: CompressConfig) -> None:

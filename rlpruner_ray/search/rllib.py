@@ -77,13 +77,6 @@ def rllib_bundles(config: CompressConfig) -> list[dict]:
     return bundles
 
 
-def rllib_resources(config: CompressConfig) -> dict[str, float]:
-    """What the RLlib actors ask of the cluster (the driver's own CPU not counted,
-    as for the native evaluation pool)."""
-    bundles = rllib_bundles(config)[1:]
-    return {"CPU": sum(b["CPU"] for b in bundles), "GPU": sum(b["GPU"] for b in bundles)}
-
-
 def batch_plan(config: CompressConfig) -> tuple[int, int]:
     """(train batch per iteration, tickets for env runners) for one step: the env
     runners spend ``budget - 1`` evaluations (rounded down to whole rounds of all
@@ -146,7 +139,8 @@ def _register_env():
 
     def make(env_config):
         import envs
-        config = dict(env_config)
+        from ..runtime import actor_device
+        config = {**dict(env_config), "device": actor_device(env_config["device"])}
         if "num_envs" in config:      # RLlib's vector entry point: one scorer for all sub-envs
             from envs.vector import LayerPruningVectorEnv
             return LayerPruningVectorEnv(config, config.pop("num_envs"))
@@ -159,11 +153,15 @@ class RLlibSearch(SearchAlgorithm):
 
     def __init__(self, config: CompressConfig, *, store_name: str, **kwargs):
         super().__init__(config, **kwargs)
+        from ..cluster_offer import wait_for_request
         from ..runtime import NAMESPACE
+        from .base import planned_bundles
         from .workers import env_settings
         self.store = ray.get_actor(store_name, namespace=NAMESPACE)
-        device = "cuda" if config.gpus_per_worker > 0 else "cpu"
-        runner_settings = env_settings(config, store=store_name, device=device)
+        # RLlib would wait without end for actors an autoscaler never adds
+        wait_for_request(planned_bundles(config), f"{config.algo}'s env runners and learners",
+                         timeout_s=config.autoscale_timeout)
+        runner_settings = env_settings(config, store=store_name, device=config.device)
         runner_settings["budgeted"] = True
         _register_env()
         self.batch, self.tickets = batch_plan(config)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import numpy as np
 import ray
 
+from ..cluster_offer import wait_for_request
 from ..config import CompressConfig
 from ..errors import RLPrunerError
 # re-exported: the store's names were long imported from here
 from ..model_store import CLOSED, SPENT, ModelStore, make_payload, start_store  # noqa: F401
-from ..runtime import NAMESPACE, check_resources
+from ..runtime import NAMESPACE, actor_device
 from .base import plans_for
 
 
 def env_settings(config: CompressConfig, *, store: str | None = None, device: str = "cpu") -> dict:
-    """The plain-dict environment config derived from the run's config."""
+    """The plain-dict environment config derived from the run's config. An actor
+    resolves ``device`` where it runs (``runtime.actor_device``)."""
     return {
         "dataset": {"name": config.dataset, "data_dir": config.data_dir, "val_fraction": config.val_fraction,
                     "seed": config.data_seed, "image_size": config.image_size},
@@ -41,7 +43,7 @@ class EvalWorker:
 
     def __init__(self, settings: dict):
         import envs  # registers the env; importable on every node
-        self.env = envs.LayerPruningEnv(settings)
+        self.env = envs.LayerPruningEnv({**settings, "device": actor_device(settings["device"])})
 
     def evaluate(self, items: list, version: int) -> list[dict]:
         """Score distributions, or exact plans (``search.base.exact_plan``)."""
@@ -53,16 +55,18 @@ class EvalWorker:
         import os
         g = self.env.scorer.graph
         return {"version": self.env.scorer.version, "channels": g.channels.tolist(), "pid": os.getpid(),
-                "scoring": self.env.scorer.choice}
+                "scoring": self.env.scorer.choice, "device": str(self.env.scorer.device),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
 
 class EvaluationPool:
     def __init__(self, config: CompressConfig, store_name: str):
         n, cpus, gpus = config.num_workers, config.cpus_per_worker, config.gpus_per_worker
-        check_resources({"CPU": n * cpus, "GPU": n * gpus}, f"{n} evaluation actors")
-        check_resources({"CPU": cpus, "GPU": gpus}, "one evaluation actor")
-        device = "cuda" if gpus > 0 else "cpu"
-        settings = env_settings(config, store=store_name, device=device)
+        # on an autoscaled cluster this waits for the nodes (a Tune trial's placement
+        # group already holds them)
+        wait_for_request([{"CPU": cpus, "GPU": gpus}] * n, f"{n} evaluation actors",
+                         timeout_s=config.autoscale_timeout)
+        settings = env_settings(config, store=store_name, device=config.device)
         actor = ray.remote(EvalWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1,
                                                max_task_retries=-1)
         self.workers = [actor.remote(settings) for _ in range(n)]

@@ -26,10 +26,13 @@ class SweepPlan:
     ``report`` read it back)."""
 
     def __init__(self, kind: str, out_dir: str, storage_path: str, name: str, base: dict, grid: dict,
-                 max_concurrent: int | None = None, max_failures: int = 2):
+                 max_concurrent: int | None = None, max_failures: int = 2, fit_workers: bool = False):
         self.kind, self.out_dir, self.storage_path, self.name = kind, out_dir, storage_path, name
         self.base, self.grid = base, grid
         self.max_concurrent, self.max_failures = max_concurrent, max_failures
+        # --num-workers not given: run.fit_default_workers sizes it before the sweep
+        # starts (the sized value is what sweep.json keeps)
+        self.fit_workers = fit_workers
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "out_dir": self.out_dir, "storage_path": self.storage_path, "name": self.name,
@@ -113,7 +116,8 @@ def plan_from_args(args, make_config) -> SweepPlan:
         name = EXPERIMENT if storage == out else (out.rstrip("/").rsplit("/", 1)[-1] or EXPERIMENT)
     base = {k: v for k, v in base_cfg.to_dict().items()
             if k not in GRID_KEYS + ("out_dir", "resume", "overwrite", "ray_address")}
-    return SweepPlan(kind, out, storage, name, base, grid, max_concurrent, max_failures)
+    return SweepPlan(kind, out, storage, name, base, grid, max_concurrent, max_failures,
+                     fit_workers=not hasattr(args, "num_workers"))
 
 
 def _dedupe(values) -> list:

@@ -21,7 +21,8 @@ def run_sweep(plan: SweepPlan, *, ray_address: str | None = None, quiet: bool = 
     Returns 0 when every trial finished, 1 otherwise."""
     import ray
     from ..checkpoint import atomic_write_json
-    from ..runtime import init_ray, local_offer, shutdown_ray
+    from ..cluster_offer import has_autoscaler
+    from ..runtime import init_ray, local_offer, private_ray_running, shutdown_ray
 
     root = plan.root
     if root.exists() and not root.is_dir():
@@ -31,10 +32,13 @@ def run_sweep(plan: SweepPlan, *, ray_address: str | None = None, quiet: bool = 
                           f"{plan.out_dir} or pass --overwrite")
     own_ray = not ray.is_initialized()
     if own_ray and not ray_address:
+        fit_default_workers(plan, local_offer())
         check_trials_fit(plan, local_offer())      # refuse before Ray starts or anything is written
     try:
         init_ray(ray_address, root)
-        check_trials_fit(plan, None)               # what the cluster really offers
+        if not private_ray_running() and not has_autoscaler():
+            fit_default_workers(plan, ray.cluster_resources())
+        check_trials_fit(plan, None)               # what the cluster really offers (or its autoscaler will)
         if overwrite and not resume:
             clear(plan)
         root.mkdir(parents=True, exist_ok=True)
@@ -58,14 +62,44 @@ def run_sweep(plan: SweepPlan, *, ray_address: str | None = None, quiet: bool = 
 
 
 def check_trials_fit(plan: SweepPlan, offered: dict | None) -> None:
-    """Refuse a grid point whose trial needs more than the cluster (or this machine) offers."""
-    from ..runtime import check_resources
+    """Refuse a grid point whose trial can never fit the cluster (or this machine).
+    On a cluster whose autoscaler must first add nodes, wait (up to
+    ``--autoscale-timeout``) until the largest such trial fits: Tune's placement
+    groups then ask the autoscaler for the rest."""
+    from ..cluster_offer import check_request, total, wait_for_request
+    waiting = []
     for params in plan.grid_points():
-        need: dict[str, float] = {}
-        for b in trial_bundles(plan.trial_config(params)):
-            for k, v in b.items():
-                need[k] = need.get(k, 0.0) + v
-        check_resources(need, f"one trial ({trial_name(params)})", offered=offered)
+        bundles = trial_bundles(plan.trial_config(params))
+        what = f"one trial ({trial_name(params)})"
+        if not check_request(bundles, what, offered=offered):
+            waiting.append((bundles, what, params))
+    if waiting:
+        def size(w):
+            need = total(w[0])
+            return need.get("GPU", 0.0), need.get("CPU", 0.0)
+        bundles, what, params = max(waiting, key=size)
+        wait_for_request(bundles, what, timeout_s=plan.trial_config(params).autoscale_timeout)
+
+
+def fit_default_workers(plan: SweepPlan, offered: dict) -> None:
+    """Without ``--num-workers``, give each trial as many evaluation actors (at most
+    the default) as let one trial fit what a fixed cluster or this machine offers,
+    and say so in one line; an explicit request is checked as given."""
+    from ..cluster_offer import describe, shortfall, total
+    if not plan.fit_workers:
+        return
+    default = plan.base["num_workers"]
+
+    def fits(n: int) -> bool:
+        plan.base["num_workers"] = n
+        return all(shortfall(total(trial_bundles(plan.trial_config(p))), offered) is None
+                   for p in plan.grid_points())
+
+    chosen = next((n for n in range(default, 0, -1) if fits(n)), default)
+    plan.base["num_workers"] = chosen
+    if chosen != default:
+        log.info("each trial gets %d evaluation actor(s) instead of the default %d, so that one trial fits the "
+                 "%s on offer (--num-workers sets it)", chosen, default, describe(offered))
 
 
 def _fit(plan: SweepPlan, *, quiet: bool, resume: bool) -> None:
