@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from . import pipeline
     if args.command == "compress":
-        summary = pipeline.compress(_config(args))
+        summary = pipeline.compress(_gpu_pool(args, _config(args)))
         _print_summary(summary)
     elif args.command == "train":
         out = pipeline.train_command(_config(args))
@@ -135,6 +135,22 @@ def _run(args) -> int:
         from . import sweep
         return sweep.run_subcommand(args, _config)
     return 0
+
+
+def _gpu_pool(args, config):
+    """On a GPU machine, with neither --num-workers nor --gpus-per-worker given and
+    no cluster to join, evaluation actors get a GPU each (one per GPU)."""
+    if hasattr(args, "num_workers") or hasattr(args, "gpus_per_worker") or config.ray_address:
+        return config
+    import torch
+
+    from .cluster_offer import gpu_pool_layout
+    layout = gpu_pool_layout(config.device, torch.cuda.device_count())
+    if layout is None:
+        return config
+    logging.getLogger("rlpruner_ray").info("evaluation on the GPU: %d actor(s), 1 GPU each (--num-workers, "
+                                           "--gpus-per-worker to choose)", layout[0])
+    return config.replace(num_workers=layout[0], gpus_per_worker=layout[1])
 
 
 def _print_summary(s: dict) -> None:

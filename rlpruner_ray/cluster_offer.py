@@ -86,6 +86,18 @@ def describe(resources: dict) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in shown.items() if v > 0) or "nothing"
 
 
+def gpu_pool_layout(device: str, gpus: int) -> tuple[int, float] | None:
+    """(actors, GPUs per actor) for evaluation on ``gpus`` local GPUs when the user
+    asked for neither: one actor per GPU (processes sharing a GPU only take turns
+    on it; an actor keeps its GPU busy by scoring K candidates per pass). None
+    when the run stays on the CPU (no GPU, or ``--device cpu``)."""
+    if gpus < 1 or device == "cpu":
+        return None
+    if device.startswith("cuda:"):     # one named GPU: the pool shares it with the run's own work
+        return 1, 1.0
+    return gpus, 1.0
+
+
 # ---------------------------------------------------------------------- the cluster
 def has_autoscaler() -> bool:
     """Whether the connected cluster runs an autoscaler with a config (not the bare

@@ -126,3 +126,28 @@ def test_device_cuda_without_cuda_is_refused(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match="CUDA"):
         CompressConfig(device="cuda").validate().resolved_device()
+
+
+# ---------------------------------------------------------------------- the GPU pool's layout
+def test_gpu_pool_layout_is_one_actor_per_gpu():
+    from rlpruner_ray.cluster_offer import gpu_pool_layout
+    assert gpu_pool_layout("auto", 0) is None                 # no GPU: the CPU pool as configured
+    assert gpu_pool_layout("cpu", 4) is None                  # --device cpu wins
+    assert gpu_pool_layout("auto", 4) == (4, 1.0)
+    assert gpu_pool_layout("cuda", 1) == (1, 1.0)
+    assert gpu_pool_layout("cuda:2", 4) == (1, 1.0)           # one named GPU
+
+
+def test_compress_on_a_gpu_machine_gives_each_actor_a_gpu(one_gpu, monkeypatch, tmp_path):
+    """The README's main job on a one-GPU machine: evaluation actors get the GPU;
+    an explicit layout is left as given."""
+    from rlpruner_ray import cli, pipeline
+    seen = []
+    monkeypatch.setattr(pipeline, "compress", lambda config: seen.append(config) or {})
+    monkeypatch.setattr(cli, "_print_summary", lambda summary: None)
+    assert cli.main(["-q", "compress", "--out-dir", str(tmp_path / "a")]) == 0
+    assert (seen[-1].num_workers, seen[-1].gpus_per_worker) == (1, 1.0)
+    assert cli.main(["-q", "compress", "--num-workers", "3", "--out-dir", str(tmp_path / "b")]) == 0
+    assert (seen[-1].num_workers, seen[-1].gpus_per_worker) == (3, 0.0)
+    assert cli.main(["-q", "compress", "--device", "cpu", "--out-dir", str(tmp_path / "c")]) == 0
+    assert seen[-1].gpus_per_worker == 0.0
