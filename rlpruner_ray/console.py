@@ -64,6 +64,15 @@ def _is_tty(stream) -> bool:
         return False
 
 
+def _width(stream) -> int:
+    """The terminal's width; 100 where it reports none (a pty without a size makes
+    tqdm draw nothing at all)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 100
+    except (OSError, AttributeError, ValueError):
+        return 100
+
+
 def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     """The project's lines as ``[rlpruner] ...`` on the terminal; other libraries'
     log records only from WARNING up, and (unless ``verbose``) where their other
@@ -169,7 +178,7 @@ class Progress:
         if not _state.quiet and _is_tty(self.stream):
             from tqdm import tqdm
             self._bar = tqdm(total=self.total, desc=f"[rlpruner] {label}", file=self.stream, leave=False,
-                             dynamic_ncols=True)
+                             ncols=_width(self.stream))
 
     def update(self, n: int = 1) -> None:
         self.done += n

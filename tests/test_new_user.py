@@ -102,6 +102,20 @@ def test_plain_progress_lines_only_for_long_work(monkeypatch):
     assert slow.getvalue().splitlines()[-1].startswith("[rlpruner] step 2/50 evaluations: 3/3 (")
 
 
+def test_progress_bar_on_a_terminal(monkeypatch):
+    import pty
+    monkeypatch.setattr(console._state, "quiet", False)
+    master, slave = pty.openpty()                           # a terminal with no size, like `script`'s
+    with os.fdopen(slave, "w") as stream:
+        with console.Progress(3, "step 1/5 evaluations", stream=stream) as bar:
+            for _ in range(3):
+                bar.update()
+        stream.flush()
+        drawn = os.read(master, 65536)
+    os.close(master)
+    assert b"[rlpruner] step 1/5 evaluations:" in drawn and b"0/3" in drawn, drawn
+
+
 def test_latency_of_two_models_is_timed_in_alternation():
     order = []
 
