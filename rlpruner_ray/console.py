@@ -136,7 +136,8 @@ def foreign_output_to_log(out_dir=None):
         _state.terminal, _state.saved_fds = None, None
         temp, _state.log_temp = _state.log_temp, None
         if temp is not None and temp.exists():
-            if failure is None or isinstance(failure, (RLPrunerError, KeyboardInterrupt)):
+            if failure is None or isinstance(failure, (RLPrunerError, KeyboardInterrupt)) \
+                    or temp.stat().st_size == 0:
                 temp.unlink()
             else:
                 print(f"rlpruner: the output of Ray and other libraries is in {temp}", file=sys.stderr)

@@ -49,6 +49,8 @@ class RunFolder:
         self.history = self.root / "history"
         self.summary = self.root / "summary.json"
         self.model = self.root / "pruned_model.pt"
+        self.curves = self.root / "tensorboard"
+        self.log = self.root / console.LOG_FILE
 
     def step_file(self, number: int) -> Path:
         return self.steps / f"step_{number:03d}.pt"
@@ -250,7 +252,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                     (config.ray_address or not own_ray) else local_offer())
 
     if config.overwrite and run.root.exists():
-        for p in [run.steps, run.history, run.base, *[run.root / f for f in RESULT_FILES]]:
+        for p in [run.steps, run.history, run.base, run.curves, run.log, *[run.root / f for f in RESULT_FILES]]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run.root.mkdir(parents=True, exist_ok=True)
     console.attach_log(run.root)    # Ray's and other libraries' output: log.txt (not the terminal)
@@ -282,7 +284,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         log.info("resuming after step %d of %d", done[-1], config.num_steps)
     if teacher_acc is None:
         teacher_acc = evaluate(base, data, "val", device=device)["top1"]
-    curves = LearningCurves(run.root / "tensorboard")
+    curves = LearningCurves(run.curves)
     if not steps:
         curves.step(0, {"val_top1": teacher_acc, "sparsity": 0.0, "macs_kept": 1.0, "params_kept": 1.0})
 
