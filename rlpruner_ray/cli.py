@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "distribution across layers learned by reinforcement learning on Ray.")
     loudness = p.add_mutually_exclusive_group()
     loudness.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    loudness.add_argument("-v", "--verbose", action="store_true",
+    loudness.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                           help=f"also show the output of Ray, RLlib and other libraries (default: in "
                                f"{console.LOG_FILE} in the output folder)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -132,12 +132,13 @@ _LOGGED_COMMANDS = ("compress", "train", "prune", "evaluate")
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet, args.verbose)
+    verbose = getattr(args, "verbose", False)    # (absent unless given: sweep --resume takes no settings)
+    _setup_logging(args.quiet, verbose)
     try:
         if args.command not in _LOGGED_COMMANDS:
             from . import sweep
             return sweep.run_subcommand(args, _config)
-        if args.verbose:
+        if verbose:
             result = _work(args)
         else:
             with console.foreign_output_to_log(getattr(args, "out_dir", None) or _default_out_dir(args.command)):
