@@ -40,8 +40,18 @@ GLOBAL_FEATURES = 3
 class LayerPruningEnv(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, config: dict | None = None):
-        config = dict(config or {})
+    def __init__(self, config: dict | None = None, **options):
+        """``config``: the settings dict the pipeline and RLlib pass. Without it,
+        ``options`` (``model=``, ``dataset=``, ``base_checkpoint=``, ``sparsity=``,
+        ... see ``envs.defaults.ENV_OPTIONS``) describe a problem built here;
+        none at all gives a small default one (``envs/defaults.py``)."""
+        if config is None:
+            from .defaults import standalone_settings
+            config = standalone_settings(**options)
+        elif options:
+            raise TypeError(f"LayerPruningEnv takes config= or keyword options, not both "
+                            f"(got {', '.join(sorted(options))})")
+        config = dict(config)
         self.settings = config
         if config.get("threads"):
             import torch

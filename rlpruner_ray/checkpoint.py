@@ -37,6 +37,7 @@ def atomic_write_bytes(path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode())   # mkstemp's 0600 would hide results from the user's group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,6 +46,17 @@ def atomic_write_bytes(path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask."""
+    try:   # Linux reports the umask without changing it (no window where another thread sees 0)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def remove_stale_temps(*folders) -> int:
@@ -59,8 +71,10 @@ def remove_stale_temps(*folders) -> int:
     return removed
 
 
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+def atomic_write_json(path, obj, *, sort_keys: bool = True) -> None:
+    """``sort_keys=False`` keeps the dicts' own order (e.g. groups in layer order)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def load_json(path) -> dict:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import sys
 import warnings
 
+from . import console
 from .config import CompressConfig, field_groups
 from .errors import RLPrunerError
 
@@ -22,28 +22,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
+# titles of the config's field groups in --help
+SECTION_TITLES = {"data": "data", "model": "model", "train": "base training", "target": "target",
+                  "search": "search", "rlpruner": "rlpruner algorithm", "rllib": "RLlib policies (--algo ppo, ...)",
+                  "workers": "workers", "finetune": "fine-tuning", "run": "run"}
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The field's help plus its default (defaults are the config's, not argparse's:
+    options left out are left out of the config too)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is None or default is False or default == ():
+        return f.metadata["help"]
+    return f"{f.metadata['help']} (default: {default:g})" if isinstance(default, float) \
+        else f"{f.metadata['help']} (default: {default})"
+
+
 def _add_fields(parser: argparse.ArgumentParser, groups, *, skip=(), overrides=None) -> None:
     overrides = overrides or {}
     fields = field_groups()
     for group in groups:
+        section = parser.add_argument_group(SECTION_TITLES.get(group, group))
         for f in fields[group]:
             if f.name in skip:
                 continue
             opt = "--" + f.name.replace("_", "-")
             meta = f.metadata
             kind = f.type.replace(" | None", "")
-            kwargs = dict(help=meta["help"], dest=f.name, default=argparse.SUPPRESS)
+            kwargs = dict(help=_help_with_default(f), dest=f.name, default=argparse.SUPPRESS)
             kwargs.update(overrides.get(f.name, {}))
             if kind == "bool":
-                parser.add_argument(opt, action="store_true", **kwargs)
+                section.add_argument(opt, action="store_true", **kwargs)
             elif kind == "tuple":
-                parser.add_argument(opt, nargs="*", metavar="NAME", **kwargs)
+                section.add_argument(opt, nargs="*", metavar="NAME", **kwargs)
             else:
                 conv = {"int": int, "float": float, "str": str}[kind]
                 kwargs.setdefault("type", conv)
                 if meta.get("choices") and "choices" not in kwargs:
                     kwargs["choices"] = meta["choices"]
-                parser.add_argument(opt, **kwargs)
+                section.add_argument(opt, **kwargs)
 
 
 def _config(args, **extra) -> CompressConfig:
@@ -53,17 +70,24 @@ def _config(args, **extra) -> CompressConfig:
     return CompressConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}).validate()
 
 
+_USAGE = "%(prog)s [options]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rlpruner", description="Structured filter pruning of CNNs, with the pruning "
                 "distribution across layers learned by reinforcement learning on Ray.")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    loudness.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help=f"also show the output of Ray, RLlib and other libraries (default: in "
+                               f"{console.LOG_FILE} in the output folder)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="prune step by step with a learned distribution (the main job)")
-    _add_fields(c, ["model", "data", "train", "target", "search", "rlpruner", "rllib", "workers", "finetune", "run"])
+    c = sub.add_parser("compress", usage=_USAGE, help="prune step by step with a learned distribution (the main job)")
+    _add_fields(c, ["data", "model", "train", "target", "search", "rlpruner", "rllib", "workers", "finetune", "run"])
 
-    t = sub.add_parser("train", help="train a base model and save it")
-    _add_fields(t, ["model", "data", "train", "run"], skip=("base_checkpoint", "resume", "max_batches_per_epoch"))
+    t = sub.add_parser("train", usage=_USAGE, help="train a base model and save it")
+    _add_fields(t, ["data", "model", "train", "run"], skip=("base_checkpoint", "resume", "max_batches_per_epoch"))
 
     e = sub.add_parser("evaluate", help="accuracy, MACs, params and latency of a model file")
     e.add_argument("model_file")
@@ -74,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--seed", type=int, default=0, help="seed of the validation split")
 
-    pr = sub.add_parser("prune", help="one-shot pruning with a non-learned strategy (baselines)")
-    _add_fields(pr, ["model", "data", "train", "target", "finetune", "run"], skip=("resume", "step_fraction"))
-    pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random", "tp-uniform", "tp-global"), default="uniform",
+    pr = sub.add_parser("prune", usage=_USAGE, help="one-shot pruning with a non-learned strategy (baselines)")
+    _add_fields(pr, ["data", "model", "train", "target", "finetune", "run"], skip=("resume", "step_fraction"))
+    pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random", "tp-uniform", "tp-global"),
+                    default="uniform",
                     help="how the filters to remove are spread across groups")
     pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1")
     pr.add_argument("--export", choices=("torchscript", "onnx"), help="also export the pruned model")
@@ -93,20 +118,34 @@ def _register_later(sub, name: str) -> None:
     sweep.add_subcommand(sub, name, _add_fields)
 
 
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="[rlpruner] %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("rlpruner_ray").setLevel(logging.WARNING if quiet else logging.INFO)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    console.setup_logging(quiet=quiet, verbose=verbose)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+# commands whose foreign output (Ray, RLlib, libraries) goes to the log file; a
+# sweep's trials run in Tune's processes, and Tune's own table is its progress
+_LOGGED_COMMANDS = ("compress", "train", "prune", "evaluate")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.quiet)
+    verbose = getattr(args, "verbose", False)    # (absent unless given: sweep --resume takes no settings)
+    _setup_logging(args.quiet, verbose)
     try:
-        return _run(args)
+        if args.command not in _LOGGED_COMMANDS:
+            from . import sweep
+            return sweep.run_subcommand(args, _config)
+        if verbose:
+            result = _work(args)
+        else:
+            with console.foreign_output_to_log(getattr(args, "out_dir", None) or _default_out_dir(args.command)):
+                result = _work(args)
+        _show(args.command, result)      # (after the redirect: results go to stdout, not the log)
+        return 0
     except RLPrunerError as exc:
         print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -115,26 +154,29 @@ def main(argv=None) -> int:
         return 130
 
 
-def _run(args) -> int:
+def _default_out_dir(command: str) -> str | None:
+    return None if command == "evaluate" else CompressConfig().out_dir
+
+
+def _work(args) -> dict:
     from . import pipeline
     if args.command == "compress":
-        summary = pipeline.compress(_gpu_pool(args, _config(args)))
-        _print_summary(summary)
-    elif args.command == "train":
-        out = pipeline.train_command(_config(args))
-        print(json.dumps(out, indent=2))
-    elif args.command == "evaluate":
-        out = pipeline.evaluate_command(args.model_file, _config(args, device=args.device, seed=args.seed),
-                                        split=args.split)
-        print(json.dumps(out, indent=2))
-    elif args.command == "prune":
-        out = pipeline.prune_command(_config(args, algo=args.algo, criterion=args.criterion), export=args.export)
-        out.pop("config")
-        print(json.dumps(out, indent=2))
+        return pipeline.compress(_gpu_pool(args, _config(args)))
+    if args.command == "train":
+        return pipeline.train_command(_config(args))
+    if args.command == "evaluate":
+        return pipeline.evaluate_command(args.model_file, _config(args, device=args.device, seed=args.seed),
+                                         split=args.split)
+    out = pipeline.prune_command(_config(args, algo=args.algo, criterion=args.criterion), export=args.export)
+    out.pop("config")
+    return out
+
+
+def _show(command: str, result: dict) -> None:
+    if command == "compress":
+        _print_summary(result)
     else:
-        from . import sweep
-        return sweep.run_subcommand(args, _config)
-    return 0
+        print(json.dumps(result, indent=2))
 
 
 def _gpu_pool(args, config):
@@ -160,7 +202,7 @@ def _print_summary(s: dict) -> None:
             ("val top-1", f"{b['val_top1']:.4f}", f"{p['val_top1']:.4f}"),
             ("MACs", f"{b['macs'] / 1e6:.2f}M", f"{p['macs'] / 1e6:.2f}M (-{100 * r['macs']:.1f}%)"),
             ("params", f"{b['params'] / 1e6:.3f}M", f"{p['params'] / 1e6:.3f}M (-{100 * r['params']:.1f}%)"),
-            ("latency b1 (CPU)", f"{b['latency_ms_cpu_b1']:.2f} ms", f"{p['latency_ms_cpu_b1']:.2f} ms")]
+            ("latency b1 (CPU)", _latency(b), _latency(p))]
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))
@@ -168,8 +210,15 @@ def _print_summary(s: dict) -> None:
           f"results in {s['config']['out_dir']}")
 
 
+def _latency(measured: dict) -> str:
+    """Median and interquartile range of the interleaved timings."""
+    q1, q3 = measured.get("latency_ms_cpu_b1_quartiles") or (None, None)
+    spread = f" ({q1:.2f}-{q3:.2f})" if q1 is not None else ""
+    return f"{measured['latency_ms_cpu_b1']:.2f} ms{spread}"
+
+
 # ---------------------------------------------------------------- cluster entries
-_TOP_LEVEL_FLAGS = ("-q", "--quiet")   # options of `rlpruner` itself: before the subcommand
+_TOP_LEVEL_FLAGS = ("-q", "--quiet", "-v", "--verbose")   # options of `rlpruner` itself: before the subcommand
 
 
 def cluster_argv(command: str, user_args: list[str]) -> list[str]:

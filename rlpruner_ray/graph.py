@@ -125,6 +125,7 @@ class PruningGraph:
             group = self._make_group(tp_group)
             if group is not None:
                 self.groups.append(group)
+        self.groups.sort(key=lambda g, order=list(names): order.index(g.key))  # the layers' order in the model
         if not self.groups:
             raise ModelError("the model has no prunable channel groups")
         self.channels = np.array([g.channels for g in self.groups], dtype=np.int64)

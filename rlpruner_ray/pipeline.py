@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import console
 from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset, load_dataset
 from .errors import ConfigError, ModelError
 from .graph import PruningGraph, group_widths
-from .measure import latency_ms, macs_params
-from .models import build_model, model_spec
-from .report import HistoryWriter, write_report
+from .measure import compare_latency, latency_ms, macs_params
+from .models import build_model, check_model_name, model_spec
+from .report import HistoryWriter, LearningCurves, write_report
 from .search.base import Evaluator, StepContext, check_algorithm, make_algorithm
 from .train import TrainSettings, evaluate, finetune_kd, train_base
 
@@ -37,7 +38,8 @@ RESULT_FILES = ("summary.json", "history.parquet", "pruned_model.pt", "report.pn
 
 
 class RunFolder:
-    """Names of everything a run writes under its output folder."""
+    """Names of everything a run writes under its output folder. Steps are numbered
+    from 1 everywhere a person reads them (log, summary, history, file names)."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -47,12 +49,21 @@ class RunFolder:
         self.history = self.root / "history"
         self.summary = self.root / "summary.json"
         self.model = self.root / "pruned_model.pt"
+        self.curves = self.root / "tensorboard"
+        self.log = self.root / console.LOG_FILE
 
-    def step_file(self, step: int) -> Path:
-        return self.steps / f"step_{step:03d}.pt"
+    def step_file(self, number: int) -> Path:
+        return self.steps / f"step_{number:03d}.pt"
+
+    def algo_dir(self, number: int) -> Path:
+        return self.steps / f"step_{number:03d}_algo"
 
     def finished_steps(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.steps.glob("step_*.pt")) if self.steps.exists() else []
+
+    def is_legacy(self) -> bool:
+        """Written by a version that numbered steps from 0 (its first step is step_000)."""
+        return self.step_file(0).exists()
 
 
 # ---------------------------------------------------------------------- set-up checks
@@ -70,6 +81,9 @@ def prepare_run(config: CompressConfig) -> RunFolder:
         diff = [k for k in RESULT_KEYS if _norm(saved.get(k)) != _norm(getattr(config, k))]
         if diff:
             raise ConfigError(f"--resume with different settings than the run in {run.root}: {', '.join(diff)}")
+        if run.is_legacy():
+            raise ConfigError(f"{run.root} was written by an older rlpruner (steps numbered from 0); "
+                              "resume it with that version or start over with --overwrite")
     elif has_run and not config.overwrite:
         raise ConfigError(f"{run.root} already holds a run; pass --resume to continue it or --overwrite")
     return run
@@ -113,6 +127,27 @@ def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int,
                          channels_last=config.channels_last)
 
 
+def training_progress(config: CompressConfig, data: Dataset, epochs: int, label: str, *, finetune: bool = False):
+    """A progress display over the training batches of ``epochs`` epochs, and a view
+    of ``data`` that advances it with every training batch it hands out (the
+    training loop needs no hook for it)."""
+    batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
+    per_epoch = -(-len(data.train) // batch)
+    if config.max_batches_per_epoch is not None:
+        per_epoch = min(per_epoch, config.max_batches_per_epoch)
+    bar = console.Progress(epochs * per_epoch, label)
+    view = copy.copy(data)
+
+    def batches(split, *args, **kwargs):
+        for batch in data.batches(split, *args, **kwargs):
+            yield batch
+            if split == "train":
+                bar.update()
+
+    view.batches = batches
+    return bar, view
+
+
 def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, device: str):
     """The base model: a given checkpoint, the run's cached one, or trained now."""
     source = config.base_checkpoint or (run.base if run.base.exists() else None)
@@ -131,8 +166,10 @@ def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, de
     ckpt.tag_model(model, model_spec(config.model, data.num_classes, data.in_channels),
                    data.example_inputs(1).shape[1:])
     log.info("training the base model %s on %s for %d epochs", config.model, data.name, config.train_epochs)
-    result = train_base(model, data, train_settings(config, epochs=config.train_epochs, lr=config.train_lr,
-                                                    seed=config.seed, device=device))
+    bar, counted = training_progress(config, data, config.train_epochs, "base training")
+    with bar:
+        result = train_base(model, counted, train_settings(config, epochs=config.train_epochs,
+                                                           lr=config.train_lr, seed=config.seed, device=device))
     ckpt.save_pruned(model.cpu(), run.base, meta={"val_top1": result.best_val_top1, "epochs": result.epochs})
     return model
 
@@ -159,13 +196,28 @@ def measure_model(model, data: Dataset, device: str, *, test: bool) -> dict:
     if test:
         t = evaluate(model, data, "test", device=device)
         out.update(test_top1=t["top1"], test_top5=t["top5"])
-        shape = tuple(example.shape[1:])
-        out["latency_ms_cpu_b1"] = latency_ms(model, shape, batch_size=1)
-        out["latency_ms_cpu_b64"] = latency_ms(model, shape, batch_size=64, repeats=5)
-        if torch.cuda.is_available():
-            out["latency_ms_gpu_b64"] = latency_ms(model, shape, batch_size=64, device="cuda")
     model.to(device)
     return out
+
+
+def measure_pair(base, pruned, data: Dataset, device: str) -> tuple[dict, dict]:
+    """Base and pruned model on val and test, and their latencies timed in
+    alternation, so a busy machine slows both alike (median and quartiles)."""
+    measured = {"base": measure_model(base, data, device, test=True),
+                "pruned": measure_model(pruned, data, device, test=True)}
+    shape = tuple(data.example_inputs(1).shape[1:])
+    settings = [("cpu_b1", "cpu", 1, 30), ("cpu_b64", "cpu", 64, 7)]
+    if torch.cuda.is_available():
+        settings.append(("gpu_b64", "cuda", 64, 20))
+    for label, where, batch, rounds in settings:
+        timed = compare_latency({"base": base, "pruned": pruned}, shape, batch_size=batch, device=where,
+                                rounds=rounds)
+        for name, t in timed.items():
+            measured[name][f"latency_ms_{label}"] = t["median"]
+            measured[name][f"latency_ms_{label}_quartiles"] = [t["q1"], t["q3"]]
+    for model in (base, pruned):
+        model.to(device)
+    return measured["base"], measured["pruned"]
 
 
 # ---------------------------------------------------------------------- the loop
@@ -177,9 +229,11 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     config.validate()
     check_algorithm(config)
     run = prepare_run(config)
+    if config.resume and run.summary.exists() and len(run.finished_steps()) >= config.num_steps:
+        log.info("the run in %s is already finished; its results are unchanged", run.root)
+        return ckpt.load_json(run.summary)
     started = time.perf_counter()
-    data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
-                        download=config.download, image_size=config.image_size)
+    data = _load_data(config)
     device = config.resolved_device()
 
     # everything that can be refused is checked before the first byte is written
@@ -205,9 +259,10 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                   (config.ray_address or not own_ray) else local_offer())
 
     if config.overwrite and run.root.exists():
-        for p in [run.steps, run.history, run.base, *[run.root / f for f in RESULT_FILES]]:
+        for p in [run.steps, run.history, run.base, run.curves, run.log, *[run.root / f for f in RESULT_FILES]]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run.root.mkdir(parents=True, exist_ok=True)
+    console.attach_log(run.root)    # Ray's and other libraries' output: log.txt (not the terminal)
     if config.resume:   # temp files of writes a kill cut short (their targets are intact)
         ckpt.remove_stale_temps(run.root, run.steps, run.history)
     ckpt.atomic_write_json(run.config, config.to_dict())
@@ -222,6 +277,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     model, teacher, teacher_acc = base, base, None
     steps: list[dict] = []
     algo_state: dict = {}
+    spent_before = 0.0            # wall time of the earlier processes of this run (kept work only)
     done = run.finished_steps()
     if done:
         state = ckpt.load_tensors(run.step_file(done[-1]))
@@ -231,10 +287,14 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         teacher = (ckpt.model_from_record(state["teacher"], allow_import=config.model).to(device)
                    if state["teacher"] is not None else base)
         teacher_acc = state["teacher_acc"]
-        log.info("resuming after step %d of %d", done[-1] + 1, config.num_steps)
+        spent_before = float(state.get("wall_seconds", 0.0))
+        log.info("resuming after step %d of %d", done[-1], config.num_steps)
     if teacher_acc is None:
         teacher_acc = evaluate(base, data, "val", device=device)["top1"]
     base_top1 = teacher_acc if not steps else None   # the drop guard's reference at step 0
+    curves = LearningCurves(run.curves)
+    if not steps:
+        curves.step(0, {"val_top1": teacher_acc, "sparsity": 0.0, "macs_kept": 1.0, "params_kept": 1.0})
 
     init_ray(config.ray_address, run.root)
     from .model_store import make_payload, start_store
@@ -251,7 +311,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             algo = make_algorithm(config, store_name=store_name)
             algo.load_state_dict(algo_state)
             if done:
-                algo.load_extra(run.steps / f"step_{done[-1]:03d}_algo")
+                algo.load_extra(run.algo_dir(done[-1]))
             if algo.uses_pool:
                 pool = EvaluationPool(config, store_name)
         for step in range(start, config.num_steps):
@@ -261,27 +321,41 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 context = _context(config, step, targets, original, model, graph)
                 ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
                 algo.on_new_base(step)
+            number = step + 1     # (step: 0-based index for seeds and contexts; number: what people read)
+            label = f"step {number}/{config.num_steps}"
+            spent = sum(s["evaluations"] for s in steps)
+            searching = console.Progress(config.evaluations_per_step, f"{label} evaluations")
+
+            def on_candidate(c, seconds, spent=spent, bar=searching):
+                history.add(c, seconds)
+                curves.evaluation(spent + c.index + 1, c)
+                bar.update()
+
             evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
-                                  on_candidate=history.add)
+                                  on_candidate=on_candidate)
             ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
                               reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
                               extras={k: context.get(k) for k in ("num_filters", "cost_target")})
-            chosen = algo.search(ctx, evaluator)
+            with searching:
+                chosen = algo.search(ctx, evaluator)
             search_s = time.perf_counter() - t0
 
             small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
             before = evaluate(small, data, "val", device=device)["top1"]
-            ft = finetune_kd(small, teacher, data,
-                             train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                            seed=config.seed + step + 1, device=device, finetune=True),
-                             temperature=config.kd_temperature, alpha=config.kd_alpha)
+            bar, counted = training_progress(config, data, config.finetune_epochs, f"{label} fine-tuning",
+                                             finetune=True)
+            with bar:
+                ft = finetune_kd(small, teacher, counted,
+                                 train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                                seed=config.seed + step + 1, device=device, finetune=True),
+                                 temperature=config.kd_temperature, alpha=config.kd_alpha)
             after = evaluate(small, data, "val", device=device)["top1"]
             if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
                 teacher, teacher_acc = small, after
             macs, params = macs_params(small, data.example_inputs(1).to(device))
             removed = original["total_channels"] - (graph.total_channels - int(chosen.counts.sum()))
             record = {
-                "step": step, "filters_removed": int(removed),
+                "step": number, "filters_removed": int(removed),
                 "sparsity": removed / original["total_channels"],
                 "macs": macs, "params": params,
                 "macs_reduction": 1 - macs / original["macs"], "params_reduction": 1 - params / original["params"],
@@ -295,19 +369,24 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             if pool is not None:
                 record.update(pool.scoring_choice())
             steps.append(record)
-            history.flush(step, chosen.index)
-            algo.save_extra(run.steps / f"step_{step:03d}_algo")
-            ckpt.save_tensors(run.step_file(step), {
+            curves.step(number, {"val_top1": after, "val_top1_before_finetune": before, "sparsity": record["sparsity"],
+                                 "macs_kept": 1 - record["macs_reduction"], "params_kept": 1 - record["params_reduction"],
+                                 "best_reward": evaluator.best.reward, "chosen_reward": chosen.reward})
+            history.flush(number, chosen.index)
+            algo.save_extra(run.algo_dir(number))
+            ckpt.save_tensors(run.step_file(number), {
                 "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
-                "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc})
+                "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc,
+                "wall_seconds": spent_before + time.perf_counter() - started})
             log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
-                     "base; val %.4f -> %.4f after fine-tuning (%.1fs)", step + 1, config.num_steps,
+                     "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
                      evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
                      100 * macs / original["macs"], before, after, record["step_seconds"])
             model = small
             if on_step is not None:
                 on_step(record, run)
     finally:
+        curves.close()
         if pool is not None:
             pool.close()
         if algo is not None:
@@ -316,7 +395,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         if own_ray:
             shutdown_ray()
 
-    return finish(config, run, data, base, model, steps, original, device, started)
+    return finish(config, run, data, base, model, steps, original, device,
+                  wall_seconds=lambda: spent_before + time.perf_counter() - started)
 
 
 def _context(config, step, targets, original, model, graph) -> dict:
@@ -331,12 +411,13 @@ def _context(config, step, targets, original, model, graph) -> dict:
     return ctx
 
 
-def finish(config, run: RunFolder, data, base, model, steps, original, device, started) -> dict:
-    """Final report: the one and only evaluation on the test split."""
-    base_m = measure_model(base, data, device, test=True)
-    pruned_m = measure_model(model, data, device, test=True)
+def finish(config, run: RunFolder, data, base, model, steps, original, device, *, wall_seconds) -> dict:
+    """Final report: the one and only evaluation on the test split. Groups are
+    listed in the layers' order in the model (the graph's order) everywhere."""
+    base_m, pruned_m = measure_pair(base, model, data, device)
     ckpt.save_pruned(model.cpu(), run.model, meta={"config": config.to_dict()})
-    channels_after = group_widths(model, list(original["channels"]))
+    groups = list(original["channels"])
+    channels_after = group_widths(model, groups)
     summary = {
         "config": config.to_dict(),
         "base": base_m, "pruned": pruned_m,
@@ -346,13 +427,13 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, s
                        "macs_speedup": base_m["macs"] / pruned_m["macs"]},
         "steps": steps,
         "evaluations": int(sum(s["evaluations"] for s in steps)),
-        "channels_before": original["channels"], "channels_after": channels_after,
-        "wall_seconds": time.perf_counter() - started,
+        "groups": groups, "channels_before": original["channels"], "channels_after": channels_after,
+        "wall_seconds": wall_seconds(),
         "files": {"history": "history.parquet", "model": "pruned_model.pt", "report": "report.png"},
     }
     HistoryWriter.combine(run.history, run.root / "history.parquet")
     write_report(summary, run.root / "report.png")
-    ckpt.atomic_write_json(run.summary, summary)
+    ckpt.atomic_write_json(run.summary, summary, sort_keys=False)
     log.info("done: test top-1 %.4f -> %.4f, MACs -%.1f%%, params -%.1f%% (%s)", base_m["test_top1"],
              pruned_m["test_top1"], 100 * summary["reductions"]["macs"], 100 * summary["reductions"]["params"],
              run.root)
@@ -361,6 +442,9 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, s
 
 # ---------------------------------------------------------------------- other commands
 def _load_data(config: CompressConfig) -> Dataset:
+    """The dataset, after the model name is known to be good (a refusal comes
+    before any line about loading data)."""
+    check_model_name(config.model)
     return load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
                         download=config.download, image_size=config.image_size)
 
@@ -437,8 +521,7 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
                                                   seed=config.seed, device=device, finetune=True),
                 temperature=config.kd_temperature, alpha=config.kd_alpha)
-    base_m = measure_model(base, data, device, test=True)
-    pruned_m = measure_model(small, data, device, test=True)
+    base_m, pruned_m = measure_pair(base, small, data, device)
     run.root.mkdir(parents=True, exist_ok=True)
     ckpt.save_pruned(small.cpu(), run.model, meta={"config": config.to_dict()})
     if export:

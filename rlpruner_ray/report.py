@@ -68,8 +68,8 @@ def write_report(summary: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     steps = summary["steps"]
-    x = [s["step"] + 1 for s in steps]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    x = [s["step"] for s in steps]           # numbered from 1; 0 is the base model
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.6]})
     ax = axes[0]
     ax.plot([0] + x, [summary["base"]["val_top1"]] + [s["val_top1"] for s in steps], "o-", label="after fine-tuning")
     ax.plot(x, [s["val_top1_before_finetune"] for s in steps], "s--", label="before fine-tuning")
@@ -85,11 +85,12 @@ def write_report(summary: dict, path) -> None:
     ax = axes[2]
     before = summary["channels_before"]
     after = summary["channels_after"]
-    keys = list(before)
+    keys = summary.get("groups") or list(before)    # the layers' order in the model
     idx = np.arange(len(keys))
     ax.bar(idx, [before[k] for k in keys], color="#bbbbbb", label="before")
     ax.bar(idx, [after[k] for k in keys], color="#1f77b4", label="after")
-    ax.set(xlabel="group (layer order)", ylabel="channels", title="Channels per group")
+    ax.set(xlabel="group (root layer, in model order)", ylabel="channels", title="Channels per group")
+    ax.set_xticks(idx, keys, rotation=60, ha="right", fontsize=max(4, min(8, 400 // max(len(keys), 1))))
     ax.legend(fontsize=8)
     cfg = summary["config"]
     fig.suptitle(f"{cfg['model']} on {cfg['dataset']}: {cfg['algo']}, {cfg['target']} sparsity {cfg['sparsity']:g} — "
@@ -100,3 +101,26 @@ def write_report(summary: dict, path) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+class LearningCurves:
+    """TensorBoard event files in ``folder`` (``tensorboard --logdir RUN/tensorboard``):
+    every evaluation's reward and accuracy, indexed by evaluations spent in the run,
+    and each step's results, indexed by step number (0: the base model)."""
+
+    def __init__(self, folder):
+        from tensorboardX import SummaryWriter   # comes with ray[tune]
+        self.writer = SummaryWriter(str(folder), flush_secs=30)
+
+    def evaluation(self, spent: int, c) -> None:
+        self.writer.add_scalar("evaluation/reward", c.reward, spent)
+        self.writer.add_scalar("evaluation/accuracy", c.accuracy, spent)
+        self.writer.add_scalar("evaluation/macs", c.macs, spent)
+
+    def step(self, number: int, values: dict) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(f"step/{key}", value, number)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -329,7 +329,7 @@ def test_sweep_submitted_as_a_ray_job_runs_on_both_nodes(tmp_path):
     assert not any(p() for p in processes), "a node's processes outlived the cluster"
 
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 0), (0.2, 0), (0.2, 1)]
+    assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 1), (0.2, 1), (0.2, 2)]
     assert sum(bool(x["final"]) for x in rows) == 2 and all(x["attempt"] == 1 for x in rows)
     assert {nodes[x["node_id"]] for x in rows} == {"head", "worker1"}     # both nodes ran a trial
     for x in rows:                                   # one trial never moves between nodes

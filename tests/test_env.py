@@ -316,3 +316,54 @@ def test_observations_inside_space(base):
             obs, _, done, _, _ = env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
             assert env.observation_space.contains(obs), obs
             assert np.all(np.isfinite(obs))
+
+
+# ---------------------------------------------------------------------- made on its own
+def test_make_with_no_arguments_gives_a_small_default_problem():
+    from envs.defaults import standalone_settings
+    env = gymnasium.make(ENV_ID)
+    try:
+        check_env(env.unwrapped, skip_render_check=True)
+        env.reset(seed=0)
+        g = env.action_space.shape[0]
+        _, reward, terminated, _, info = env.step(np.zeros(g, np.float32))
+        assert terminated and 0.3 < reward <= 1.0                    # a trained model, 10% of its filters gone
+        total = env.unwrapped.scorer.graph.total_channels
+        assert int(info["counts"].sum()) == round(0.1 * total)
+    finally:
+        env.close()
+    assert standalone_settings()["payload"] is standalone_settings()["payload"]   # made once per process
+
+
+def test_make_with_documented_keyword_arguments(base_checkpoint):
+    env = gymnasium.make(ENV_ID, base_checkpoint=str(base_checkpoint), sparsity=0.2, reward="flops",
+                         criterion="l1")
+    try:
+        env.reset(seed=0)
+        _, reward, _, _, info = env.step(np.zeros(env.action_space.shape, np.float32))
+        graph = env.unwrapped.scorer.graph
+        assert int(info["counts"].sum()) == round(0.2 * graph.total_channels)
+        assert reward == pytest.approx(info["accuracy"] + 0.25 * (1 - info["macs"] / graph.base_macs))
+        unpruned = env.unwrapped.scorer.score(np.zeros(graph.num_groups, np.int64))["accuracy"]
+        assert unpruned > 0.85                                       # the checkpoint's trained model
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("options, error, words", [
+    ({"sparsty": 0.3}, "ConfigError", ["sparsty", "known", "sparsity"]),
+    ({"sparsity": 1.5}, "ConfigError", ["sparsity must be < 1"]),
+    ({"model": "nope"}, "ModelError", ["unknown model 'nope'"]),
+    ({"reward": "speed"}, "ConfigError", ["reward must be one of"]),
+])
+def test_make_refuses_bad_arguments_in_one_line(options, error, words):
+    with pytest.raises(Exception) as info:
+        gymnasium.make(ENV_ID, **options)
+    assert type(info.value).__name__ == error
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_config_and_keyword_options_together_are_refused(base):
+    with pytest.raises(TypeError, match="not both"):
+        LayerPruningEnv(base["settings"], sparsity=0.3)

@@ -44,7 +44,7 @@ def test_compress_end_to_end_and_resume_after_the_last_step(tmp_path, base_check
     assert len(summary["steps"]) == 3 and summary["evaluations"] == 18
     assert summary["reductions"]["filters"] == pytest.approx(0.3, abs=0.01)
     assert summary["pruned"]["macs"] < summary["base"]["macs"]
-    assert summary["pruned"]["test_top1"] > 0.5
+    assert summary["pruned"]["test_top1"] > 0.3     # well above chance (0.1) after 6 evaluations a step
     table = pq.read_table(ref / "history.parquet")
     assert table.schema.equals(HISTORY_SCHEMA)
     assert table.num_rows == 18
@@ -62,7 +62,12 @@ def test_compress_end_to_end_and_resume_after_the_last_step(tmp_path, base_check
     (ref / "history.parquet").unlink()
     again = _cli(["compress", "--out-dir", str(ref), *common, "--resume"])
     assert again.returncode == 0, again.stderr
-    assert _comparable(json.loads((ref / "summary.json").read_text())) == _comparable(summary)
+    resumed = json.loads((ref / "summary.json").read_text())
+    assert _comparable(resumed) == _comparable(summary)
+    # its wall time counts the first attempt's steps too, not only the resume's report
+    from rlpruner_ray.checkpoint import load_tensors
+    kept = load_tensors(ref / "steps" / "step_003.pt")["wall_seconds"]
+    assert kept >= sum(s["step_seconds"] for s in summary["steps"]) and resumed["wall_seconds"] > kept
     t2 = pq.read_table(ref / "history.parquet").drop(["seconds"])
     assert t2.equals(table.drop(["seconds"]))
     assert {p.name: p.stat().st_mtime_ns for p in (ref / "steps").glob("step_*.pt")} == steps_before

@@ -36,7 +36,7 @@ def test_full_compress_with_rllib(tmp_path, base_checkpoint, algo):
     assert [s["evaluations"] for s in summary["steps"]] == [11, 11]
     rows = pq.read_table(out / "history.parquet").to_pylist()
     assert len(rows) == 22
-    for step in (0, 1):
+    for step in (1, 2):
         mine = [row for row in rows if row["step"] == step]
         assert sorted(row["evaluation"] for row in mine) == list(range(11))   # none lost or duplicated
         assert sum(row["chosen"] for row in mine) == 1
@@ -45,7 +45,7 @@ def test_full_compress_with_rllib(tmp_path, base_checkpoint, algo):
         assert [row for row in mine if row["chosen"]][0]["reward"] == best
     assert all(row["algo"] == algo for row in rows)
     assert any(row["learner_stats"] for row in rows if row["source"] == "sample")
-    assert (out / "steps" / "step_001_algo").is_dir()                        # RLlib checkpoint in the step state
+    assert (out / "steps" / "step_002_algo").is_dir()                        # RLlib checkpoint in the step state
     assert not (tmp_path / "ray_results").exists()
 
 

@@ -49,37 +49,37 @@ def test_sweep_grid_retry_from_checkpoint_and_report(tmp_path, capsys):
     checkpoint and completes without running step 0 again."""
     out = tmp_path / "sw"
     r = _cli(["sweep", "--out-dir", str(out), "--sparsity", "0.1", "0.2", "--algo", "uniform",
-              "--max-failures", "1", *TINY], env={sweep.FAIL_ENV: "0"})
+              "--max-failures", "1", *TINY], env={sweep.FAIL_ENV: "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "injected failure after step 0" in r.stderr          # the failures really happened
+    assert "injected failure after step 1" in r.stderr          # the failures really happened
 
     rows = _rows(out)
-    assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 0), (0.2, 0), (0.2, 1)]
+    assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 1), (0.2, 1), (0.2, 2)]
     assert {x["trial"] for x in rows} == {"uniform-s0.1-acc-taylor-seed0", "uniform-s0.2-acc-taylor-seed0"}
     for x in rows:
         assert (x["algo"], x["reward"], x["criterion"], x["seed"]) == ("uniform", "acc", "taylor", 0)
     finals = [x for x in rows if x["final"]]
     assert len(finals) == 2 and all(0 <= x["test_top1"] <= 1 and 0 < x["final_macs_kept"] < 1 for x in finals)
-    assert {x["step"] for x in finals} == {0, 1}
+    assert {x["step"] for x in finals} == {1, 2}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "uniform" in r.stdout and "done" in r.stdout
 
-    # the retried trial: step 0 by the first attempt, step 1 by the second, step 0 never recomputed
+    # the retried trial: step 1 by the first attempt, step 2 by the second, step 1 never recomputed
     work = out / "trials" / "uniform-s0.2-acc-taylor-seed0"
-    assert [(x["step"], x["attempt"]) for x in _trial_rows(work)] == [(0, 1), (1, 2)]
-    marker = work / ".injected_failure_step0"
-    assert (work / "steps" / "step_000.pt").stat().st_mtime_ns <= marker.stat().st_mtime_ns
-    assert (work / "steps" / "step_001.pt").stat().st_mtime_ns > marker.stat().st_mtime_ns
+    assert [(x["step"], x["attempt"]) for x in _trial_rows(work)] == [(1, 1), (2, 2)]
+    marker = work / ".injected_failure_step1"
+    assert (work / "steps" / "step_001.pt").stat().st_mtime_ns <= marker.stat().st_mtime_ns
+    assert (work / "steps" / "step_002.pt").stat().st_mtime_ns > marker.stat().st_mtime_ns
     summary = json.loads((work / "summary.json").read_text())
-    assert [s["step"] for s in summary["steps"]] == [0, 1]
+    assert [s["step"] for s in summary["steps"]] == [1, 2]
     assert pq.read_table(work / "history.parquet").num_rows == summary["evaluations"]
-    # Tune was never sent step 0 twice. (Its result.json may lack step 0: Ray keeps
+    # Tune was never sent step 1 twice. (Its result.json may lack step 1: Ray keeps
     # that file in a driver staging folder, synced every >= 10 s, and on a retry
     # restores it from the last sync, dropping newer lines. Our rows above are the record.)
     results = [json.loads(line) for d in (out / "tune").glob("uniform-s0.2-*")
                for line in (d / "result.json").read_text().splitlines()]
     reported = [x["step"] for x in results if not x.get("final")]
-    assert reported in ([0, 1], [1]), reported
+    assert reported in ([1, 2], [2]), reported
     ray_results = Path.home() / "ray_results"                  # Tune wrote only under --out-dir
     assert not any("uniform-s0.2" in p.name for p in ray_results.glob("*/*"))
 
@@ -89,7 +89,7 @@ def test_sweep_grid_retry_from_checkpoint_and_report(tmp_path, capsys):
     assert main(["-q", "report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "2 of 2 trials finished" in printed and "uniform" in printed
-    assert sorted((x["sparsity"], x["step"]) for x in _rows(out)) == [(0.1, 0), (0.2, 0), (0.2, 1)]
+    assert sorted((x["sparsity"], x["step"]) for x in _rows(out)) == [(0.1, 1), (0.2, 1), (0.2, 2)]
     assert (out / "pareto.png").is_file()
 
     # the folder is not reused by accident
@@ -130,7 +130,7 @@ def test_resume_an_interrupted_sweep(tmp_path, capsys):
     r = _cli(["sweep", "--resume", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _rows(out)
-    assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 0), (0.2, 0), (0.2, 1)]
+    assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 1), (0.2, 1), (0.2, 2)]
     assert sum(bool(x["final"]) for x in rows) == 2
     # the finished trial's step was not run again
     assert all(p.stat().st_mtime_ns < killed_at for p in (first / "steps").glob("step_*.pt"))

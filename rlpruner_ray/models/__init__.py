@@ -25,7 +25,7 @@ from .mobilenetv3 import mobilenetv3_large, mobilenetv3_small
 from .resnet import resnet8, resnet20, resnet32, resnet56, resnet110
 from .vgg import vgg11, vgg13, vgg16, vgg19
 
-__all__ = ["build_model", "list_models", "model_spec", "build_from_spec"]
+__all__ = ["build_model", "check_model_name", "list_models", "model_spec", "build_from_spec"]
 
 _ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet8,
@@ -92,18 +92,23 @@ def _replace_first_conv(model: nn.Module, in_channels: int, label: str) -> None:
     raise ModelError(f"model {label!r} has no nn.Conv2d; cannot set in_channels={in_channels}")
 
 
-def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, label: str) -> nn.Module:
+def _torchvision_key(tv_name: str, label: str) -> str:
     try:
         import torchvision
     except ImportError as exc:  # pragma: no cover - torchvision is a dependency
         raise ModelError(f"model {label!r} needs torchvision, which cannot be imported: {_one_line(exc)}") from exc
     key = tv_name.strip().lower()
-    available = torchvision.models.list_models(module=torchvision.models)
-    if key not in available:
+    if key not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(
             f"unknown torchvision classification model {tv_name!r} in {label!r}; "
             "see torchvision.models.list_models(module=torchvision.models)"
         )
+    return key
+
+
+def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, label: str) -> nn.Module:
+    import torchvision
+    key = _torchvision_key(tv_name, label)
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if key in _TV_NO_AUX:
         kwargs["aux_logits"] = False
@@ -117,7 +122,7 @@ def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, label: 
     return model
 
 
-def _build_factory(path: str, num_classes: int, in_channels: int) -> nn.Module:
+def _resolve_factory(path: str):
     module_name, _, attr_path = path.partition(":")
     module_name, attr_path = module_name.strip(), attr_path.strip()
     if not module_name or not attr_path:
@@ -134,6 +139,11 @@ def _build_factory(path: str, num_classes: int, in_channels: int) -> nn.Module:
             raise ModelError(f"factory {path!r}: {module_name!r} has no attribute {attr_path!r}") from None
     if not callable(obj):
         raise ModelError(f"factory {path!r} is not callable (got {type(obj).__name__})")
+    return obj
+
+
+def _build_factory(path: str, num_classes: int, in_channels: int) -> nn.Module:
+    obj = _resolve_factory(path)
     try:
         model = obj(num_classes=num_classes, in_channels=in_channels)
     except Exception as exc:
@@ -152,26 +162,36 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     return model
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a name no model can be built from, without building one (so the CLI
+    can refuse before it loads any data). A factory's module is imported."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError(f"model name must be a non-empty string, got {name!r}; zoo models: {', '.join(list_models())}")
+    label = name.strip()
+    if label.lower().startswith("tv:"):
+        _torchvision_key(label[3:], label)
+    elif ":" in label:
+        _resolve_factory(label)
+    elif label.lower() not in _ZOO:
+        raise ModelError(
+            f"unknown model {name!r}; zoo models: {', '.join(list_models())} "
+            "(or 'tv:<torchvision name>' or 'pkg.module:factory')"
+        )
+
+
 def _build(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """Build an untrained model from a zoo name, ``tv:<name>`` or ``pkg.module:factory``.
 
     Raises :class:`~rlpruner_ray.errors.ModelError` on any bad input.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ModelError(f"model name must be a non-empty string, got {name!r}; zoo models: {', '.join(list_models())}")
+    check_model_name(name)
     _check_sizes(num_classes, in_channels)
     label = name.strip()
     if label.lower().startswith("tv:"):
         return _build_torchvision(label[3:], num_classes, in_channels, label)
     if ":" in label:
         return _build_factory(label, num_classes, in_channels)
-    factory = _ZOO.get(label.lower())
-    if factory is None:
-        raise ModelError(
-            f"unknown model {name!r}; zoo models: {', '.join(list_models())} "
-            "(or 'tv:<torchvision name>' or 'pkg.module:factory')"
-        )
-    return factory(num_classes=num_classes, in_channels=in_channels)
+    return _ZOO[label.lower()](num_classes=num_classes, in_channels=in_channels)
 
 
 def model_spec(name: str, num_classes: int, in_channels: int = 3) -> dict:

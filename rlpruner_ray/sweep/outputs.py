@@ -121,7 +121,7 @@ def print_sweep_table(plan: SweepPlan, rows: list[dict]) -> None:
         name = trial_name(params)
         r = last.get(name, {})
         body.append([params["algo"], f"{params['sparsity']:g}", params["reward"], params["criterion"],
-                     str(params["seed"]), status[name], str(r["step"] + 1) if r else "0",
+                     str(params["seed"]), status[name], str(r["step"]) if r else "0",
                      _fmt(r.get("filters_sparsity"), ".3f"), _fmt(r.get("macs_kept"), ".3f"),
                      _fmt(r.get("val_top1"), ".4f"), _fmt(r.get("test_top1"), ".4f"),
                      _fmt(r.get("base_test_top1"), ".4f")])

@@ -198,3 +198,18 @@ def test_package_writes_output_files_only_through_atomic_writes():
         if found:
             offenders[rel] = found
     assert offenders == {}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    """Atomic writes go through mkstemp (mode 0600); the final file gets the mode a
+    plain open() would give it under the process umask, like any other tool's output."""
+    before = os.umask(umask)
+    try:
+        for kind, (write, _) in WRITERS.items():
+            path = tmp_path / f"{kind}-{umask:o}"
+            write(path, 1)
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (kind, oct(path.stat().st_mode))
+        assert ckpt.new_file_mode() == 0o666 & ~umask
+    finally:
+        os.umask(before)

@@ -31,7 +31,8 @@ TINY = ["--sparsity", "0.3", "--step-fraction", "0.1", "--evaluations-per-step",
         "--samples-per-iteration", "3", "--finetune-epochs", "1", "--num-workers", "1", "--seed", "11"]
 # not results: differ between any two runs
 VOLATILE = {"wall_seconds", "search_seconds", "step_seconds", "latency_ms_cpu_b1", "latency_ms_cpu_b64",
-            "latency_ms_gpu_b64", "out_dir", "resume", "seconds"}
+            "latency_ms_gpu_b64", "latency_ms_cpu_b1_quartiles", "latency_ms_cpu_b64_quartiles",
+            "latency_ms_gpu_b64_quartiles", "out_dir", "resume", "seconds"}
 
 
 def _start(out: Path, base, *, env=None, log=None) -> subprocess.Popen:
@@ -68,8 +69,9 @@ def _same(a, b, path="") -> None:
 
 
 def _files(out: Path) -> list[str]:
+    """Result files; not Ray's, the log or the TensorBoard events (one per attempt)."""
     return sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                  if p.is_file() and p.relative_to(out).parts[0] != "ray")
+                  if p.is_file() and p.relative_to(out).parts[0] not in ("ray", "tensorboard", "log.txt"))
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def test_sweep_survives_a_killed_trial_and_a_lost_worker_node(tmp_path):
                 driver.wait()
 
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    expected = sorted((float(s), step) for s, n in SPARSITIES.items() for step in range(n))
+    expected = sorted((float(s), step) for s, n in SPARSITIES.items() for step in range(1, n + 1))
     assert sorted((x["sparsity"], x["step"]) for x in rows) == expected       # every step, once
     assert sum(bool(x["final"]) for x in rows) == len(SPARSITIES)
     for name in (on_head, on_worker):
