@@ -65,4 +65,5 @@ class LayerPruningVectorEnv(gym.vector.VectorEnv):
         return obs, rewards, terminated, np.zeros(n, bool), {}
 
     def close_extras(self, **kwargs):
-        self.env.close()
+        if getattr(self, "env", None) is not None:     # (also called on a half-built env)
+            self.env.close()
