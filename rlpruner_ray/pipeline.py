@@ -211,6 +211,9 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     base_graph = PruningGraph(base, data.example_inputs(1).to(device), exclude=config.exclude,
                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
     original = base_graph.sizes()
+    if not base_graph.masking_exact:
+        log.info("masked scoring is not exact for %d group(s), which need the physical path: %s",
+                 len(base_graph.inexact), "; ".join(sorted(set(base_graph.inexact.values())))[:300])
     targets = _step_targets(config, original["total_channels"])
 
     # ---- resume
@@ -341,6 +344,7 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, s
         "steps": steps,
         "evaluations": int(sum(s["evaluations"] for s in steps)),
         "channels_before": original["channels"], "channels_after": channels_after,
+        "scoring_exactness": base_graph.exactness(),
         "wall_seconds": time.perf_counter() - started,
         "files": {"history": "history.parquet", "model": "pruned_model.pt", "report": "report.png"},
     }
