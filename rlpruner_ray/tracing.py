@@ -172,7 +172,7 @@ def _refuse_attention(model: nn.Module) -> None:
     # attention mixes tokens through its heads' channels; pruning it needs head-aware
     # grouping this project does not do (vision transformers are not CNNs)
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or (name and type(module).__name__.lower().endswith("attention")):
+        if isinstance(module, nn.MultiheadAttention) or (name and "attention" in type(module).__name__.lower()):
             raise ModelError(f"layer {name!r} ({type(module).__name__}) is attention, which this "
                              "CNN pruner does not support (vision transformers are refused)")
 
@@ -230,7 +230,7 @@ def _refuse_channel_reshapes(model: nn.Module, example_inputs) -> None:
         layer, before, after = watch.found
         where = f"layer {layer!r}" if layer else "the model's own forward"
         raise ModelError(f"{where} reshapes the channel axis {list(before)} -> {list(after)} "
-                         "(a channel shuffle?), which the dependency graph cannot follow")
+                         "(neither a flatten nor a channel shuffle), which the dependency graph cannot follow")
 
 
 def output_layers(dg: tp.DependencyGraph) -> set[nn.Module]:

@@ -114,12 +114,22 @@ def test_unforeseen_mismatch_is_a_clear_error():
 @pytest.mark.parametrize("name,match", [
     ("tests.helpers_models:channel_fold", r"layer 'conv'|the model's own forward.*reshapes the channel axis"),
     ("tests.helpers_models:with_attention", r"layer 'attn' \(MultiheadAttention\) is attention"),
+    ("tv:swin_v2_t", r"layer 'features.1.0.attn' \(ShiftedWindowAttentionV2\) is attention"),
 ])
 def test_unsupported_patterns_are_refused_with_one_line(name, match):
     row = check_model(name)
     assert row["status"] == "refused" and "\n" not in row["reason"]
     with pytest.raises(ModelError, match=match):
         _graph(name)
+
+
+def test_refused_model_is_one_cli_line_exit_2_nothing_written(tmp_path, capsys):
+    from rlpruner_ray.cli import main
+    out = tmp_path / "run"
+    assert main(["-q", "compress", "--model", "tests.helpers_models:with_attention", "--out-dir", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("rlpruner")]
+    assert len(err) == 1 and "is attention" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -129,3 +139,15 @@ def test_every_torchvision_classifier_conforms_or_is_refused(name):
     assert row["status"] in ("ok", "refused"), row["reason"]
     if row["status"] == "refused":
         assert "\n" not in row["reason"] and row["reason"]
+
+
+@pytest.mark.parametrize("name", ["tests.helpers_models:grouped", "tests.helpers_models:functional",
+                                  "tv:regnet_x_400mf"])
+def test_batched_scoring_follows_grouped_convs_and_shuffles(name):
+    from rlpruner_ray.batched import CandidateMasks
+    graph = _graph(name)
+    graph.compute_scores("l1")
+    rng = np.random.default_rng(0)
+    plans = [graph.plan(rng.dirichlet(np.ones(graph.num_groups)), graph.max_removable // d) for d in (2, 4)]
+    x = torch.randn(2, 3, 32, 32)
+    assert CandidateMasks(graph).check_exact(x, plans) <= 1e-4
