@@ -52,6 +52,8 @@ def render(rows: list[dict], total_seconds: float) -> str:
         "Checked: the scored model (masked, or physical for groups masking cannot reproduce) equals",
         "the pruned one within 1e-4, output shape unchanged, MACs and params fall, every group at its",
         "planned width, the model file round-trips through `torch.load(weights_only=True)`.",
+        "*masked vs physical*: largest difference (relative to the output scale) between the masked",
+        "and the pruned model, on the groups masking serves (all of them where the path is `masked`).",
         "",
         f"**{len(ok)} conform** ({len(physical)} of them score some groups on the physical path), "
         f"**{len(refused)} refused** with one line, **{len(failed)} failed**; "
