@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class Group:
     root_module: nn.Module
     pruning_fn: object
     unit: int = 1         # channels go in multiples of this (the conv groups of a grouped conv member)
-    extra: list = None    # bare-parameter slices (zeroed by ``masked``, not scored or costed)
+    extra: list = field(default_factory=list)  # bare-parameter slices (zeroed by ``masked``, not scored or costed)
     inexact: str = ""     # why zeroing weights does not reproduce physical pruning ("" when it does)
 
 
