@@ -70,6 +70,15 @@ def test_grouped_convolutions_prune_in_whole_positions():
         assert [widths[k] for k in graph.keys] == (graph.channels - plan).tolist()
 
 
+def test_plans_with_grouped_groups_stay_close_to_the_asked_total():
+    graph = _graph("tv:resnext50_32x4d")
+    rng = np.random.default_rng(1)
+    for n in (100, 1000, graph.max_removable // 2):
+        plan = graph.plan(rng.dirichlet(np.ones(graph.num_groups)), n)
+        assert np.all(plan % graph.units == 0) and np.all(plan <= graph.channels - graph.floors)
+        assert abs(int(plan.sum()) - n) < graph.units.max(), n
+
+
 def test_resnext_and_regnet_have_their_grouped_groups():
     for name in ("tv:resnext50_32x4d", "tv:regnet_x_400mf"):
         graph = _graph(name)
