@@ -16,6 +16,7 @@ import pickle
 import tempfile
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -136,7 +137,24 @@ def tag_model(model: nn.Module, spec: dict, input_shape) -> nn.Module:
     return model
 
 
+def _state_with_metadata(model: nn.Module) -> tuple[dict, dict]:
+    """The weights, and the per-module metadata (layout versions) some modules check
+    when loading (torchvision's MNASNet refuses a state dict without it)."""
+    state = model.state_dict()
+    metadata = {prefix: {k: v for k, v in entry.items() if isinstance(v, (int, float, str, bool))}
+                for prefix, entry in getattr(state, "_metadata", {}).items()}
+    return {k: v.detach().cpu() for k, v in state.items()}, metadata
+
+
+def _load_state(model: nn.Module, weights: dict, metadata) -> None:
+    state = OrderedDict(weights)
+    if isinstance(metadata, dict):
+        state._metadata = {str(k): dict(v) for k, v in metadata.items() if isinstance(v, dict)}
+    model.load_state_dict(state, strict=True)
+
+
 def model_record(model: nn.Module, meta: dict | None = None) -> dict:
+    weights, metadata = _state_with_metadata(model)
     spec = getattr(model, SPEC_ATTR, None)
     input_shape = getattr(model, INPUT_ATTR, None)
     if spec is None:
@@ -149,7 +167,8 @@ def model_record(model: nn.Module, meta: dict | None = None) -> dict:
         "spec": spec,
         "input_shape": input_shape,
         "history": [list(h) for h in getattr(model, HISTORY_ATTR, [])],
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": weights,
+        "state_metadata": metadata,
         "meta": dict(meta or {}),
     }
 
@@ -224,7 +243,7 @@ def model_from_record(record: dict, *, allow_import: bool | str = False) -> nn.M
         model = build_from_spec(record["spec"])
         example = torch.zeros(1, *record["input_shape"])
         replay_history(model, example, record["history"])
-        model.load_state_dict(record["state_dict"], strict=True)
+        _load_state(model, record["state_dict"], record.get("state_metadata"))
     except (ModelError, KeyError) as exc:
         raise CheckpointError(f"checkpoint does not match its model: {str(exc).splitlines()[0]}") from None
     except (RuntimeError, ValueError, IndexError, TypeError, AttributeError, AssertionError) as exc:

@@ -14,6 +14,14 @@ Two ways to remove channels, with identical outputs:
   each group's slices are precomputed in importance order, so a plan becomes
   a handful of ``index_fill_`` calls on index-tensor prefixes.
 
+Masking is exact only where a zeroed channel is a removed one: a LayerNorm or
+GroupNorm over the channels still counts the zeros. Such groups are named in
+``inexact`` (``masking_exact`` is False) and ``scored(plan)`` prunes physically
+when a plan touches them; at build, one random plan checks masked == physical
+on the example input, so a structure nobody foresaw is an error, not a
+silently different score. The model's output layers never lose channels, and
+a grouped convolution's channels go in whole positions of every conv group.
+
 Every tensor the graph keeps (index tensors, scores, the example input) lives
 on the model's device, and follows the model when it moves (``graph.to`` or a
 plain ``model.to``): indexing a CUDA weight with a CPU index tensor raises.
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +41,7 @@ import torch_pruning as tp
 
 from .errors import ModelError, PlanError
 from .importance import CRITERIA, channel_scores, validate_criterion
+from .tracing import all_groups, build_dependency, inexact_reason, output_layers, shuffle_nodes
 
 # Attribute on a pruned module holding torch-pruning's replayable history
 # ([module_name, is_out_channel, indices] per group pruned). It travels with the
@@ -58,6 +67,18 @@ class _Slice:
     multiplicity: int     # item indices per root channel (H*W after a flatten, else 1)
     ordered: torch.Tensor | None = None  # ``idx`` reordered by root importance rank
     rank: torch.Tensor | None = None     # importance rank of each ``idx`` entry's root (0 = least)
+    fold: int = 0         # grouped conv's input side: weight column = channel % fold (channels per conv group)
+    param: nn.Parameter | None = None    # a bare parameter of a module (layer scale) instead of ``module.weight``
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The tensor whose ``weight_dim`` holds the channels."""
+        return self.param if self.param is not None else self.module.weight
+
+    def weight_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Channel indices -> positions on the weight's axis (they differ only on a
+        grouped conv's input side, whose weight holds one conv group's columns)."""
+        return idx % self.fold if self.fold else idx
 
 
 @dataclass
@@ -67,11 +88,14 @@ class Group:
     slices: list[_Slice]
     root_module: nn.Module
     pruning_fn: object
+    unit: int = 1         # channels go in multiples of this (the conv groups of a grouped conv member)
+    extra: list = field(default_factory=list)  # bare-parameter slices (zeroed by ``masked``, not scored or costed)
+    inexact: str = ""     # why zeroing weights does not reproduce physical pruning ("" when it does)
 
 
 def _weight_dim(module: nn.Module, side: str) -> int:
     if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1:          # depthwise: in and out channels are the same axis
+        if _is_depthwise(module):      # in and out channels are the same axis
             return 0
         return 0 if side == "out" else 1
     if isinstance(module, nn.Linear):
@@ -79,9 +103,12 @@ def _weight_dim(module: nn.Module, side: str) -> int:
     return 0                           # BN, PReLU: one per-channel vector
 
 
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels
+
+
 def _is_grouped_not_depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-            and not (module.groups == module.in_channels == module.out_channels))
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module)
 
 
 class PruningGraph:
@@ -92,13 +119,15 @@ class PruningGraph:
             restores it on exit).
         example_inputs: a batch used for tracing and MACs counting.
         exclude: module names whose output channels must not be pruned (the
-            last ``nn.Linear``, the classifier, is always excluded).
+            layers producing the model's output are always excluded).
         min_channels: floor of channels every group keeps.
         max_group_sparsity: no group loses more than this fraction of its channels.
+        self_check: compare masked and physical pruning once on the example input
+            (a ModelError if they differ).
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, *, exclude=(),
-                 min_channels: int = 1, max_group_sparsity: float = 1.0):
+                 min_channels: int = 1, max_group_sparsity: float = 1.0, self_check: bool = True):
         if min_channels < 1:
             raise PlanError(f"min_channels must be >= 1, got {min_channels}")
         if not 0.0 < max_group_sparsity <= 1.0:
@@ -111,17 +140,17 @@ class PruningGraph:
         unknown = [n for n in exclude if n not in names]
         if unknown:
             raise ModelError(f"excluded layer(s) not in the model: {', '.join(unknown)}")
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        ignored = [names[n] for n in exclude] + linears[-1:]
         self._module_name = {m: n for n, m in names.items()}
         self._device = model_device(model)
 
-        with torch.enable_grad():  # torch-pruning traces with autograd
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        self.dg = build_dependency(model, example_inputs)
+        # the layers producing the model's output never lose channels: they are its outputs
+        self._outputs = output_layers(self.dg)
+        self._shuffles = shuffle_nodes(self.dg)   # groups crossing a channel shuffle stay whole
+        ignored = [names[n] for n in exclude] + [m for m in self._outputs if isinstance(m, (nn.Conv2d, nn.Linear))]
         self._count_base(model, example_inputs)
         self.groups: list[Group] = []
-        for tp_group in self.dg.get_all_groups(ignored_layers=ignored,
-                                               root_module_types=(nn.Conv2d, nn.Linear)):
+        for tp_group in all_groups(self.dg, ignored):
             group = self._make_group(tp_group)
             if group is not None:
                 self.groups.append(group)
@@ -129,12 +158,29 @@ class PruningGraph:
         if not self.groups:
             raise ModelError("the model has no prunable channel groups")
         self.channels = np.array([g.channels for g in self.groups], dtype=np.int64)
+        self.units = np.array([g.unit for g in self.groups], dtype=np.int64)
         floors = np.maximum(min_channels, np.ceil(self.channels * (1.0 - max_group_sparsity)))
-        self.floors = np.minimum(floors.astype(np.int64), self.channels)
+        floors = np.minimum(floors.astype(np.int64), self.channels)
+        # a grouped conv's group keeps whole positions: what it can lose is a multiple of its unit
+        self.floors = self.channels - (self.channels - floors) // self.units * self.units
         self._build_cost_tables()
         self.scores: list[torch.Tensor] | None = None
         self.criterion: str | None = None
         self.set_scores([torch.zeros(c) for c in self.channels], criterion="none")
+        # which groups masked scoring reproduces exactly, and a check that it does
+        self.inexact = {g.key: g.inexact for g in self.groups if g.inexact}
+        if self_check and self._device.type != "meta":   # (a meta tensor has no values to compare)
+            self.check_masking()
+
+    @property
+    def masking_exact(self) -> bool:
+        """Whether ``masked`` equals ``prune`` for every plan (else see ``inexact``:
+        group key -> reason, and use ``scored``)."""
+        return not self.inexact
+
+    def exactness(self) -> dict:
+        """What a run records about its scoring path (summary.json, the log)."""
+        return {"masking_exact": self.masking_exact, "physical_groups": dict(self.inexact)}
 
     # ------------------------------------------------------------------ structure
     def _count_base(self, model, example_inputs):
@@ -156,22 +202,48 @@ class PruningGraph:
         # groups with a single channel stay (with nothing removable) so the number of
         # groups, the RL action size, is the same at every pruning step
         channels = len(tp_group[0].idxs)
-        slices = []
+        slices, extra, reasons, units = [], [], [], [1]
         for item in tp_group:
+            if item.dep.target in self._shuffles:
+                return None       # channel indices are not followed across a shuffle
             module, fn = item.dep.target.module, item.dep.handler
-            if not isinstance(module, nn.Module) or module not in self._layer_id:
-                continue          # concat / add / flatten placeholders carry no weights
-            if _is_grouped_not_depthwise(module):
-                return None       # grouped convs tie channels in ways a filter plan cannot follow
-            side = "out" if self.dg.is_out_channel_pruning_fn(fn) else "in"
+            is_out = self.dg.is_out_channel_pruning_fn(fn)
             idx = torch.as_tensor(item.idxs, dtype=torch.long, device=self._device)
             root = torch.as_tensor(item.root_idxs, dtype=torch.long, device=self._device)
             multiplicity = max(1, len(idx) // channels)
-            slices.append(_Slice(module, self._layer_id[module], side, _weight_dim(module, side),
-                                 getattr(module, "bias", None) is not None and _weight_dim(module, side) == 0,
-                                 idx, root, multiplicity))
+            if isinstance(module, nn.Parameter):   # a bare parameter (layer scale): zeroed like a weight
+                dim = self.dg.module2node[module].pruning_dim
+                extra.append(_Slice(None, -1, "out", dim % module.dim(), False, idx, root, multiplicity,
+                                    param=module))
+                continue
+            if not isinstance(module, nn.Module):
+                continue          # concat / add / flatten placeholders carry no weights
+            if is_out and module in self._outputs:
+                return None       # these channels are the model's outputs
+            if module not in self._layer_id:
+                if any(True for _ in module.parameters(recurse=False)):
+                    reasons.append(inexact_reason(module, self._module_name.get(module, "?")))
+                continue
+            side = "out" if is_out else "in"
+            fold = 0
+            if _is_grouped_not_depthwise(module):
+                # channels leave every conv group at the same positions (as torch-pruning
+                # does), which needs the group's channels to be the conv's, in order
+                width = module.out_channels if is_out else module.in_channels
+                if len(idx) != width or width != channels or not torch.equal(idx, root):
+                    return None
+                units.append(module.groups)
+                fold = 0 if is_out else width // module.groups
+            dim = _weight_dim(module, side)
+            slices.append(_Slice(module, self._layer_id[module], side, dim,
+                                 getattr(module, "bias", None) is not None and dim == 0,
+                                 idx, root, multiplicity, fold=fold))
+        unit = max(units)
+        if any(unit % u for u in units) or channels % unit:
+            return None           # conv groups that do not nest: no whole-group removal fits all
         return Group(self._module_name[root_module], channels, slices, root_module,
-                     tp_group[0].dep.handler)
+                     tp_group[0].dep.handler, unit=unit, extra=extra,
+                     inexact="; ".join(sorted({r for r in reasons if r})))
 
     def _build_cost_tables(self):
         """Per (group, layer) coefficients: how many channels of each layer side one
@@ -193,7 +265,7 @@ class PruningGraph:
         for i, m in enumerate(self.layers):
             if isinstance(m, nn.modules.conv._ConvNd):
                 self._out_size[i], self._in_size[i] = m.out_channels, m.in_channels
-                self._single_axis[i] = m.groups > 1
+                self._single_axis[i] = _is_depthwise(m)
             elif isinstance(m, nn.Linear):
                 self._out_size[i], self._in_size[i] = m.out_features, m.in_features
             else:
@@ -238,12 +310,13 @@ class PruningGraph:
             return
         self._device = device
         for group in self.groups:
-            for s in group.slices:
+            for s in group.slices + group.extra:
                 s.idx, s.root = s.idx.to(device), s.root.to(device)
                 if s.ordered is not None:
                     s.ordered, s.rank = s.ordered.to(device), s.rank.to(device)
         if self.scores is not None:
             self.scores = [t.to(device) for t in self.scores]
+            self._ranks = [t.to(device) for t in self._ranks]
         if torch.is_tensor(self.example_inputs):
             self.example_inputs = self.example_inputs.to(device)
 
@@ -251,12 +324,13 @@ class PruningGraph:
         """(name, tensor) of every tensor the graph keeps (device checks)."""
         yield "example_inputs", self.example_inputs
         for g, group in enumerate(self.groups):
-            for i, s in enumerate(group.slices):
+            for i, s in enumerate(group.slices + group.extra):
                 for name in ("idx", "root", "ordered", "rank"):
                     if getattr(s, name) is not None:
                         yield f"{group.key}[{i}].{name}", getattr(s, name)
             if self.scores is not None:
                 yield f"{group.key}.scores", self.scores[g]
+                yield f"{group.key}.ranks", self._ranks[g]
 
     @property
     def num_groups(self) -> int:
@@ -300,12 +374,9 @@ class PruningGraph:
         self._follow_model()
         self.scores = [torch.as_tensor(s, dtype=torch.float32).to(self._device) for s in scores]
         self.criterion = criterion
-        for group, score in zip(self.groups, self.scores):
-            # rank of each root channel (0 = least important); ties broken by index
-            order = torch.argsort(score, stable=True)
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(len(order), device=order.device)
-            for s in group.slices:
+        self._ranks = [_root_ranks(score, group.unit) for group, score in zip(self.groups, self.scores)]
+        for group, rank in zip(self.groups, self._ranks):
+            for s in group.slices + group.extra:
                 s.rank = rank[s.root]
                 s.ordered = s.idx[torch.argsort(s.rank, stable=True)]
 
@@ -361,6 +432,8 @@ class PruningGraph:
         counts = _water_fill(d, capacity, num_filters)
         if round_to > 1:
             counts = _round_widths(counts, self.channels - done, capacity, round_to, num_filters)
+        if np.any(self.units > 1):
+            counts = _align_to_units(counts, self.units, capacity, d, int(counts.sum()))
         return counts
 
     def cost(self, plan, already_removed=None) -> tuple[float, float]:
@@ -378,11 +451,7 @@ class PruningGraph:
     def pruned_indices(self, plan) -> list[list[int]]:
         """Root channel indices each group loses (its least important ones)."""
         plan = self._check_plan(plan)
-        out = []
-        for g, k in enumerate(plan):
-            order = torch.argsort(self.scores[g].cpu(), stable=True)
-            out.append(sorted(order[: int(k)].tolist()))
-        return out
+        return [torch.nonzero(rank.cpu() < int(k)).flatten().tolist() for rank, k in zip(self._ranks, plan)]
 
     def _check_plan(self, plan) -> np.ndarray:
         plan = np.asarray(plan)
@@ -390,6 +459,11 @@ class PruningGraph:
             raise PlanError(f"plan has shape {plan.shape}, expected ({self.num_groups},)")
         if np.any(plan < 0) or np.any(plan > self.channels - 1):
             raise PlanError("plan removes a negative count or every channel of a group")
+        odd = np.flatnonzero(plan % self.units)
+        if len(odd):
+            g = int(odd[0])
+            raise PlanError(f"group {self.keys[g]!r} loses channels in multiples of {self.units[g]} "
+                            f"(its grouped convolution), the plan removes {int(plan[g])}")
         return plan.astype(np.int64)
 
     # ------------------------------------------------------------------ pruning
@@ -404,14 +478,14 @@ class PruningGraph:
             for group, k in zip(self.groups, plan):
                 if k == 0:
                     continue
-                for s in group.slices:
+                for s in group.slices + group.extra:
                     idx = s.ordered[: int(k) * s.multiplicity]
-                    tensors = [(s.module.weight, s.weight_dim)]
+                    tensors = [(s.tensor, s.weight_dim, s.weight_index(idx))]
                     if s.has_bias:
-                        tensors.append((s.module.bias, 0))
-                    for t, dim in tensors:
-                        saved.append((t, dim, idx, t.index_select(dim, idx)))
-                        t.index_fill_(dim, idx, 0.0)
+                        tensors.append((s.module.bias, 0, idx))
+                    for t, dim, at in tensors:
+                        saved.append((t, dim, at, t.index_select(dim, at)))
+                        t.index_fill_(dim, at, 0.0)
         try:
             yield self.model
         finally:
@@ -420,6 +494,47 @@ class PruningGraph:
                 # another) gets its original values back last
                 for t, dim, idx, old in reversed(saved):
                     t.index_copy_(dim, idx, old)
+
+    @contextlib.contextmanager
+    def scored(self, plan):
+        """A model whose outputs are ``prune(plan)``'s: the masked original when
+        masking is exact for every group the plan touches, else the pruned copy."""
+        plan = self._check_plan(plan)
+        if any(plan[g] and group.inexact for g, group in enumerate(self.groups)):
+            yield self.prune(plan)
+        else:
+            with self.masked(plan) as model:
+                yield model
+
+    def check_masking(self, plan=None, tolerance: float = 1e-4) -> float:
+        """Masked against physical outputs on the example input for ``plan`` (default:
+        a random one over the groups masking claims to handle exactly); a mismatch
+        is a ModelError: the search would otherwise score a different model than the
+        one applied. Returns the relative difference."""
+        if plan is None:
+            exact = np.array([not g.inexact for g in self.groups])
+            if not exact.any():
+                return 0.0
+            weights = np.random.default_rng(0).dirichlet(np.ones(self.num_groups)) * exact
+            room = int(((self.channels - self.floors) * exact).sum())
+            plan = self.plan(weights, room // 2) * exact if room else np.zeros(self.num_groups, np.int64)
+        plan = self._check_plan(plan)
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()   # dropout would differ between the two passes
+        try:
+            with torch.no_grad():
+                physical = self.prune(plan).eval()(self.example_inputs).float()
+                with self.masked(plan) as model:
+                    masked = model(self.example_inputs).float()
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        scale = max(float(physical.abs().max()), 1.0)
+        worst = float((masked - physical).abs().max()) / scale if masked.shape == physical.shape else float("inf")
+        if not worst <= tolerance:
+            raise ModelError(f"masked scoring differs from physical pruning by {worst:.1e} on this model "
+                             "(a structure zeroing weights does not reproduce); refusing to score it")
+        return worst
 
     def prune(self, plan) -> nn.Module:
         """A physically smaller deep copy of the model; the original is untouched."""
@@ -432,8 +547,7 @@ class PruningGraph:
         self._follow_model()
         small = copy.deepcopy(self.model)
         history = list(getattr(self.model, HISTORY_ATTR, []))
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(small, self.example_inputs, verbose=False)
+        dg = build_dependency(small, self.example_inputs, check=False)
         modules = dict(small.named_modules())
         for group, idxs in zip(self.groups, indices):
             if not idxs:
@@ -468,11 +582,25 @@ def group_widths(model: nn.Module, keys) -> dict[str, int]:
 def replay_history(model: nn.Module, example_inputs: torch.Tensor, history) -> nn.Module:
     """Re-apply a recorded pruning history to a freshly built base model (in place)."""
     if history:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        dg = build_dependency(model, example_inputs, check=False)
         dg.load_pruning_history([[n, bool(o), list(i)] for n, o, i in history])
     setattr(model, HISTORY_ATTR, [list(h) for h in history])
     return model
+
+
+def _root_ranks(score: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rank of each root channel (0 = least important; ties broken by index). With
+    ``unit`` conv groups, channels go by position within a conv group, in every
+    conv group at once: a position ranks by its mean score over the conv groups,
+    and its ``unit`` channels take consecutive ranks (so any multiple of ``unit``
+    least-ranked channels is whole positions)."""
+    per_group = len(score) // unit
+    position_score = score.reshape(unit, per_group).mean(dim=0)
+    order = torch.argsort(position_score, stable=True)
+    position_rank = torch.empty_like(order)
+    position_rank[order] = torch.arange(per_group, device=order.device)
+    channel = torch.arange(len(score), device=score.device)
+    return position_rank[channel % per_group] * unit + channel // per_group
 
 
 def _water_fill(weights: np.ndarray, capacity: np.ndarray, total: int) -> np.ndarray:
@@ -511,6 +639,29 @@ def _water_fill(weights: np.ndarray, capacity: np.ndarray, total: int) -> np.nda
         w = np.where(full, 0.0, w)
         if w.sum() <= 0 and remaining > 0:
             w = (~full).astype(float)
+    return counts
+
+
+def _align_to_units(counts, units, capacity, weights, target):
+    """Counts of grouped-conv groups to the nearest multiple of their unit (within
+    capacity); the difference moves to the other groups by weight, and whatever
+    they cannot take back to the grouped ones in whole units."""
+    counts = counts.copy()
+    grouped = units > 1
+    counts[grouped] = np.minimum(np.round(counts[grouped] / units[grouped]) * units[grouped], capacity[grouped])
+    free = ~grouped
+    diff = target - int(counts.sum())
+    if diff > 0:
+        room = np.where(free, capacity - counts, 0)
+        counts += _water_fill(np.where(free, weights, 0.0), room, min(diff, int(room.sum())))
+    elif diff < 0:
+        have = np.where(free, counts, 0)
+        counts -= _water_fill(np.where(free, weights, 0.0), have, min(-diff, int(have.sum())))
+    for g in np.flatnonzero(grouped & (weights > 0)):   # what is left: whole units, while that gets closer
+        diff = target - int(counts.sum())
+        step = units[g] if diff > 0 else -units[g]
+        if abs(diff - step) < abs(diff) and 0 <= counts[g] + step <= capacity[g]:
+            counts[g] += step
     return counts
 
 

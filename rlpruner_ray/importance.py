@@ -48,7 +48,7 @@ def _slice_score(s, criterion: str) -> torch.Tensor | None:
         full = torch.cdist(flat, flat).sum(dim=1)
     else:
         raise ConfigError(f"unknown importance criterion {criterion!r}")
-    return full.double()[s.idx]
+    return full.double()[s.weight_index(s.idx)]
 
 
 def channel_scores(graph, criterion: str, inputs=None, targets=None, *, seed: int = 0) -> list[torch.Tensor]:

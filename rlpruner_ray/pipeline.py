@@ -271,6 +271,9 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     base_graph = PruningGraph(base, data.example_inputs(1).to(device), exclude=config.exclude,
                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
     original = base_graph.sizes()
+    if not base_graph.masking_exact:
+        log.info("masked scoring is not exact for %d group(s), which need the physical path: %s",
+                 len(base_graph.inexact), "; ".join(sorted(set(base_graph.inexact.values())))[:300])
     targets = _step_targets(config, original["total_channels"])
 
     # ---- resume
@@ -396,7 +399,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             shutdown_ray()
 
     return finish(config, run, data, base, model, steps, original, device,
-                  wall_seconds=lambda: spent_before + time.perf_counter() - started)
+                  wall_seconds=lambda: spent_before + time.perf_counter() - started,
+                  exactness=base_graph.exactness())
 
 
 def _context(config, step, targets, original, model, graph) -> dict:
@@ -411,7 +415,8 @@ def _context(config, step, targets, original, model, graph) -> dict:
     return ctx
 
 
-def finish(config, run: RunFolder, data, base, model, steps, original, device, *, wall_seconds) -> dict:
+def finish(config, run: RunFolder, data, base, model, steps, original, device, *, wall_seconds,
+           exactness: dict) -> dict:
     """Final report: the one and only evaluation on the test split. Groups are
     listed in the layers' order in the model (the graph's order) everywhere."""
     base_m, pruned_m = measure_pair(base, model, data, device)
@@ -428,6 +433,7 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, *
         "steps": steps,
         "evaluations": int(sum(s["evaluations"] for s in steps)),
         "groups": groups, "channels_before": original["channels"], "channels_after": channels_after,
+        "scoring_exactness": exactness,
         "wall_seconds": wall_seconds(),
         "files": {"history": "history.parquet", "model": "pruned_model.pt", "report": "report.png"},
     }

@@ -151,7 +151,6 @@ class StepScorer:
         self.model, self.graph = model, graph
         self.context = payload["context"]
         self.version = payload["version"]
-        self._bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.masks = CandidateMasks(graph)
         self.base_log_probs = self._base_log_probs()
         if self.path is None:
@@ -166,6 +165,9 @@ class StepScorer:
         exact = self._batched_is_exact()
         if self.bn_batches:
             self.path, self.choice = "single", {"reason": "BN recalibration needs per-candidate statistics"}
+        elif not self.graph.masking_exact:
+            self.path, self.choice = "single", {"reason": f"{len(self.graph.inexact)} group(s) are scored "
+                                                          "on the physical path (masking is not exact there)"}
         elif not exact:
             self.path, self.choice = "single", {"reason": "batched scoring is not exact for this model"}
         elif asked != "auto":
@@ -235,12 +237,14 @@ class StepScorer:
         return out
 
     def _masked_measure(self, counts) -> dict:
-        with self.graph.masked(counts):
+        # masked in place where that is exact, else (LayerNorm over channels ...) a pruned copy
+        with self.graph.scored(counts) as model:
+            bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             if self.bn_batches:
-                saved = self._recalibrate()
-            measured = self._measure(self.model, 1)[0]
+                saved = self._recalibrate(model, bns)
+            measured = self._measure(model, 1)[0]
             if self.bn_batches:
-                self._restore_bn(saved)
+                self._restore_bn(bns, saved)
         return measured
 
     def _batched_measure(self, plans: list) -> list[dict]:
@@ -276,25 +280,25 @@ class StepScorer:
         return [{"accuracy": a, "kl": d, "loss": c} for a, d, c in
                 zip((correct.double() / n).tolist(), (kl / n).tolist(), (loss / n).tolist())]
 
-    def _recalibrate(self):
+    def _recalibrate(self, model, bns):
         """Re-estimate BN statistics of the masked model on a few training batches:
         accuracy right after pruning is a noisy stand-in for accuracy after
         fine-tuning, and stale statistics are much of the noise."""
         saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
-                 for m in self._bn]
-        for m in self._bn:
+                 for m in bns]
+        for m in bns:
             m.reset_running_stats()
             m.momentum = None                    # cumulative average over the batches
             m.train()
         with torch.no_grad(), autocast(self.device, self.precision):
             for x in self.bn_batches:
-                self.model(x)
-        for m in self._bn:
+                model(x)
+        for m in bns:
             m.eval()
         return saved
 
-    def _restore_bn(self, saved):
-        for m, (mean, var, n, momentum) in zip(self._bn, saved):
+    def _restore_bn(self, bns, saved):
+        for m, (mean, var, n, momentum) in zip(bns, saved):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(n)

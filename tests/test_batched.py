@@ -181,3 +181,28 @@ def test_vector_env_steps_like_single_envs(base):
     obs2, rewards2, terminated2, _, _ = vec.step(actions)
     assert not terminated2.any() and (rewards2 == 0).all()
     np.testing.assert_allclose(obs2[0], vec.reset()[0][0])
+
+
+def test_groups_masking_cannot_serve_are_scored_on_the_pruned_model(digits16):
+    """A LayerNorm over the channels: the scorer scores the physically pruned model
+    (single path, reason recorded), never the masked one."""
+    from rlpruner_ray.checkpoint import tag_model
+    from rlpruner_ray.models import model_spec
+    from tests.helpers_models import channel_norm
+    torch.manual_seed(0)
+    model = channel_norm(10, 1).eval()
+    tag_model(model, model_spec("tests.helpers_models:channel_norm", 10, 1), (1, 16, 16))
+    config = CompressConfig(model="tests.helpers_models:channel_norm", reward_samples=64, image_size=16,
+                            criterion="l1")
+    graph = build_graph(config, model, digits16, "cpu")
+    assert not graph.masking_exact
+    context = {"step": 0, "num_steps": 1, "original": graph.sizes(), "num_filters": graph.max_removable // 2}
+    settings = env_settings(config)
+    settings["payload"] = make_payload(model, graph, context, version=0)
+    env = LayerPruningEnv({**settings, "scoring": "auto"})
+    assert env.scorer.path == "single" and "physical" in env.scorer.choice["reason"]
+    result = env.evaluate_distribution(graph.initial_distribution())
+    small = env.scorer.graph.prune(result["counts"]).eval()
+    with torch.no_grad():
+        correct = sum(int((small(x).argmax(1) == y).sum()) for x, y in env.scorer.batches)
+    assert result["accuracy"] == pytest.approx(correct / 64)

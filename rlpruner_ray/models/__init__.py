@@ -7,8 +7,8 @@ Three kinds of names are accepted:
 * ``"pkg.module:factory"``: a user factory called as
   ``factory(num_classes=..., in_channels=...)`` that returns an ``nn.Module``.
 
-Every model built here ends in an ``nn.Linear`` classifier that is the last
-``nn.Linear`` in ``model.modules()`` order; the pruner protects that layer.
+The pruner finds the layers producing a model's output on its traced graph
+(a linear or a 1x1 conv classifier alike) and never removes their outputs.
 """
 
 from __future__ import annotations
