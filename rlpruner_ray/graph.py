@@ -41,7 +41,8 @@ import torch_pruning as tp
 
 from .errors import ModelError, PlanError
 from .importance import CRITERIA, channel_scores, validate_criterion
-from .tracing import all_groups, build_dependency, inexact_reason, output_layers, shuffle_nodes
+from .tracing import (all_groups, build_dependency, inexact_reason, inspection_mode, output_layers,
+                      shuffle_nodes)
 
 # Attribute on a pruned module holding torch-pruning's replayable history
 # ([module_name, is_out_channel, indices] per group pruned). It travels with the
@@ -184,8 +185,9 @@ class PruningGraph:
 
     # ------------------------------------------------------------------ structure
     def _count_base(self, model, example_inputs):
-        macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
-            model, example_inputs, layer_wise=True)
+        with inspection_mode(model):
+            macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
+                model, example_inputs, layer_wise=True)
         self.base_macs, self.base_params = float(macs), float(params)
         # Only parametrised layers scale with the channels we remove; the rest
         # (activations, pooling) is a small constant share kept as-is.

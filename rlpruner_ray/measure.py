@@ -13,10 +13,9 @@ import torch_pruning as tp
 
 def macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[float, float]:
     """(MACs per sample, parameter count)."""
-    was_training = model.training
-    with torch.no_grad():
+    from .tracing import inspection_mode
+    with torch.no_grad(), inspection_mode(model):
         macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
-    model.train(was_training)
     return float(macs), float(params)
 
 

@@ -77,19 +77,37 @@ class _DependencyGraph(tp.DependencyGraph):
             return super().get_pruning_group(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def inspection_mode(model: nn.Module):
+    """Every module in eval mode while the model is only looked at (tracing, counting
+    MACs), each back in its own mode after: a forward pass in training mode would
+    move BatchNorm's running statistics, so merely building a graph would change
+    the model (and a resumed run, whose model comes from a file, would then differ
+    from an uninterrupted one)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def build_dependency(model: nn.Module, example_inputs, *, check: bool = True) -> tp.DependencyGraph:
     """torch-pruning's graph of ``model``, or a one-line ModelError for a model it
     cannot follow. ``check``: refuse attention and channel reshapes first (a model
     already refused never gets here again, e.g. when pruning a copy)."""
-    if check:
-        _refuse_attention(model)
-        _refuse_channel_reshapes(model, example_inputs)
-    try:
-        with torch.enable_grad(), _tolerant_reshapes():  # torch-pruning traces with autograd
-            return _DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-    except Exception as exc:  # a structure its tracer does not know, in words it chose
-        text = " ".join(str(exc).split())[:160]
-        raise ModelError(f"the dependency graph cannot follow this model: {type(exc).__name__}: {text}") from None
+    with inspection_mode(model):
+        if check:
+            _refuse_attention(model)
+            _refuse_channel_reshapes(model, example_inputs)
+        try:
+            with torch.enable_grad(), _tolerant_reshapes():  # torch-pruning traces with autograd
+                return _DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        except Exception as exc:  # a structure its tracer does not know, in words it chose
+            text = " ".join(str(exc).split())[:160]
+            raise ModelError(f"the dependency graph cannot follow this model: {type(exc).__name__}: "
+                             f"{text}") from None
 
 
 def all_groups(dg: tp.DependencyGraph, ignored, root_types=(nn.Conv2d, nn.Linear)):

@@ -258,3 +258,22 @@ def test_masked_restores_after_exception():
         with graph.masked(plan):
             raise RuntimeError("inside")
     assert _state_equal(state, model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mobilenetv3_small"])
+def test_building_a_graph_leaves_a_training_model_unchanged(name):
+    """Tracing and counting run forward passes; in training mode they would move
+    BatchNorm's running statistics, so an uninterrupted run (model fresh from
+    fine-tuning, in training mode) and a resumed one (model from its file) would
+    prune different models."""
+    from rlpruner_ray.measure import macs_params
+    model = build_model(name, NUM_CLASSES, 3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    graph = PruningGraph(model, x)
+    macs_params(model, x)
+    graph.compute_scores("l1")
+    graph.prune(graph.plan(graph.initial_distribution(), 4))
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert not moved, moved[:3]
+    assert all(m.training for m in model.modules())
