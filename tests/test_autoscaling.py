@@ -145,7 +145,8 @@ def test_gpu_sweep_scales_up_survives_a_lost_node_and_scales_down(cluster, tmp_p
             driver.wait()
 
     rows = pq.read_table(out / "results.parquet").to_pylist()
-    expected = sorted((a, float(s), step) for a in ALGOS for s, n in SPARSITIES.items() for step in range(n))
+    expected = sorted((a, float(s), step) for a in ALGOS for s, n in SPARSITIES.items()
+                      for step in range(1, n + 1))           # steps are numbered from 1
     assert sorted((x["algo"], x["sparsity"], x["step"]) for x in rows) == expected      # every step, once
     assert sum(bool(x["final"]) for x in rows) == len(ALGOS) * len(SPARSITIES)
     assert all(x["node_id"] in seen and x["node_id"] != head for x in rows)             # only on GPU nodes

@@ -143,10 +143,16 @@ def test_default_workers_shrink_to_fit_a_two_core_machine(tmp_path, caplog):
     from rlpruner_ray.sweep.run import check_trials_fit, fit_default_workers
     plan = _plan(tmp_path, ["--sparsity", "0.3", "0.6"])
     offer = {"CPU": 2.0, "GPU": 0.0}
-    with caplog.at_level(logging.INFO, logger="rlpruner_ray"):
-        fit_default_workers(plan, offer)
+    logger = logging.getLogger("rlpruner_ray")
+    logger.addHandler(caplog.handler)     # (the CLI's console may stop it propagating to the root)
+    try:
+        with caplog.at_level(logging.INFO, logger="rlpruner_ray"):
+            fit_default_workers(plan, offer)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert plan.base["num_workers"] == 1
-    lines = [r.getMessage() for r in caplog.records if "evaluation actor" in r.getMessage()]
+    # (a record reaches caplog once or twice, with the root logger's propagation on or off)
+    lines = sorted({r.getMessage() for r in caplog.records if "evaluation actor" in r.getMessage()})
     assert len(lines) == 1 and "1 evaluation actor(s) instead of the default 2" in lines[0], lines
     check_trials_fit(plan, offer)                              # now it fits
     assert plan.to_dict()["base"]["num_workers"] == 1         # what sweep.json keeps (and --resume reuses)

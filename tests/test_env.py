@@ -199,7 +199,8 @@ def test_bn_recalibration_is_deterministic_and_restores_buffers(base):
     env = new_env(base, bn_recalibration_batches=2)
     model = env.scorer.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    momenta = [m.momentum for m in env.scorer._bn]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
     g = base["graph"].num_groups
     action = np.linspace(-0.5, 0.5, g)
     r1, i1 = reward_of_action(env, action)
@@ -209,7 +210,7 @@ def test_bn_recalibration_is_deterministic_and_restores_buffers(base):
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, changed
-    assert [m.momentum for m in env.scorer._bn] == momenta
+    assert [m.momentum for m in bns] == momenta
     assert not any(m.training for m in model.modules())
     # recalibration really ran: it changes the score of a pruned model
     plain, _ = reward_of_action(new_env(base), action)
