@@ -163,21 +163,3 @@ def _gpu_section(path: Path) -> str:
         kept = "## GPU\n" + text.split("\n## GPU\n", 1)[1]
         return kept.split("\n## ", 1)[0].rstrip("\n")
     return "## GPU\n\nNot measured: run `python scripts/bench_gpu.py` on a machine with a GPU."
-
-
-def _carried(st: dict) -> str:
-    carried = st.get("carried")
-    if not carried:
-        return ""
-    names = ", ".join(carried["sections"])
-    return (f" Section(s) {names} are carried over unchanged from the run of {carried['date']} "
-            f"(`{carried['command']}`); the machine table below is this run's.")
-
-
-def _gpu_section(path: Path) -> str:
-    """The GPU section is scripts/bench_gpu.py's (run on a GPU machine): kept as it is."""
-    text = path.read_text() if path.exists() else ""
-    if "\n## GPU\n" in text:
-        kept = "## GPU\n" + text.split("\n## GPU\n", 1)[1]
-        return kept.split("\n## ", 1)[0].rstrip("\n")
-    return "## GPU\n\nNot measured: run `python scripts/bench_gpu.py` on a machine with a GPU."
