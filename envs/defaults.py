@@ -55,16 +55,13 @@ def _build(config: CompressConfig) -> dict:
     import torch
 
     from rlpruner_ray import checkpoint as ckpt
-    from rlpruner_ray.data import load_dataset
     from rlpruner_ray.model_store import make_payload
-    from rlpruner_ray.models import build_model, check_model_name, model_spec
-    from rlpruner_ray.pipeline import _context, _step_targets, build_graph, train_settings
+    from rlpruner_ray.models import build_model, model_spec
+    from rlpruner_ray.pipeline import _context, _load_data, _step_targets, build_graph, train_settings
     from rlpruner_ray.search.workers import env_settings
     from rlpruner_ray.train import train_base
 
-    check_model_name(config.model)
-    data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
-                        download=config.download, image_size=config.image_size)
+    data = _load_data(config)          # (refuses a bad model name before loading anything)
     if config.base_checkpoint:
         model = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model)
     else:
