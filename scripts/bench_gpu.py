@@ -38,6 +38,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench.common import spearman  # noqa: E402  (ties share their average rank; bf16 and fp32 tie often)
 HEADING = "## GPU"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 
@@ -75,13 +77,6 @@ def timed(fn, device, repeats: int = 3) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    if np.std(ra) == 0 or np.std(rb) == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 # ---------------------------------------------------------------------- set-up
