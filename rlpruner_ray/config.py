@@ -82,7 +82,8 @@ class CompressConfig:
     bn_recalibration_batches: int = _f(0, "training batches to re-estimate BN statistics before scoring",
                                        "search", lo=0)
     scoring: str = _f("auto", "score candidates one weight-masked pass each (single), K per pass with "
-                      "activation masks (batched, the GPU path), or time both and keep the faster (auto)",
+                      "activation masks (batched, the GPU path), or on a GPU time both and keep the faster "
+                      "(auto; single on a CPU)",
                       "search", choices=SCORING)
     candidates_per_pass: int | None = _f(None, "K of the batched path (default: from free GPU memory, "
                                          "8 on a CPU)", "search", lo=1, nullable=True)

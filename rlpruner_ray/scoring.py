@@ -14,7 +14,8 @@ Two exact ways to score a list of candidates, chosen once per scorer:
   per-candidate activation masks (:mod:`rlpruner_ray.batched`); on a GPU one
   small pass is mostly kernel launches, so K at once keeps it busy.
 
-``auto`` times both on the first base model and keeps the faster; BN
+``auto`` keeps ``single`` on a CPU; on an accelerator it times both on the first
+base model and keeps the faster. BN
 recalibration needs per-candidate statistics, so it always scores singly.
 
 The same :func:`plan_for_step` turns a distribution into per-group counts here
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from .batched import CandidateMasks
 from .checkpoint import load_pruned
+from .config import SCORING
 from .data import Dataset
 from .errors import ConfigError
 from .graph import PruningGraph
@@ -91,7 +93,6 @@ def reward_of(quality: float, macs: float, params: float, settings: dict, origin
     raise ConfigError(f"unknown reward {kind!r}")
 
 
-SCORING_PATHS = ("auto", "single", "batched")
 MAX_CANDIDATES_PER_PASS = 64     # beyond this a GPU gains nothing and the mask tensors grow
 
 
@@ -159,8 +160,8 @@ class StepScorer:
     def _choose_path(self) -> None:
         """Fix the scoring path (and K) once, from the settings or by timing both."""
         asked = self.settings.get("scoring", "auto")
-        if asked not in SCORING_PATHS:
-            raise ConfigError(f"scoring must be one of {', '.join(SCORING_PATHS)}, got {asked!r}")
+        if asked not in SCORING:
+            raise ConfigError(f"scoring must be one of {', '.join(SCORING)}, got {asked!r}")
         self.per_pass = int(self.settings.get("candidates_per_pass") or self._fitting_per_pass())
         exact = self._batched_is_exact()
         if self.bn_batches:
@@ -172,6 +173,8 @@ class StepScorer:
             self.path, self.choice = "single", {"reason": "batched scoring is not exact for this model"}
         elif asked != "auto":
             self.path, self.choice = asked, {"reason": "asked for"}
+        elif not _worth_timing(self.device):
+            self.path, self.choice = "single", {"reason": "auto on a CPU"}
         else:
             probe = [self.graph.plan(self.graph.initial_distribution(), self.graph.max_removable // 2)]
             # a full pass of K on the batched side: per-candidate cost depends on K (caches, occupancy)
@@ -303,6 +306,13 @@ class StepScorer:
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(n)
             m.momentum = momentum
+
+
+def _worth_timing(device: torch.device) -> bool:
+    """Whether ``auto`` times both paths. Not on a CPU: a pass there is compute-bound,
+    so K candidates cost about K passes either way, and a timed choice could differ
+    between a run and its resume (the record of the run would then differ too)."""
+    return device.type != "cpu"
 
 
 def _seconds_per_candidate(fn, k: int, repeats: int = 3) -> float:

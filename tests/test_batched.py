@@ -16,6 +16,7 @@ from rlpruner_ray.batched import CandidateMasks
 from rlpruner_ray.config import CompressConfig
 from rlpruner_ray.graph import PruningGraph
 from rlpruner_ray.models import build_model, list_models
+from rlpruner_ray import scoring
 from rlpruner_ray.pipeline import build_graph
 from rlpruner_ray.search.workers import env_settings, make_payload
 
@@ -136,7 +137,16 @@ def test_kl_reward_ranks_candidates_by_how_far_they_move_the_outputs(base):
     assert np.corrcoef(-kl, accuracy)[0, 1] > 0.3
 
 
-def test_auto_times_both_paths_and_records_the_choice(base):
+def test_auto_on_a_cpu_scores_singly_without_timing(base):
+    """Deterministic: a run and its resume must make the same choice."""
+    for _ in range(2):
+        choice = _env(base, scoring="auto").scorer.choice
+        assert choice["path"] == "single" and choice["reason"] == "auto on a CPU"
+        assert "single_ms" not in choice
+
+
+def test_auto_times_both_paths_and_records_the_choice(base, monkeypatch):
+    monkeypatch.setattr(scoring, "_worth_timing", lambda device: True)   # as on a GPU
     env = _env(base, scoring="auto")
     choice = env.scorer.choice
     assert choice["path"] in ("single", "batched") and choice["reason"] == "timed"
