@@ -141,6 +141,38 @@ def test_sections_not_rerun_are_carried_over_from_the_previous_state(tmp_path):
     assert other.state["sections"] == {} and other.rows == []
 
 
+def test_merge_takes_only_the_sections_the_other_run_measured(tmp_path):
+    """Quality and fidelity run side by side with their own --rows, then one report."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    common, report, cli = _package("common"), _package("report"), _package("cli")
+
+    def write(name, sections, carried):
+        rows = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist([common.row(int(k), name, "v", "x", 1.0) for k in sections]), rows)
+        state = {"profile": "quick", "sections": {k: {"by": name} for k in sections},
+                 "seconds": {k: 1.0 for k in sections}, "failed": {}, "machine": {"date": name},
+                 "command": f"bench {name}", "total_seconds": 60.0, "profile_settings": {},
+                 "carried": {"sections": carried, "date": "old", "command": "bench old"}}
+        (tmp_path / f"{name}_state.json").write_text(json.dumps(state))
+        return rows
+
+    main = write("quality", ["1", "3", "4"], ["1", "4"])     # measured 3, carried an old 4
+    side = write("fidelity", ["1", "3", "4"], ["1", "3"])    # measured 4 alone
+    bench = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
+    bench.load()
+    bench.merge(side)
+    assert {k: v["by"] for k, v in bench.state["sections"].items()} == {"1": "quality", "3": "quality",
+                                                                      "4": "fidelity"}
+    assert sorted((r["section"], r["item"]) for r in bench.rows) == [(1, "quality"), (3, "quality"),
+                                                                    (4, "fidelity")]
+    text = report._carried(bench.state)
+    assert "Section(s) 1 are carried over" in text and "Section(s) 4 come from a run" in text
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--merge", str(side), "--rows", str(main)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--merge only goes with --report-only" in r.stderr
+
+
 @pytest.mark.slow
 def test_quick_benchmark_writes_a_well_formed_report(tmp_path):
     out, rows = tmp_path / "B.md", tmp_path / "rows.parquet"

@@ -30,6 +30,10 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--methods", nargs="*", choices=METHODS, help="override the methods of section 3")
     p.add_argument("--report-only", action="store_true",
                    help="re-render --out from --rows and its _state.json, without measuring")
+    p.add_argument("--merge", metavar="ROWS",
+                   help="with --report-only: take the sections measured by the run that wrote ROWS (a Parquet "
+                        "file next to its _state.json) into --rows, e.g. a fidelity study run alongside the "
+                        "quality section with its own --rows")
     p.add_argument("--reuse-runs", action="store_true",
                    help="keep section-3 runs whose summary.json has the same settings instead of rerunning them")
     p.add_argument("--task", choices=sorted(TASKS), help=argparse.SUPPRESS)
@@ -44,8 +48,17 @@ def main(argv=None, description: str = "") -> int:
     if args.task:
         return task_main(args.task, args.task_in, args.task_out)
     bench = Bench(args)
+    if args.merge and not args.report_only:
+        print("bench: --merge only goes with --report-only", file=sys.stderr)
+        return 2
     if args.report_only:
         bench.load()
+        if args.merge:
+            if not Path(args.merge).exists():
+                print(f"bench: no rows at {args.merge}", file=sys.stderr)
+                return 2
+            bench.merge(args.merge)
+            bench.save()
         bench.write()
         return 0
     started = time.perf_counter()

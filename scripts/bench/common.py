@@ -47,7 +47,7 @@ PROFILES = {
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole
         # epoch; ground truth on every validation row the rewards do not use
         fid_samples=60, fid_kd_epochs=1, fid_kd_batches=None, fid_kd_batch_size=128, fid_bn_batches=4,
-        fid_reward_sizes=[512, 2048], fid_eval_images=None,
+        fid_reward_sizes=[512, 2048], fid_eval_images=None, fid_processes=2,
         lat_repeats=3, lat_b64_repeats=5,
     ),
     "quick": dict(
@@ -64,7 +64,7 @@ PROFILES = {
         paired_methods=["rlpruner", "tp-global"], pairs=[["rlpruner", "tp-global"]],
         rl_batch_size=2, bootstrap=500,
         fid_samples=6, fid_kd_epochs=1, fid_kd_batches=2, fid_kd_batch_size=32, fid_bn_batches=2,
-        fid_reward_sizes=[32, 64], fid_eval_images=80,
+        fid_reward_sizes=[32, 64], fid_eval_images=80, fid_processes=2,
         lat_repeats=1, lat_b64_repeats=2,
     ),
 }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from .common import _accuracy, _median, _threads, log, num, row, run_task, spearman, spearman_interval, task
 from .quality import base_model, num_steps, run_config
@@ -75,8 +76,20 @@ def task_fidelity(p: dict) -> dict:
         per_epoch = min(per_epoch, p["kd_batches"])
     total = max(1, p["kd_epochs"] * per_epoch)
     t_kd = cfg.kd_temperature
+    # every candidate trains on the same augmented batches against the same teacher
+    # outputs, so both are made once here (the teacher's forward pass was a third of
+    # each candidate's fine-tuning time)
+    gen = torch.Generator().manual_seed(0)
+    epochs = []
+    with torch.no_grad():
+        for _ in range(p["kd_epochs"]):
+            epochs.append([(x, y, F.softmax(base(x) / t_kd, dim=1))
+                           for x, y in data.batches("train", settings.batch_size, shuffle=True, augment=True,
+                                                    generator=gen, limit=per_epoch)])
     rows, records = [], []
     for i, d in enumerate(dists):
+        if i % p.get("chunks", 1) != p.get("chunk", 0):
+            continue
         counts = scorers[(first_free, 0)].plan(d)
         rec = {"i": i, "macs": graph.cost(counts)[0], "filters": int(counts.sum())}
         for n in p["sizes"]:
@@ -87,19 +100,15 @@ def task_fidelity(p: dict) -> dict:
         rec["acc_pruned"] = _accuracy(small.eval(), held)
         # KD as the pipeline runs it (loss, optimiser, warm-up + cosine), the same
         # batches for every candidate, and no model selection on validation rows
-        gen = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         opt = torch.optim.SGD(small.parameters(), lr=settings.lr, momentum=settings.momentum,
                               weight_decay=settings.weight_decay)
         started, step = time.perf_counter(), 0
-        for _ in range(p["kd_epochs"]):
+        for batches in epochs:
             small.train()
-            for x, y in data.batches("train", settings.batch_size, shuffle=True, augment=True, generator=gen,
-                                     limit=per_epoch):
+            for x, y, soft in batches:
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total, settings.lr, settings.warmup_fraction, settings.min_lr)
-                with torch.no_grad():
-                    soft = F.softmax(base(x) / t_kd, dim=1)
                 logits = small(x)
                 kd = F.kl_div(F.log_softmax(logits / t_kd, dim=1), soft, reduction="batchmean")
                 loss = (1 - cfg.kd_alpha) * t_kd ** 2 * kd + cfg.kd_alpha * F.cross_entropy(logits, y)
@@ -125,13 +134,20 @@ def measure(bench):
     base = bench.state["sections"].get("3", {}).get("base") or base_model(bench)
     cfg = run_config(bench, "rlpruner", 0, base["file"])
     cfg.pop("out_dir")
-    res = run_task("fidelity", {"config": cfg, "base": base["file"], "samples": P["fid_samples"],
-                                "steps": num_steps(P, "rlpruner"), "sizes": P["fid_reward_sizes"],
-                                "bn_batches": P["fid_bn_batches"], "kd_epochs": P["fid_kd_epochs"],
-                                "kd_batches": P["fid_kd_batches"], "kd_batch_size": P["fid_kd_batch_size"],
-                                "eval_images": P["fid_eval_images"], "lr": P["finetune_lr"]}, bench.work)
+    params = {"config": cfg, "base": base["file"], "samples": P["fid_samples"],
+              "steps": num_steps(P, "rlpruner"), "sizes": P["fid_reward_sizes"],
+              "bn_batches": P["fid_bn_batches"], "kd_epochs": P["fid_kd_epochs"],
+              "kd_batches": P["fid_kd_batches"], "kd_batch_size": P["fid_kd_batch_size"],
+              "eval_images": P["fid_eval_images"], "lr": P["finetune_lr"]}
+    # candidates are independent: one single-threaded process per chunk of them
+    chunks = max(1, P.get("fid_processes", 1))
+    with ThreadPoolExecutor(chunks) as pool:
+        parts = list(pool.map(lambda c: run_task("fidelity", {**params, "chunk": c, "chunks": chunks}, bench.work),
+                              range(chunks)))
+    res = parts[0]
+    res["rows"] = [r for part in parts for r in part["rows"]]
+    recs = sorted((r for part in parts for r in part["records"]), key=lambda r: r["i"])
     bench.rows += res["rows"]
-    recs = res["records"]
     ft = [r["acc_finetuned"] for r in recs]
     rho = {}
     for name in reward_names(P) + ["acc_pruned"]:

@@ -55,9 +55,32 @@ class Bench:
         self.state["carried"] = {"sections": sorted(kept, key=int), "date": old["machine"]["date"],
                                  "command": old["command"]}
 
-    def state_path(self) -> Path:
-        rows = Path(self.args.rows)
+    def state_path(self, rows: str | Path | None = None) -> Path:
+        rows = Path(rows or self.args.rows)
         return rows.with_name(rows.stem + "_state.json")
+
+    def merge(self, rows: str | Path) -> None:
+        """Replace the sections the run that wrote ``rows`` measured (not the ones it
+        carried over) with its figures, rows and wall times."""
+        import pyarrow.parquet as pq
+        other = json.loads(self.state_path(rows).read_text())
+        if other.get("profile") != self.profile:
+            raise SystemExit(f"bench: {rows} is from the {other.get('profile')} profile, not {self.profile}")
+        carried = set(other.get("carried", {}).get("sections", []))
+        taken = sorted((k for k in other["sections"] if k not in carried), key=int)
+        self.rows = [r for r in self.rows if str(r["section"]) not in taken]
+        self.rows += [r for r in pq.read_table(rows).to_pylist() if str(r["section"]) in taken]
+        for key in ("sections", "seconds"):
+            self.state[key].update({k: v for k, v in other.get(key, {}).items() if k in taken})
+        for k in taken:
+            self.state["failed"].pop(k, None)
+            if k in other.get("failed", {}):
+                self.state["failed"][k] = other["failed"][k]
+        if "carried" in self.state:
+            self.state["carried"]["sections"] = [k for k in self.state["carried"]["sections"] if k not in taken]
+        self.state.setdefault("merged", []).append({"sections": taken, "command": other["command"],
+                                                    "date": other["machine"]["date"],
+                                                    "seconds": other.get("total_seconds")})
 
     def save(self) -> None:
         import pyarrow as pa
@@ -148,12 +171,16 @@ class Bench:
 
 
 def _carried(st: dict) -> str:
+    """Which sections come from other runs than the one the machine table describes."""
+    text = ""
     carried = st.get("carried")
-    if not carried:
-        return ""
-    names = ", ".join(carried["sections"])
-    return (f" Section(s) {names} are carried over unchanged from the run of {carried['date']} "
-            f"(`{carried['command']}`); the machine table below is this run's.")
+    if carried and carried["sections"]:
+        text += (f" Section(s) {', '.join(carried['sections'])} are carried over unchanged from the run of "
+                 f"{carried['date']} (`{carried['command']}`); the machine table below is this run's.")
+    for m in st.get("merged", []):
+        text += (f" Section(s) {', '.join(m['sections'])} come from a run on the same machine started "
+                 f"{m['date']} (`{m['command']}`, {m['seconds'] / 60:.1f} min), merged with `--merge`.")
+    return text
 
 
 def _gpu_section(path: Path) -> str:
