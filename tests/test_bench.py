@@ -108,6 +108,11 @@ def test_every_method_gets_the_same_fine_tuning_in_total(tmp_path):
         assert cfg["max_batches_per_epoch"] == bench.P["finetune_batches"]
         assert cfg["evaluations_per_step"] == bench.P["evals"]
         assert (steps == 1) == (method in ("uniform", "global", "tp-uniform", "tp-global"))
+        # every search runs with an explicit reward metric: a changed default cannot pass for it
+        assert cfg.get("reward_metric", "n/a") == ("n/a" if steps == 1 else
+                                                  "kl" if method == "rlpruner-kl" else bench.P["reward_metric"])
+        assert cfg["algo"] == ("rlpruner" if method == "rlpruner-kl" else method)
+        assert cfg["out_dir"].endswith(f"{method}_s0")
     assert set(total.values()) == {bench.P["finetune_total_epochs"]}, total
     assert {"rlpruner", "global", "tp-global"} <= set(bench.P["paired_methods"])
     assert len(bench.P["paired_seeds"]) >= 3 and bench.P["fid_samples"] >= 60

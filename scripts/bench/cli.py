@@ -9,7 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import METHODS, ROOT, TASKS, log, machine, task_main
+from .common import METHODS, ROOT, TASKS, VARIANTS, log, machine, task_main
 from .report import SECTIONS, Bench
 
 
@@ -27,7 +27,8 @@ def parse_args(argv=None, description: str = ""):
                    help="run only these sections (5 and 6 bring 3); the others are carried over from the "
                         "previous rows and state at --rows (same profile)")
     p.add_argument("--seeds", type=int, nargs="*", help="override the profile's seeds for section 3")
-    p.add_argument("--methods", nargs="*", choices=METHODS, help="override the methods of section 3")
+    p.add_argument("--methods", nargs="*", choices=[*METHODS, *VARIANTS],
+                   help="override the methods of section 3")
     p.add_argument("--report-only", action="store_true",
                    help="re-render --out from --rows and its _state.json, without measuring")
     p.add_argument("--merge", metavar="ROWS",

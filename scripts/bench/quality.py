@@ -5,15 +5,18 @@ import hashlib
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from .common import ONE_SHOT, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
+from .common import ONE_SHOT, VARIANTS, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
 
 TITLE = "3. Quality at equal budgets"
+# the target: an rlpruner variant >= 0.5 points above these, with the 90% interval above 0
+TARGET_OPPONENTS = ("tp-global", "uniform")
 
 
 def _fingerprint_model(model) -> str:
@@ -35,7 +38,10 @@ def _memoise_evaluations(cache_file: Path) -> None:
     original = getattr(train, "evaluate", None)
     if original is None or getattr(original, "_bench_memo", False):
         return
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):       # none yet, or another benchmark is replacing it
+        cache = {}
     split_keys: dict = {}
 
     def split_key(data, split):
@@ -56,7 +62,10 @@ def _memoise_evaluations(cache_file: Path) -> None:
             return dict(cache[key])
         out = original(model, data, split, batch_size=batch_size, device=device, limit=limit)
         cache[key] = out
-        cache_file.write_text(json.dumps(cache))
+        # replaced whole, never half-written: another benchmark may read it now
+        partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
+        partial.write_text(json.dumps(cache))
+        os.replace(partial, cache_file)
         return dict(out)
 
     evaluate._bench_memo = True
@@ -155,8 +164,12 @@ def base_model(bench) -> dict:
     return meta
 
 
+def algo_of(method: str) -> str:
+    return VARIANTS.get(method, (method, {}))[0]
+
+
 def num_steps(P: dict, method: str) -> int:
-    if method in ONE_SHOT:
+    if algo_of(method) in ONE_SHOT:
         return 1
     return max(1, math.ceil(P["sparsity"] / P["step_fraction"] - 1e-9))
 
@@ -168,13 +181,17 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
     steps = num_steps(P, method)
     if P["finetune_total_epochs"] % steps:
         raise ValueError(f"finetune_total_epochs {P['finetune_total_epochs']} does not split over {steps} steps")
-    cfg = dict(model=P["model"], dataset=P["dataset"], base_checkpoint=base_file, algo=method,
+    algo, changes = VARIANTS.get(method, (method, {}))
+    cfg = dict(model=P["model"], dataset=P["dataset"], base_checkpoint=base_file, algo=algo,
                target="macs", sparsity=P["sparsity"],
-               step_fraction=P["sparsity"] if method in ONE_SHOT else P["step_fraction"],
+               step_fraction=P["sparsity"] if algo in ONE_SHOT else P["step_fraction"],
                evaluations_per_step=P["evals"], reward_samples=P["reward_samples"],
                finetune_epochs=P["finetune_total_epochs"] // steps, max_batches_per_epoch=P["finetune_batches"],
                finetune_lr=P["finetune_lr"], num_workers=P["num_workers"], rl_batch_size=P["rl_batch_size"],
                seed=seed, out_dir=str(bench.work / "runs" / f"{method}_s{seed}"))
+    if algo not in ONE_SHOT:
+        cfg["reward_metric"] = P["reward_metric"]
+    cfg.update(changes)
     if seed != 0 and "split_seed" in _config_fields():
         # the shared base trained on seed 0's split: other seeds must not move the
         # validation rows onto its training rows
@@ -196,24 +213,28 @@ def measure(bench):
     P = bench.P
     base = base_model(bench)
     runs = {}
-    native = [m for m in P["methods"] if m != "ppo"]
+    native = [m for m in P["methods"] if algo_of(m) != "ppo"]
     groups = [(native, True)] if native else []
-    if "ppo" in P["methods"]:
-        groups.append((["ppo"], False))      # each RLlib run starts (and stops) its own Ray
+    rllib = [m for m in P["methods"] if algo_of(m) == "ppo"]
+    if rllib:
+        groups.append((rllib, False))      # each RLlib run starts (and stops) its own Ray
     for methods, shared in groups:
-        configs = [run_config(bench, m, s, base["file"]) for m in methods for s in seeds_of(P, m)]
+        named = [(m, s) for m in methods for s in seeds_of(P, m)]
+        configs = [run_config(bench, m, s, base["file"]) for m, s in named]
         log(f"section 3: {len(configs)} runs of {', '.join(methods)}")
         try:
+            # one Ray folder per benchmark process: two benchmarks may run side by side
             res = run_task("compress", {"configs": configs, "shared_ray": shared, "driver_threads": 1,
-                                        "ray_dir": str(bench.work / "s3_ray"), "reuse": bench.args.reuse_runs,
+                                        "ray_dir": str(bench.work / f"s3_ray_{os.getpid()}"),
+                                        "reuse": bench.args.reuse_runs,
                                         "memo": str(bench.work / "eval_memo.json")}, bench.work)
             status = res["runs"]
         except Exception as exc:     # noqa: BLE001
             status = [{"ok": False, "error": str(exc), "out_dir": c["out_dir"]} for c in configs]
-        for cfg, st in zip(configs, status):
-            key = f"{cfg['algo']}_s{cfg['seed']}"
-            runs[key] = {"method": cfg["algo"], "seed": cfg["seed"], "dir": cfg["out_dir"], "ok": st["ok"],
-                         "error": st.get("error"), "steps": num_steps(P, cfg["algo"]),
+        for (method, seed), cfg, st in zip(named, configs, status):
+            key = f"{method}_s{seed}"
+            runs[key] = {"method": method, "seed": seed, "dir": cfg["out_dir"], "ok": st["ok"],
+                         "error": st.get("error"), "steps": num_steps(P, method),
                          "finetune_epochs": cfg["finetune_epochs"]}
             if st["ok"]:
                 s = json.loads((Path(cfg["out_dir"]) / "summary.json").read_text())
@@ -273,6 +294,8 @@ def render(bench, st) -> tuple[str, list[str]]:
                 f"`pipeline.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
     one_shot = ", ".join(m for m in P["methods"] if m in ONE_SHOT)
     multi = ", ".join(m for m in P["methods"] if m not in ONE_SHOT)
+    variants = "".join(f" {m}: {VARIANTS[m][0]} with " + ", ".join(f"`{k}={v}`" for k, v in VARIANTS[m][1].items())
+                       + "." for m in P["methods"] if m in VARIANTS)
     paired_seeds = ", ".join(map(str, P["paired_seeds"]))
     lines = [
         data,
@@ -283,7 +306,8 @@ def render(bench, st) -> tuple[str, list[str]]:
         f"{P['finetune_batches']}` for every method), `--num-workers {P['num_workers']}`, criterion taylor. "
         f"Searches ({multi}): `--step-fraction {P['step_fraction']}` ({steps} step{'s' if steps > 1 else ''}, "
         f"{P['finetune_total_epochs'] // steps} KD epoch(s) after each), `--evaluations-per-step {P['evals']}`; "
-        f"ppo: {P['num_workers']} env runners, `--rl-batch-size {P['rl_batch_size']}`. One-shot methods "
+        f"ppo: {P['num_workers']} env runners, `--rl-batch-size {P['rl_batch_size']}`. Reward: "
+        f"`--reward-metric {P.get('reward_metric', 'top1')}`.{variants} One-shot methods "
         f"({one_shot}): one step with all {P['finetune_total_epochs']} KD epochs after it, one evaluation. "
         f"tp-uniform / tp-global are Torch-Pruning's own pruner (GroupMagnitudeImportance(p=1), classifier "
         f"ignored, ratio bisected to the MACs target). Seeds {paired_seeds} for "
@@ -332,8 +356,12 @@ def render(bench, st) -> tuple[str, list[str]]:
             lines.append(f"| {name} | {len(d['seeds'])} | {num(100 * d['mean'], '.2f')} "
                          f"| {num(100 * d['low'], '.2f')} | {num(100 * d['high'], '.2f')} |")
             above = math.isfinite(d["low"]) and d["low"] > 0
-            verdicts.append(f"{name} {num(100 * d['mean'], '+.2f')} pts "
-                            f"({'interval above 0' if above else 'interval not above 0'})")
+            verdict = f"{name} {num(100 * d['mean'], '+.2f')} pts " \
+                      f"({'interval above 0' if above else 'interval not above 0'}"
+            first, second = name.split(" - ")
+            if algo_of(first) == "rlpruner" and second in TARGET_OPPONENTS:
+                verdict += ": target " + ("met" if above and d["mean"] >= 0.005 else "MISSED")
+            verdicts.append(verdict + ")")
         lines += ["", "Target: rlpruner at least 0.5 points above tp-global and above uniform with the 90% interval "
                   "of the difference above 0. " + "; ".join(verdicts) + "."]
         summary.append("Paired over seeds: " + "; ".join(verdicts) + ".")
