@@ -106,12 +106,14 @@ def test_every_method_gets_the_same_fine_tuning_in_total(tmp_path):
         total[method] = cfg["finetune_epochs"] * steps
         assert cfg["target"] == "macs" and cfg["sparsity"] == 0.5
         assert cfg["max_batches_per_epoch"] == bench.P["finetune_batches"]
-        assert cfg["evaluations_per_step"] == bench.P["evals"]
-        assert (steps == 1) == (method in ("uniform", "global", "tp-uniform", "tp-global"))
+        assert cfg["evaluations_per_step"] == bench.P["evals"] or method == "rlpruner-1step"
+        assert (steps == 1) == (method in ("uniform", "global", "tp-uniform", "tp-global", "rlpruner-1step"))
         # every search runs with an explicit reward metric: a changed default cannot pass for it
-        assert cfg.get("reward_metric", "n/a") == ("n/a" if steps == 1 else
+        assert cfg.get("reward_metric", "n/a") == ("n/a" if method in quality.ONE_SHOT else
                                                   "kl" if method == "rlpruner-kl" else bench.P["reward_metric"])
-        assert cfg["algo"] == ("rlpruner" if method == "rlpruner-kl" else method)
+        assert cfg["algo"] == ("rlpruner" if method.startswith("rlpruner") else method)
+        if method == "rlpruner-1step":       # the multi-step searches' budget, in one step
+            assert cfg["evaluations_per_step"] == bench.P["evals"] * quality.num_steps(bench.P, "rlpruner")
         assert cfg["out_dir"].endswith(f"{method}_s0")
     assert set(total.values()) == {bench.P["finetune_total_epochs"]}, total
     assert {"rlpruner", "global", "tp-global"} <= set(bench.P["paired_methods"])

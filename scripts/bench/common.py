@@ -21,8 +21,11 @@ CIFAR_DEFAULT = SHARED / "data" / "cifar10"
 SHARED_BASE = SHARED / "models" / "cifar10-resnet20.pt"
 METHODS = ("rlpruner", "ppo", "random", "uniform", "global", "tp-uniform", "tp-global")
 ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all their fine-tuning after one step
-# section-3 methods that are an algorithm with other settings: name -> (algo, config changes)
-VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"})}
+# section-3 methods that are an algorithm with other settings: name -> (algo, config changes);
+# one_step: a single pruning step with the whole evaluation budget of the multi-step
+# searches and all the KD epochs after it (the one-shot methods' schedule)
+VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
+            "rlpruner-1step": ("rlpruner", {"one_step": True})}
 ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
 PAPER_EVALS_PER_STEP = 100
 
@@ -45,10 +48,11 @@ PROFILES = {
         # the reward every search uses unless its variant says otherwise (pinned, so a
         # changed default can never pass for what these runs measured)
         reward_metric="top1",
-        methods=[*METHODS, "rlpruner-kl"], seeds=[0], paired_seeds=[0, 1, 2],
-        paired_methods=["rlpruner", "rlpruner-kl", "uniform", "global", "tp-global"],
+        methods=[*METHODS, *VARIANTS], seeds=[0], paired_seeds=[0, 1, 2],
+        paired_methods=["rlpruner", *VARIANTS, "uniform", "global", "tp-global"],
         pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"],
                ["rlpruner-kl", "tp-global"], ["rlpruner-kl", "uniform"], ["rlpruner-kl", "rlpruner"],
+               ["rlpruner-1step", "tp-global"], ["rlpruner-1step", "uniform"], ["rlpruner-1step", "rlpruner"],
                ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole

@@ -169,7 +169,8 @@ def algo_of(method: str) -> str:
 
 
 def num_steps(P: dict, method: str) -> int:
-    if algo_of(method) in ONE_SHOT:
+    algo, changes = VARIANTS.get(method, (method, {}))
+    if algo in ONE_SHOT or changes.get("one_step"):
         return 1
     return max(1, math.ceil(P["sparsity"] / P["step_fraction"] - 1e-9))
 
@@ -182,10 +183,13 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
     if P["finetune_total_epochs"] % steps:
         raise ValueError(f"finetune_total_epochs {P['finetune_total_epochs']} does not split over {steps} steps")
     algo, changes = VARIANTS.get(method, (method, {}))
+    changes = dict(changes)
+    one_step = changes.pop("one_step", False)
+    evals = P["evals"] * num_steps(P, algo) if one_step else P["evals"]     # the same budget in one step
     cfg = dict(model=P["model"], dataset=P["dataset"], base_checkpoint=base_file, algo=algo,
                target="macs", sparsity=P["sparsity"],
-               step_fraction=P["sparsity"] if algo in ONE_SHOT else P["step_fraction"],
-               evaluations_per_step=P["evals"], reward_samples=P["reward_samples"],
+               step_fraction=P["sparsity"] if steps == 1 else P["step_fraction"],
+               evaluations_per_step=evals, reward_samples=P["reward_samples"],
                finetune_epochs=P["finetune_total_epochs"] // steps, max_batches_per_epoch=P["finetune_batches"],
                finetune_lr=P["finetune_lr"], num_workers=P["num_workers"], rl_batch_size=P["rl_batch_size"],
                seed=seed, out_dir=str(bench.work / "runs" / f"{method}_s{seed}"))
@@ -275,6 +279,15 @@ def paired_differences(runs: dict, pairs, resamples: int) -> dict:
     return out
 
 
+def _describe(P: dict, method: str) -> str:
+    algo, changes = VARIANTS[method]
+    parts = [f"`{k}={v}`" for k, v in changes.items() if k != "one_step"]
+    if changes.get("one_step"):
+        parts.append(f"one step with the multi-step searches' whole budget ({P['evals'] * num_steps(P, algo)} "
+                     f"evaluations) and all {P['finetune_total_epochs']} KD epochs after it")
+    return f"{algo} with " + ", ".join(parts)
+
+
 def render(bench, st) -> tuple[str, list[str]]:
     P = bench.P
     base, runs = st["base"], st["runs"]
@@ -294,8 +307,7 @@ def render(bench, st) -> tuple[str, list[str]]:
                 f"`pipeline.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
     one_shot = ", ".join(m for m in P["methods"] if m in ONE_SHOT)
     multi = ", ".join(m for m in P["methods"] if m not in ONE_SHOT)
-    variants = "".join(f" {m}: {VARIANTS[m][0]} with " + ", ".join(f"`{k}={v}`" for k, v in VARIANTS[m][1].items())
-                       + "." for m in P["methods"] if m in VARIANTS)
+    variants = "".join(f" {m}: {_describe(P, m)}." for m in P["methods"] if m in VARIANTS)
     paired_seeds = ", ".join(map(str, P["paired_seeds"]))
     lines = [
         data,
