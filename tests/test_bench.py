@@ -107,11 +107,12 @@ def test_every_method_gets_the_same_fine_tuning_in_total(tmp_path):
         assert cfg["target"] == "macs" and cfg["sparsity"] == 0.5
         assert cfg["max_batches_per_epoch"] == bench.P["finetune_batches"]
         assert cfg["evaluations_per_step"] == bench.P["evals"] or method == "rlpruner-1step"
-        assert (steps == 1) == (method in ("uniform", "global", "tp-uniform", "tp-global", "rlpruner-1step"))
+        assert (steps == 1) == (quality.algo_of(method) in quality.ONE_SHOT or "1step" in method)
         # every search runs with an explicit reward metric: a changed default cannot pass for it
-        assert cfg.get("reward_metric", "n/a") == ("n/a" if method in quality.ONE_SHOT else
+        assert cfg.get("reward_metric", "n/a") == ("n/a" if quality.algo_of(method) in quality.ONE_SHOT else
                                                   "kl" if method == "rlpruner-kl" else bench.P["reward_metric"])
-        assert cfg["algo"] == ("rlpruner" if method.startswith("rlpruner") else method)
+        assert cfg["algo"] == quality.algo_of(method)
+        assert cfg.get("criterion", "default") == ("l1" if method.endswith("-l1") else "default")
         if method == "rlpruner-1step":       # the multi-step searches' budget, in one step
             assert cfg["evaluations_per_step"] == bench.P["evals"] * quality.num_steps(bench.P, "rlpruner")
         assert cfg["out_dir"].endswith(f"{method}_s0")

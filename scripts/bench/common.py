@@ -24,8 +24,11 @@ ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all t
 # section-3 methods that are an algorithm with other settings: name -> (algo, config changes);
 # one_step: a single pruning step with the whole evaluation budget of the multi-step
 # searches and all the KD epochs after it (the one-shot methods' schedule)
+# (-l1: filter importance by L1 norm, Torch-Pruning's criterion, instead of Taylor)
 VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
-            "rlpruner-1step": ("rlpruner", {"one_step": True})}
+            "rlpruner-1step": ("rlpruner", {"one_step": True}),
+            "rlpruner-1step-l1": ("rlpruner", {"one_step": True, "criterion": "l1"}),
+            "uniform-l1": ("uniform", {"criterion": "l1"})}
 ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
 PAPER_EVALS_PER_STEP = 100
 
@@ -53,6 +56,8 @@ PROFILES = {
         pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"],
                ["rlpruner-kl", "tp-global"], ["rlpruner-kl", "uniform"], ["rlpruner-kl", "rlpruner"],
                ["rlpruner-1step", "tp-global"], ["rlpruner-1step", "uniform"], ["rlpruner-1step", "rlpruner"],
+               ["rlpruner-1step-l1", "tp-global"], ["rlpruner-1step-l1", "uniform-l1"],
+               ["rlpruner-1step-l1", "rlpruner-1step"], ["uniform-l1", "uniform"],
                ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole

@@ -305,8 +305,8 @@ def render(bench, st) -> tuple[str, list[str]]:
                    f"trained in this run in {base['seconds']:.0f} s")
         made = (f"{P['train_epochs']} epochs x {P['train_batches']} batches of 128, lr {P['train_lr']}, trained by "
                 f"`pipeline.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
-    one_shot = ", ".join(m for m in P["methods"] if m in ONE_SHOT)
-    multi = ", ".join(m for m in P["methods"] if m not in ONE_SHOT)
+    one_shot = ", ".join(m for m in P["methods"] if num_steps(P, m) == 1 and m not in VARIANTS)
+    multi = ", ".join(m for m in P["methods"] if num_steps(P, m) > 1 and m not in VARIANTS)
     variants = "".join(f" {m}: {_describe(P, m)}." for m in P["methods"] if m in VARIANTS)
     paired_seeds = ", ".join(map(str, P["paired_seeds"]))
     lines = [
@@ -315,7 +315,8 @@ def render(bench, st) -> tuple[str, list[str]]:
         f"Base model: {made}",
         f"Every method: `--target macs --sparsity {P['sparsity']}`, `--reward-samples {P['reward_samples']}`, "
         f"{P['finetune_total_epochs']} KD fine-tuning epochs in total (`--max-batches-per-epoch "
-        f"{P['finetune_batches']}` for every method), `--num-workers {P['num_workers']}`, criterion taylor. "
+        f"{P['finetune_batches']}` for every method), `--num-workers {P['num_workers']}`, "
+        f"criterion taylor unless a variant says otherwise. "
         f"Searches ({multi}): `--step-fraction {P['step_fraction']}` ({steps} step{'s' if steps > 1 else ''}, "
         f"{P['finetune_total_epochs'] // steps} KD epoch(s) after each), `--evaluations-per-step {P['evals']}`; "
         f"ppo: {P['num_workers']} env runners, `--rl-batch-size {P['rl_batch_size']}`. Reward: "
