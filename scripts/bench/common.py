@@ -52,13 +52,13 @@ PROFILES = {
         # changed default can never pass for what these runs measured)
         reward_metric="top1",
         methods=[*METHODS, *VARIANTS], seeds=[0], paired_seeds=[0, 1, 2],
-        paired_methods=["rlpruner", *VARIANTS, "uniform", "global", "tp-global"],
+        paired_methods=["rlpruner", "ppo", *VARIANTS, "uniform", "global", "tp-global"],
         pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"],
                ["rlpruner-kl", "tp-global"], ["rlpruner-kl", "uniform"], ["rlpruner-kl", "rlpruner"],
                ["rlpruner-1step", "tp-global"], ["rlpruner-1step", "uniform"], ["rlpruner-1step", "rlpruner"],
                ["rlpruner-1step-l1", "tp-global"], ["rlpruner-1step-l1", "uniform-l1"],
                ["rlpruner-1step-l1", "rlpruner-1step"], ["uniform-l1", "uniform"],
-               ["ppo", "random"]],
+               ["ppo", "tp-global"], ["ppo", "uniform"], ["ppo", "rlpruner"], ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole
         # epoch; ground truth on every validation row the rewards do not use
