@@ -239,7 +239,7 @@ def measure(bench):
             key = f"{method}_s{seed}"
             runs[key] = {"method": method, "seed": seed, "dir": cfg["out_dir"], "ok": st["ok"],
                          "error": st.get("error"), "steps": num_steps(P, method),
-                         "finetune_epochs": cfg["finetune_epochs"]}
+                         "finetune_epochs": cfg["finetune_epochs"], "reused": bool(st.get("reused"))}
             if st["ok"]:
                 s = json.loads((Path(cfg["out_dir"]) / "summary.json").read_text())
                 runs[key]["summary"] = {k: s[k] for k in ("base", "pruned", "reductions", "evaluations",
@@ -354,6 +354,11 @@ def render(bench, st) -> tuple[str, list[str]]:
             f"{_mean(s['pruned']['params'] for s in ok) / 1e6:.4f} | "
             f"{100 * _mean(s['reductions']['params'] for s in ok):.1f} | "
             f"{_mean(s['evaluations'] for s in ok):.0f} | {_mean(s['wall_seconds'] for s in ok):.0f} |")
+    reused = sum(1 for r in runs.values() if r.get("reused"))
+    if reused:
+        lines += ["", f"{reused} of the {len(runs)} runs were made by earlier invocations on this machine with "
+                  "identical settings (`--reuse-runs` keeps a run whose saved config matches); their figures are "
+                  "read from their `summary.json`."]
     lines += ["", "std: sample standard deviation over the seeds. Wall time per run includes Ray start-up, search, "
               "fine-tuning and the final test evaluation. Evaluations of bit-identical weights on the same split "
               "(the base model in every run; a pruned model before fine-tuning and at its epoch 0) are memoised "
