@@ -120,14 +120,16 @@ class CompressConfig:
                                         lo=0, nullable=True)
     rl_envs_per_env_runner: int = _f(1, "RLlib environments per env runner", "rllib", lo=1)
     rl_num_learners: int = _f(0, "RLlib learner actors (0 = learn on the driver)", "rllib", lo=0)
-    rl_gpus_per_learner: float = _f(0.0, "GPUs per RLlib learner", "rllib", lo=0)
+    rl_gpus_per_learner: float = _f(0.0, "GPUs per RLlib learner: a fraction of one GPU or a whole number",
+                                 "rllib", lo=0)
     rl_lr: float = _f(3e-4, "RLlib learning rate", "rllib", lo=0, lo_open=True)
     rl_hidden: int = _f(64, "RLlib policy MLP width (two layers)", "rllib", lo=1)
     rl_batch_size: int = _f(20, "env steps per RLlib training iteration", "rllib", lo=1)
     # ---- workers
     num_workers: int = _f(2, "parallel evaluation actors", "workers", lo=1)
     cpus_per_worker: float = _f(1.0, "CPUs per evaluation actor", "workers", lo=0)
-    gpus_per_worker: float = _f(0.0, "GPUs per evaluation actor (fractions share a GPU)", "workers", lo=0)
+    gpus_per_worker: float = _f(0.0, "GPUs per evaluation actor: a fraction of one GPU (actors share it) "
+                                   "or a whole number", "workers", lo=0)
     ray_address: str | None = _f(None, "Ray cluster address ('auto' to join a running cluster)", "workers",
                                  nullable=True)
     autoscale_timeout: float = _f(900.0, "seconds to wait for an autoscaling cluster to add the nodes a "

@@ -51,6 +51,8 @@ def _acceptable(f: dataclasses.Field, v) -> bool:
         return False
     if kind == "float" and not (type(v) in (int, float) and math.isfinite(v)):
         return False
+    if f.name in ("gpus_per_worker", "rl_gpus_per_learner") and v > 1 and v != int(v):
+        return False              # documented: a fraction of one GPU or whole GPUs (what Ray can place)
     lo, hi = meta["lo"], meta["hi"]
     if lo is not None and (v < lo or (meta["lo_open"] and v == lo)):
         return False
