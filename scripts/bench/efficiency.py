@@ -54,13 +54,14 @@ def render(bench, st) -> tuple[str, list[str]]:
         lines.append(f"| {method} | {len(m['n95'])} | {_median(m['per']):.0f} | {m95:.1f} | {max(m['n95'])} "
                      f"| {_median(m['n99']):.1f} | {max(m['n99'])} | {m95 / PAPER_EVALS_PER_STEP:.2f} |")
         if _median(m["per"]) > 1:
-            summary_bits.append(f"{method} {m95:.1f}")
+            summary_bits.append(f"{method} {m95:.1f} of {_median(m['per']):.0f}")
     lines += ["", "The one-shot methods (uniform, global, tp-*) evaluate one candidate, so they reach it at 1. "
-              "With a budget of " + str(P["evals"]) + " the counts are capped at " + str(P["evals"]) +
-              ": a method still improving at the end of the budget shows up as a max at the cap."]
-    summary = ([f"Sample efficiency: median evaluations to reach 95% of a step's best reward: "
-                f"{', '.join(summary_bits)} (of {P['evals']} per step; the paper spends "
-                f"{PAPER_EVALS_PER_STEP})."] if summary_bits else [])
+              "The counts are capped at a step's budget (its evaluations per step): a method still improving "
+              "at the end of the budget shows up as a max at the cap. Rewards are on each method's own scale "
+              "(minus the KL divergence for rlpruner-kl), so 95% of the best is not the same distance for all."]
+    summary = ([f"Sample efficiency: median evaluations to reach 95% of a step's best reward, of the step's "
+                f"budget: {', '.join(summary_bits)} (the paper spends {PAPER_EVALS_PER_STEP})."]
+               if summary_bits else [])
     return "\n".join(lines), summary
 
 
