@@ -28,7 +28,8 @@ ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all t
 VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             "rlpruner-1step": ("rlpruner", {"one_step": True}),
             "rlpruner-1step-l1": ("rlpruner", {"one_step": True, "criterion": "l1"}),
-            "uniform-l1": ("uniform", {"criterion": "l1"})}
+            "uniform-l1": ("uniform", {"criterion": "l1"}),
+            "rlpruner-mult": ("rlpruner", {"noise_type": "multiplicative"})}
 ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
 PAPER_EVALS_PER_STEP = 100
 
@@ -58,6 +59,7 @@ PROFILES = {
                ["rlpruner-1step", "tp-global"], ["rlpruner-1step", "uniform"], ["rlpruner-1step", "rlpruner"],
                ["rlpruner-1step-l1", "tp-global"], ["rlpruner-1step-l1", "uniform-l1"],
                ["rlpruner-1step-l1", "rlpruner-1step"], ["uniform-l1", "uniform"],
+               ["rlpruner-mult", "tp-global"], ["rlpruner-mult", "uniform"], ["rlpruner-mult", "rlpruner"],
                ["ppo", "tp-global"], ["ppo", "uniform"], ["ppo", "rlpruner"], ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole
