@@ -176,6 +176,14 @@ def test_merge_takes_only_the_sections_the_other_run_measured(tmp_path):
                                                                     (4, "fidelity")]
     text = report._carried(bench.state)
     assert "Section(s) 1 are carried over" in text and "Section(s) 4 come from a run" in text
+    # a later run of section 3 alone keeps section 4's origin (the merged run), and section 1's
+    bench.state.update(machine={"date": "quality"}, command="bench quality")
+    bench.save()
+    again = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
+    again.carry_over({3})
+    assert again.state["carried"] == {"sections": ["1"], "date": "old", "command": "bench old"}
+    assert [m["sections"] for m in again.state["merged"]] == [["4"]]
+    assert again.state["merged"][0]["command"] == "bench fidelity"
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--merge", str(side), "--rows", str(main)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--merge only goes with --report-only" in r.stderr

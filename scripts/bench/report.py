@@ -52,8 +52,17 @@ class Bench:
         self.state["sections"].update(kept)
         self.state["seconds"].update({k: v for k, v in old.get("seconds", {}).items() if k in kept})
         self.rows += [r for r in pq.read_table(self.args.rows).to_pylist() if str(r["section"]) in kept]
-        self.state["carried"] = {"sections": sorted(kept, key=int), "date": old["machine"]["date"],
-                                 "command": old["command"]}
+        # sections the previous report merged in keep their own origin
+        merged = [dict(m, sections=[k for k in m["sections"] if k in kept]) for m in old.get("merged", [])]
+        merged = [m for m in merged if m["sections"]]
+        if merged:
+            self.state["merged"] = merged
+        from_merge = {k for m in merged for k in m["sections"]}
+        own = [k for k in kept if k not in from_merge]
+        previous = old.get("carried") if set(own) <= set((old.get("carried") or {}).get("sections", [])) else None
+        self.state["carried"] = {"sections": sorted(own, key=int),
+                                 "date": (previous or old["machine"])["date"],
+                                 "command": (previous or old)["command"]}
 
     def state_path(self, rows: str | Path | None = None) -> Path:
         rows = Path(rows or self.args.rows)
