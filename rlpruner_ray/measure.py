@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .tracing import inspection_mode
+
 
 def macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[float, float]:
     """(MACs per sample, parameter count)."""
-    from .tracing import inspection_mode
     with torch.no_grad(), inspection_mode(model):
         macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
     return float(macs), float(params)

@@ -163,18 +163,19 @@ class StepScorer:
         if asked not in SCORING:
             raise ConfigError(f"scoring must be one of {', '.join(SCORING)}, got {asked!r}")
         self.per_pass = int(self.settings.get("candidates_per_pass") or self._fitting_per_pass())
-        exact = self._batched_is_exact()
         if self.bn_batches:
             self.path, self.choice = "single", {"reason": "BN recalibration needs per-candidate statistics"}
         elif not self.graph.masking_exact:
             self.path, self.choice = "single", {"reason": f"{len(self.graph.inexact)} group(s) are scored "
                                                           "on the physical path (masking is not exact there)"}
-        elif not exact:
-            self.path, self.choice = "single", {"reason": "batched scoring is not exact for this model"}
-        elif asked != "auto":
-            self.path, self.choice = asked, {"reason": "asked for"}
-        elif not _worth_timing(self.device):
+        elif asked == "single":
+            self.path, self.choice = "single", {"reason": "asked for"}
+        elif asked == "auto" and not _worth_timing(self.device):
             self.path, self.choice = "single", {"reason": "auto on a CPU"}
+        elif not self._batched_is_exact():      # checked only where batched could be chosen
+            self.path, self.choice = "single", {"reason": "batched scoring is not exact for this model"}
+        elif asked == "batched":
+            self.path, self.choice = "batched", {"reason": "asked for"}
         else:
             probe = [self.graph.plan(self.graph.initial_distribution(), self.graph.max_removable // 2)]
             # a full pass of K on the batched side: per-candidate cost depends on K (caches, occupancy)

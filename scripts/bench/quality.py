@@ -164,12 +164,18 @@ def base_model(bench) -> dict:
     return meta
 
 
+def variant(method: str) -> tuple[str, dict]:
+    """(algorithm, config changes) of a section-3 method name (a plain algorithm: no changes)."""
+    algo, changes = VARIANTS.get(method, (method, {}))
+    return algo, dict(changes)
+
+
 def algo_of(method: str) -> str:
-    return VARIANTS.get(method, (method, {}))[0]
+    return variant(method)[0]
 
 
 def num_steps(P: dict, method: str) -> int:
-    algo, changes = VARIANTS.get(method, (method, {}))
+    algo, changes = variant(method)
     if algo in ONE_SHOT or changes.get("one_step"):
         return 1
     return max(1, math.ceil(P["sparsity"] / P["step_fraction"] - 1e-9))
@@ -182,8 +188,7 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
     steps = num_steps(P, method)
     if P["finetune_total_epochs"] % steps:
         raise ValueError(f"finetune_total_epochs {P['finetune_total_epochs']} does not split over {steps} steps")
-    algo, changes = VARIANTS.get(method, (method, {}))
-    changes = dict(changes)
+    algo, changes = variant(method)
     one_step = changes.pop("one_step", False)
     evals = P["evals"] * num_steps(P, algo) if one_step else P["evals"]     # the same budget in one step
     cfg = dict(model=P["model"], dataset=P["dataset"], base_checkpoint=base_file, algo=algo,
@@ -280,7 +285,7 @@ def paired_differences(runs: dict, pairs, resamples: int) -> dict:
 
 
 def _describe(P: dict, method: str) -> str:
-    algo, changes = VARIANTS[method]
+    algo, changes = variant(method)
     parts = [f"`{k}={v}`" for k, v in changes.items() if k != "one_step"]
     if changes.get("one_step"):
         parts.append(f"one step with the multi-step searches' whole budget ({P['evals'] * num_steps(P, algo)} "
