@@ -187,6 +187,12 @@ def test_merge_takes_only_the_sections_the_other_run_measured(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--merge", str(side), "--rows", str(main)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--merge only goes with --report-only" in r.stderr
+    before = main.read_bytes()
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--report-only", "--merge", str(tmp_path / "none"),
+                        "--rows", str(main), "--out", str(tmp_path / "B.md")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"bench: no rows at {tmp_path / 'none'}"
+    assert main.read_bytes() == before and not (tmp_path / "B.md").exists()     # nothing written
 
 
 @pytest.mark.slow
