@@ -101,8 +101,9 @@ class CompressConfig:
                          choices=NOISE_TYPES)
     multiplicative_noise: float = _f(0.3, "rlpruner: noise scale in log space (multiplicative noise)",
                                      "rlpruner", lo=0)
-    include_baselines: bool = _f(False, "rlpruner: score the uniform and global distributions as the "
-                                 "first iteration's candidates (counted in the budget)", "rlpruner")
+    include_baselines: bool = _f(False, "rlpruner: score the uniform, global and Torch-Pruning global "
+                                 "distributions as the first iteration's candidates (counted in the budget)",
+                                 "rlpruner")
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
                             lo=0, hi=1, lo_open=True)
     clip: float = _f(0.25, "rlpruner: per-element ratio clip (PPO-style)", "rlpruner", lo=0, hi=1, lo_open=True)

@@ -400,17 +400,32 @@ def test_multiplicative_noise_explores_small_groups_as_much_as_large_ones():
     assert spread["multiplicative"].max() / spread["multiplicative"].min() < 3
 
 
-def test_rlpruner_can_score_the_uniform_and_global_distributions_first(real):
+def test_rlpruner_can_score_the_uniform_global_and_torch_pruning_distributions_first(real):
     counter = Counter(real["env"])
     evaluator = Evaluator(counter, 12)
     search = make_algorithm(real["config"].replace(algo="rlpruner", include_baselines=True))
     search.search(real_ctx(real), evaluator)
     assert counter.calls == 12
     from rlpruner_ray.search.baselines import global_plan
-    counts = global_plan(real["graph"], {"num_filters": real["context"]["num_filters"]})
+    from rlpruner_ray.search.tp_baselines import tp_plan
+    extras = {"num_filters": real["context"]["num_filters"]}
     np.testing.assert_allclose(counter.distributions[0], real["graph"].initial_distribution())
-    np.testing.assert_array_equal(evaluator.candidates[1].counts, counts)
-    assert {c.iteration for c in evaluator.candidates[:2]} == {0}
+    np.testing.assert_array_equal(evaluator.candidates[1].counts, global_plan(real["graph"], extras))
+    np.testing.assert_array_equal(evaluator.candidates[2].counts, tp_plan(real["graph"], extras, True)[0])
+    assert {c.iteration for c in evaluator.candidates[:3]} == {0}
+    assert min(c.iteration for c in evaluator.candidates[3:]) == 1     # then the search proper
+
+
+def test_the_torch_pruning_candidate_is_left_out_where_it_cannot_reach_the_target(real, monkeypatch):
+    from rlpruner_ray.errors import PlanError
+    from rlpruner_ray.search import rlpruner, tp_baselines
+
+    def refuse(*args, **kwargs):
+        raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
+    monkeypatch.setattr(tp_baselines, "tp_plan", refuse)
+    config = real["config"].replace(algo="rlpruner", include_baselines=True)
+    items = rlpruner.baseline_distributions(real_ctx(real), config)
+    assert len(items) == 2                  # uniform and global only
 
 
 # ---------------------------------------------------------------------- global threshold in every target mode

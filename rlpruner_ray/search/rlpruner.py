@@ -123,8 +123,17 @@ class RLPrunerSearch(SearchAlgorithm):
 
 
 def baseline_distributions(ctx: StepContext, config) -> list:
-    """The uniform and global-threshold distributions of this step, scored as the
-    first iteration's candidates: the search then starts no worse than either."""
+    """The uniform, global-threshold and Torch-Pruning global distributions of this
+    step, scored as the first iteration's candidates: the search then starts no
+    worse (by its reward) than any of them. Torch-Pruning's plan is scored as its
+    per-group counts in the run's importance order, like every other candidate;
+    it is left out where Torch-Pruning cannot reach the step's target."""
+    from ..errors import PlanError
     from .baselines import global_plan
-    counts = global_plan(ctx.graph, ctx.extras, step_fraction=config.step_fraction)
-    return [ctx.initial, exact_plan(counts)]
+    from .tp_baselines import tp_plan
+    items = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_fraction))]
+    try:
+        items.append(exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0]))
+    except PlanError:
+        pass
+    return items
