@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import ONE_SHOT, VARIANTS, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
+from .common import ONE_SHOT, RETIRED_VARIANTS, VARIANTS, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
 
 TITLE = "3. Quality at equal budgets"
 # the target: an rlpruner variant >= 0.5 points above these, with the 90% interval above 0
@@ -359,6 +359,10 @@ def render(bench, st) -> tuple[str, list[str]]:
             f"{_mean(s['pruned']['params'] for s in ok) / 1e6:.4f} | "
             f"{100 * _mean(s['reductions']['params'] for s in ok):.1f} | "
             f"{_mean(s['evaluations'] for s in ok):.0f} | {_mean(s['wall_seconds'] for s in ok):.0f} |")
+    retired = [m for m in RETIRED_VARIANTS if m not in P["methods"]]
+    if retired:
+        lines += ["", f"Not rerun here: {', '.join(retired)}, measured with this protocol on 2026-11-30 (BENCHMARKS.md "
+                  "at commit 74544d5) and all below plain rlpruner or uniform there; `--methods` runs them again."]
     reused = sum(1 for r in runs.values() if r.get("reused"))
     if reused:
         lines += ["", f"{reused} of the {len(runs)} runs were made by earlier invocations on this machine with "
