@@ -53,7 +53,9 @@ def _add_fields(parser: argparse.ArgumentParser, groups, *, skip=(), overrides=N
             kwargs = dict(help=_help_with_default(f), dest=f.name, default=argparse.SUPPRESS)
             kwargs.update(overrides.get(f.name, {}))
             if kind == "bool":
-                section.add_argument(opt, action="store_true", **kwargs)
+                # a flag that is on by default needs its --no- form to be turned off
+                action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+                section.add_argument(opt, action=action, **kwargs)
             elif kind == "tuple":
                 section.add_argument(opt, nargs="*", metavar="NAME", **kwargs)
             else:

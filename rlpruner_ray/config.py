@@ -79,7 +79,9 @@ class CompressConfig:
     reward_coef: float = _f(0.25, "weight of the reduction bonus in flops/params rewards", "search", lo=0)
     reward_samples: int = _f(512, "validation images each candidate is scored on", "search", lo=1)
     reward_batch_size: int = _f(256, "batch size of the reward forward passes", "search", lo=1)
-    bn_recalibration_batches: int = _f(0, "training batches to re-estimate BN statistics before scoring",
+    bn_recalibration_batches: int = _f(4, "training batches (of --reward-batch-size) to re-estimate BN "
+                                       "statistics before scoring; 0: score with the base model's statistics "
+                                       "(the paper; near-chance rewards after deep cuts); > 0 scores singly",
                                        "search", lo=0)
     scoring: str = _f("auto", "score candidates one weight-masked pass each (single), K per pass with "
                       "activation masks (batched, the GPU path), or on a GPU time both and keep the faster "
@@ -101,13 +103,14 @@ class CompressConfig:
                          choices=NOISE_TYPES)
     multiplicative_noise: float = _f(0.3, "rlpruner: noise scale in log space (multiplicative noise)",
                                      "rlpruner", lo=0)
-    include_baselines: bool = _f(False, "rlpruner: score the uniform, global and Torch-Pruning global "
-                                 "distributions as the first iteration's candidates (counted in the budget)",
-                                 "rlpruner")
+    include_baselines: bool = _f(True, "rlpruner: score the uniform, global and Torch-Pruning global "
+                                 "distributions as the first iteration's candidates (counted in the budget; "
+                                 "--no-include-baselines for the paper's search)", "rlpruner")
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
                             lo=0, hi=1, lo_open=True)
     clip: float = _f(0.25, "rlpruner: per-element ratio clip (PPO-style)", "rlpruner", lo=0, hi=1, lo_open=True)
-    epsilon: float = _f(0.4, "rlpruner: initial exploration probability", "rlpruner", lo=0, hi=1)
+    epsilon: float = _f(0.0, "rlpruner: initial probability of applying a random elite instead of the best "
+                        "(paper: 0.4; 0 measured better, BENCHMARKS.md section 3)", "rlpruner", lo=0, hi=1)
     epsilon_decay_fraction: float = _f(0.1, "rlpruner: epsilon reaches 0 after this fraction of steps",
                                        "rlpruner", lo=0, hi=1, lo_open=True)
     buffer_size: int = _f(10, "rlpruner: replay buffer of the best samples", "rlpruner", lo=1)

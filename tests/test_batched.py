@@ -74,7 +74,8 @@ def test_a_zero_plan_changes_nothing(quick_resnet8):
 @pytest.fixture(scope="module")
 def base(one_thread, digits16, quick_resnet8):
     model = copy.deepcopy(quick_resnet8)
-    config = CompressConfig(reward_samples=200, reward_batch_size=64, image_size=16)
+    # no BN recalibration (the default's 4 batches score singly): the batched path is under test
+    config = CompressConfig(reward_samples=200, reward_batch_size=64, image_size=16, bn_recalibration_batches=0)
     graph = build_graph(config, model, digits16, "cpu")
     original = graph.sizes()
     context = {"step": 0, "num_steps": 5, "original": original, "num_filters": int(0.3 * graph.total_channels)}
@@ -203,7 +204,7 @@ def test_groups_masking_cannot_serve_are_scored_on_the_pruned_model(digits16):
     model = channel_norm(10, 1).eval()
     tag_model(model, model_spec("tests.helpers_models:channel_norm", 10, 1), (1, 16, 16))
     config = CompressConfig(model="tests.helpers_models:channel_norm", reward_samples=64, image_size=16,
-                            criterion="l1")
+                            criterion="l1", bn_recalibration_batches=0)
     graph = build_graph(config, model, digits16, "cpu")
     assert not graph.masking_exact
     context = {"step": 0, "num_steps": 1, "original": graph.sizes(), "num_filters": graph.max_removable // 2}

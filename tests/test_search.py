@@ -34,11 +34,16 @@ def make_context(graph, *, step=0, num_filters=None, original=None):
             "num_filters": int(0.2 * graph.total_channels) if num_filters is None else num_filters}
 
 
+# the paper's search: what the tests of its mechanics (guard, epsilon, updates) exercise;
+# the defaults add baseline candidates and choose greedily
+PAPER = {"include_baselines": False, "epsilon": 0.4}
+
+
 @pytest.fixture(scope="module")
 def real(one_thread, digits16, quick_resnet8):
     """A briefly trained resnet8 on 16x16 digits, its graph, payload and a local env."""
     data, model = digits16, copy.deepcopy(quick_resnet8)
-    config = CompressConfig(reward_samples=144, image_size=16, num_workers=2)
+    config = CompressConfig(reward_samples=144, image_size=16, num_workers=2, **PAPER)
     graph = build_graph(config, model, data, "cpu")
     context = make_context(graph)
     payload = make_payload(model, graph, context, version=0)
@@ -192,7 +197,7 @@ def sensitive_problem(graph, *, penalty=10.0, accuracy=None):
 
 def run_search(algo, graph, score, *, budget, seed, step=0, num_steps=5, reference=None, search=None,
                **config):
-    search = search or make_algorithm(CompressConfig(algo=algo, **config))
+    search = search or make_algorithm(CompressConfig(algo=algo, **{**PAPER, **config}))
     evaluator = Evaluator(score, budget)
     ctx = StepContext(step, num_steps, graph, np.random.default_rng(seed), reference_accuracy=reference)
     chosen = search.search(ctx, evaluator)
@@ -254,7 +259,7 @@ def test_rlpruner_state_round_trip_gives_the_same_next_search():
     state = json.loads(json.dumps(first.state_dict()))   # as a checkpoint stores it
     assert state["pd"] is not None and len(state["pd"]) == graph.num_groups
 
-    restored = make_algorithm(CompressConfig(algo="rlpruner"))
+    restored = make_algorithm(CompressConfig(algo="rlpruner", **PAPER))
     restored.load_state_dict(state)
     np.testing.assert_array_equal(restored.pd, first.pd)
 
@@ -271,7 +276,7 @@ def test_rlpruner_state_round_trip_gives_the_same_next_search():
     _, c_eval, _ = run_search("rlpruner", graph, sensitive_problem(graph), budget=40, seed=7, step=1)
     assert [c.reward for c in c_eval.candidates] != [c.reward for c in a_eval.candidates]
 
-    empty = make_algorithm(CompressConfig(algo="rlpruner"))
+    empty = make_algorithm(CompressConfig(algo="rlpruner", **PAPER))
     assert empty.state_dict() == {"pd": None}
     empty.load_state_dict({"pd": None})
     assert empty.pd is None
@@ -606,3 +611,17 @@ def test_evaluation_pool_matches_the_local_env_and_follows_new_bases(real, local
         if pool is not None:
             pool.close()
         ray.kill(store)
+
+
+# ---------------------------------------------------------------------- defaults: the best variant measured
+def test_the_defaults_are_the_best_rlpruner_variant_measured_and_each_can_be_turned_off():
+    # BENCHMARKS.md section 3: rlpruner-bn-base-greedy beat the paper's settings on every seed
+    config = CompressConfig()
+    assert (config.bn_recalibration_batches, config.include_baselines, config.epsilon) == (4, True, 0.0)
+    from rlpruner_ray.cli import _config, build_parser
+    parse = build_parser().parse_args
+    paper = _config(parse(["compress", "--no-include-baselines", "--epsilon", "0.4",
+                           "--bn-recalibration-batches", "0"]))
+    assert (paper.bn_recalibration_batches, paper.include_baselines, paper.epsilon) == (0, False, 0.4)
+    assert _config(parse(["compress", "--include-baselines"])).include_baselines is True
+    assert _config(parse(["compress"])).include_baselines is True
