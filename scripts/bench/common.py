@@ -37,9 +37,13 @@ VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             # paper's epsilon 0.4 applies a random elite at step 1 of 2)
             "rlpruner-bn": ("rlpruner", {"bn_recalibration_batches": 4}),
             "rlpruner-bn-base": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True}),
+            # (the project's default rlpruner settings since 2026-12-05)
             "rlpruner-bn-base-greedy": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
                                                      "epsilon": 0.0}),
             "ppo-bn": ("ppo", {"bn_recalibration_batches": 4})}
+# plain "rlpruner" in section 3 is the paper's search: epsilon-greedy choice, no
+# baseline candidates (the defaults are rlpruner-bn-base-greedy's since 2026-12-05)
+PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False}
 # variants measured on 2026-11-30 that lost to plain rlpruner or uniform (BENCHMARKS.md
 # section 3 quotes them); still runnable with --methods, no longer in the full profile
 RETIRED_VARIANTS = ("rlpruner-kl", "rlpruner-1step", "rlpruner-1step-l1", "uniform-l1", "rlpruner-mult")

@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import ONE_SHOT, RETIRED_VARIANTS, VARIANTS, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
+from .common import METHODS, ONE_SHOT, PAPER_RLPRUNER, RETIRED_VARIANTS, VARIANTS, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
 
 TITLE = "3. Quality at equal budgets"
 # the target: an rlpruner variant >= 0.5 points above these, with the 90% interval above 0
@@ -199,7 +199,11 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
                finetune_lr=P["finetune_lr"], num_workers=P["num_workers"], rl_batch_size=P["rl_batch_size"],
                seed=seed, out_dir=str(bench.work / "runs" / f"{method}_s{seed}"))
     if algo not in ONE_SHOT:
-        cfg["reward_metric"] = P["reward_metric"]
+        # the settings of a search are pinned (the paper's where a default moved away
+        # from it), so a changed default can never pass for what these runs measured
+        cfg.update(reward_metric=P["reward_metric"], bn_recalibration_batches=0)
+        if algo == "rlpruner":
+            cfg.update(PAPER_RLPRUNER)
     cfg.update(changes)
     if seed != 0 and "split_seed" in _config_fields():
         # the shared base trained on seed 0's split: other seeds must not move the
@@ -314,6 +318,8 @@ def render(bench, st) -> tuple[str, list[str]]:
     multi = ", ".join(m for m in P["methods"] if num_steps(P, m) > 1 and m not in VARIANTS)
     variants = "".join(f" {m}: {_describe(P, m)}." for m in P["methods"] if m in VARIANTS)
     paired_seeds = ", ".join(map(str, P["paired_seeds"]))
+    paired_methods = [m for m in P["paired_methods"] if m in P["methods"]]
+    single_methods = [m for m in P["methods"] if m not in paired_methods]
     lines = [
         data,
         "",
@@ -329,7 +335,8 @@ def render(bench, st) -> tuple[str, list[str]]:
         f"({one_shot}): one step with all {P['finetune_total_epochs']} KD epochs after it, one evaluation. "
         f"tp-uniform / tp-global are Torch-Pruning's own pruner (GroupMagnitudeImportance(p=1), classifier "
         f"ignored, ratio bisected to the MACs target). Seeds {paired_seeds} for "
-        f"{', '.join(P['paired_methods'])}, seed {', '.join(map(str, P['seeds']))} for the others. Test split "
+        f"{', '.join(paired_methods)}" + (f", seed {', '.join(map(str, P['seeds']))} for the others"
+                                            if single_methods else "") + ". Test split "
         f"read once per run, at its end.",
         "",
     ]
@@ -359,10 +366,11 @@ def render(bench, st) -> tuple[str, list[str]]:
             f"{_mean(s['pruned']['params'] for s in ok) / 1e6:.4f} | "
             f"{100 * _mean(s['reductions']['params'] for s in ok):.1f} | "
             f"{_mean(s['evaluations'] for s in ok):.0f} | {_mean(s['wall_seconds'] for s in ok):.0f} |")
-    retired = [m for m in RETIRED_VARIANTS if m not in P["methods"]]
-    if retired:
-        lines += ["", f"Not rerun here: {', '.join(retired)}, measured with this protocol on 2026-11-30 (BENCHMARKS.md "
-                  "at commit 74544d5) and all below plain rlpruner or uniform there; `--methods` runs them again."]
+    earlier = [m for m in (*METHODS, *RETIRED_VARIANTS) if m not in P["methods"]]
+    if earlier and bench.profile == "full":
+        lines += ["", f"Not rerun here: {', '.join(earlier)}, measured with this protocol on 2026-11-30 (BENCHMARKS.md "
+                  f"at commit 74544d5; the variants among them, {', '.join(RETIRED_VARIANTS)}, all came out below "
+                  "plain rlpruner or uniform there); `--methods` runs them again."]
     reused = sum(1 for r in runs.values() if r.get("reused"))
     if reused:
         lines += ["", f"{reused} of the {len(runs)} runs were made by earlier invocations on this machine with "
@@ -372,7 +380,8 @@ def render(bench, st) -> tuple[str, list[str]]:
               "fine-tuning and the final test evaluation. Evaluations of bit-identical weights on the same split "
               "(the base model in every run; a pruned model before fine-tuning and at its epoch 0) are memoised "
               "by the benchmark: no figure changes, only wall time."]
-    paired = st.get("paired", {})
+    # pairs with a method this invocation did not run (--methods) have no seeds to pair
+    paired = {name: d for name, d in st.get("paired", {}).items() if d["seeds"]}
     if paired:
         lines += ["", "Paired differences of test top-1 (first method minus second, same seed), in points; "
                   f"90% percentile-bootstrap interval of the mean over the seeds ({P['bootstrap']} resamples):",
