@@ -92,7 +92,9 @@ class Bench:
         self.config = CompressConfig(model=self.p["model"], dataset=self.dataset,
                                      reward_samples=self.p["reward_samples"],
                                      reward_batch_size=self.p["reward_samples"], criterion="l1",
-                                     device=str(self.device))
+                                     # the scoring paths themselves: no BN recalibration (it
+                                     # adds its own batches and rules out the batched path)
+                                     bn_recalibration_batches=0, device=str(self.device))
         torch.manual_seed(0)
         from rlpruner_ray.checkpoint import tag_model
         from rlpruner_ray.models import build_model, model_spec

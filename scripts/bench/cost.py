@@ -28,7 +28,8 @@ def task_cost(p: dict) -> dict:
         num_filters = int(round(p["step_fraction"] * graph.total_channels))
         context = {"step": 0, "num_steps": 1, "original": graph.sizes(), "num_filters": num_filters}
         config = CompressConfig(dataset=p["dataset"], reward_samples=p["samples"], reward_batch_size=p["batch"],
-                                cpus_per_worker=p["threads"], criterion="l1")
+                                cpus_per_worker=p["threads"], criterion="l1",
+                                bn_recalibration_batches=0)   # the masked pass against its floor
         settings = env_settings(config, store=None)
         settings["payload"] = make_payload(model, graph, context, version=0)
         env = envs.LayerPruningEnv(settings)

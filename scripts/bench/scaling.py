@@ -36,7 +36,8 @@ def task_pool(p: dict) -> dict:
     alpha = graph.initial_distribution() * graph.num_groups + 1e-3
     dists = list(rng.dirichlet(alpha, size=p["evals"]))
     base_cfg = dict(dataset=p["dataset"], reward_samples=p["samples"], reward_batch_size=p["samples"],
-                    cpus_per_worker=1.0, criterion="l1", out_dir=p["ray_dir"])
+                    cpus_per_worker=1.0, criterion="l1", out_dir=p["ray_dir"],
+                    bn_recalibration_batches=0)   # as section 1 measured it: the masked pass alone
     rows = []
 
     # in-process: the same env code path, no Ray
@@ -105,7 +106,8 @@ def measure(bench):
                           algo="ppo", num_workers=n, rl_num_env_runners=n, sparsity=0.1, step_fraction=0.1,
                           evaluations_per_step=P["scale_ppo_evals"], rl_batch_size=P["scale_ppo_batch"],
                           reward_samples=P["scale_samples"], reward_batch_size=P["scale_samples"],
-                          criterion="l1", finetune_epochs=0, seed=0, out_dir=str(bench.work / f"s2_ppo_{n}"))
+                          criterion="l1", bn_recalibration_batches=0, finetune_epochs=0, seed=0,
+                          out_dir=str(bench.work / f"s2_ppo_{n}"))
     log("section 2: PPO with 1 and with 2 env runners")
     try:
         status = run_task("compress", {"configs": [configs[1], configs[2]], "driver_threads": 1},
