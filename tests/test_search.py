@@ -326,6 +326,31 @@ def test_drop_guard_redoes_the_step_from_the_initial_distribution_within_the_bud
     assert np.abs(search2.pd - init).sum() < np.abs(moved.pd - init).sum()
 
 
+@pytest.mark.parametrize("redo_better", [False, True])
+def test_guard_keep_best_applies_the_better_of_the_tripping_candidate_and_the_redo(redo_better):
+    graph = FakeGraph([16] * 8)
+    problem = sensitive_problem(graph, accuracy=lambda d: 0.85)
+
+    def score(distributions):          # rewards fall (or rise) with every evaluation
+        out = problem(distributions)
+        for r in out:
+            r["reward"] = 0.5 + (0.01 if redo_better else -0.01) * len(problem.calls) / 100
+        return out
+
+    for keep in (False, True):
+        problem.calls.clear()
+        _, evaluator, chosen = run_search("rlpruner", graph, score, budget=40, seed=0, reference=1.0,
+                                          drop_guard=0.1, guard_reserve=0.25, epsilon=0.0, guard_keep_best=keep)
+        assert evaluator.used == 40                     # the budget is the same either way
+        first = [c for c in evaluator.candidates if c.index < 30]
+        redo = [c for c in evaluator.candidates if c.index >= 30]
+        tripping = max(first, key=lambda c: c.reward)
+        redo_choice = max(redo, key=lambda c: c.reward)
+        # the reference applies the redo's choice; keep_best the better of the two
+        expected = redo_choice if (not keep or redo_better) else tripping
+        assert chosen is expected
+
+
 def test_drop_guard_does_not_fire_on_a_small_drop_and_the_reserve_continues_the_search():
     graph = FakeGraph([16] * 8)
     init = graph.initial_distribution()

@@ -21,7 +21,11 @@ cleared, PD reset to the initial distribution and the step redone. The redo
 must fit in the step's budget (every algorithm spends the same number of
 evaluations), so while the guard is armed the first attempt leaves
 ``guard_reserve`` of the budget; if the guard does not fire, the same attempt
-goes on with it and chooses again.
+goes on with it and chooses again. With ``guard_keep_best`` the step applies
+the better of the tripping candidate and the redo's choice: a redo on a quarter
+of the budget rarely finds a better one, and after large steps (where every
+candidate is far below the previous accuracy until fine-tuned) the guard fires
+every step, so the reference's rule throws the step's best candidate away.
 
 Noise: ``additive`` is the paper's ``PD + randn * noise * U(0, 1)`` clamped at
 1e-5, which barely moves large groups in relative terms and clamps small ones
@@ -80,13 +84,17 @@ class RLPrunerSearch(SearchAlgorithm):
             self._iterate(state, evaluate, baseline_distributions(ctx, c))
         self._run(ctx, evaluate, state, evaluate.remaining - reserve)
         chosen = self._choose(ctx, state["buffer"])
+        tripped = None
         if armed and chosen.accuracy < (1.0 - c.drop_guard) * ctx.reference_accuracy and evaluate.remaining:
             # redo the step from the initial distribution with what is left
+            tripped = chosen
             self.pd = ctx.initial.copy()
             state.update(buffer=[], best=-math.inf)
         if evaluate.remaining:
             self._run(ctx, evaluate, state, evaluate.remaining)
             chosen = self._choose(ctx, state["buffer"])
+        if tripped is not None and c.guard_keep_best and tripped.reward > chosen.reward:
+            return tripped
         return chosen
 
     def _run(self, ctx: StepContext, evaluate: Evaluator, state: dict, budget: int) -> None:

@@ -40,6 +40,13 @@ VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             # (the project's default rlpruner settings since 2026-12-05)
             "rlpruner-bn-base-greedy": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
                                                      "epsilon": 0.0}),
+            # the baselines and the greedy choice without BN recalibration: which of the
+            # three changes the gain over plain rlpruner comes from
+            "rlpruner-base-greedy": ("rlpruner", {"include_baselines": True, "epsilon": 0.0}),
+            # -keep: a drop-guard redo applies the better of its choice and the candidate
+            # that tripped the guard (at 25% steps the guard fires at every step)
+            "rlpruner-bn-base-greedy-keep": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
+                                                          "epsilon": 0.0, "guard_keep_best": True}),
             "ppo-bn": ("ppo", {"bn_recalibration_batches": 4})}
 # plain "rlpruner" in section 3 is the paper's search: epsilon-greedy choice, no
 # baseline candidates (the defaults are rlpruner-bn-base-greedy's since 2026-12-05)
@@ -78,6 +85,10 @@ PROFILES = {
                ["rlpruner-bn-base-greedy", "tp-global"], ["rlpruner-bn-base-greedy", "uniform"],
                ["rlpruner-bn-base-greedy", "rlpruner-bn-base"], ["rlpruner-bn-base-greedy", "rlpruner"],
                ["rlpruner-bn-base-greedy", "ppo"],
+               ["rlpruner-base-greedy", "tp-global"], ["rlpruner-base-greedy", "uniform"],
+               ["rlpruner-base-greedy", "rlpruner-bn-base-greedy"], ["rlpruner-base-greedy", "rlpruner"],
+               ["rlpruner-bn-base-greedy-keep", "tp-global"], ["rlpruner-bn-base-greedy-keep", "uniform"],
+               ["rlpruner-bn-base-greedy-keep", "rlpruner-bn-base-greedy"],
                ["ppo-bn", "tp-global"], ["ppo-bn", "ppo"],
                ["ppo", "tp-global"], ["ppo", "uniform"], ["ppo", "rlpruner"], ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,
