@@ -5,6 +5,9 @@
     python scripts/bench.py --sections 3    # one section (5 and 6 bring 3 with them)
     python scripts/bench.py --quick         # tiny version of every section (a few minutes)
     python scripts/bench.py --out B.md --rows rows.parquet --work-dir bench_runs
+    # a new section-3 variant alone, then into the main report run by run:
+    python scripts/bench.py --sections 3 --methods NEW --rows new.parquet --out new.md
+    python scripts/bench.py --report-only --merge new.parquet
 
 Writes a Markdown report (``--out``, default BENCHMARKS.md: figures, the exact
 command, the machine, the date) and a Parquet file of the raw rows (``--rows``,

@@ -245,3 +245,55 @@ def test_quick_benchmark_writes_a_well_formed_report(tmp_path):
                 (5, "speedup"), (6, "evals_to_95pct")]:
         assert key in metrics, key
     assert any(r["section"] == 4 and r["metric"] == "rho" for r in data)   # NaN if every candidate ties
+
+
+def test_merge_adds_the_section_3_runs_of_a_run_that_measured_some_methods_only(tmp_path):
+    """A new variant measured alone (--methods) joins the report run by run, and
+    every pair is computed again over the union."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    common, report, cli, quality = _package("common"), _package("report"), _package("cli"), _package("quality")
+
+    def run(method, seed, top1):
+        s = {"base": {"test_top1": 0.85, "val_top1": 0.85, "macs": 4e7, "params": 2e5},
+             "pruned": {"test_top1": top1, "test_top5": 0.99, "val_top1": top1, "macs": 2e7, "params": 1e5},
+             "reductions": {"macs": 0.5, "params": 0.5}, "evaluations": 80, "wall_seconds": 100.0}
+        return f"{method}_s{seed}", {"method": method, "seed": seed, "dir": "d", "ok": True, "summary": s}
+
+    def write(name, runs, methods, pairs, base="base.pt"):
+        P = dict(common.PROFILES["quick"], methods=methods, paired_methods=methods, pairs=pairs, bootstrap=200)
+        st3 = {"base": {"file": base}, "runs": dict(runs)}
+        st3["paired"] = quality.paired_differences(st3["runs"], pairs, 200)
+        rows = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(quality.section_rows(st3) + [common.row(4, "x", "v", "y", 1.0)]), rows)
+        state = {"profile": "quick", "sections": {"3": st3, "4": {}}, "seconds": {"3": 5.0, "4": 1.0},
+                 "failed": {}, "machine": {"date": name}, "command": f"bench {name}", "total_seconds": 60.0,
+                 "profile_settings": P, "carried": {"sections": ["4"], "date": "old", "command": "bench old"}}
+        (tmp_path / f"{name}_state.json").write_text(json.dumps(state))
+        return rows
+
+    main = write("main", [run("a", 0, 0.80), run("a", 1, 0.81), run("b", 0, 0.70), run("b", 1, 0.71)],
+                 ["a", "b"], [["a", "b"]])
+    side = write("side", [run("b", 0, 0.72), run("b", 1, 0.73), run("c", 0, 0.90), run("c", 1, 0.92)],
+                 ["b", "c"], [["c", "a"], ["c", "b"]])
+    bench = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
+    bench.load()
+    bench.merge(side)
+    st3 = bench.state["sections"]["3"]
+    assert bench.P["methods"] == ["a", "b", "c"]
+    assert {k: r["summary"]["pruned"]["test_top1"] for k, r in st3["runs"].items()} == {
+        "a_s0": 0.80, "a_s1": 0.81, "b_s0": 0.72, "b_s1": 0.73, "c_s0": 0.90, "c_s1": 0.92}
+    assert st3["paired"]["c - a"]["diffs"] == pytest.approx([0.10, 0.11])     # a pair across the two runs
+    assert st3["paired"]["a - b"]["diffs"] == pytest.approx([0.08, 0.08])     # the newer b runs
+    assert bench.state["carried"]["sections"] == ["4"]    # the side run carried 4 too: not taken from it
+    diffs = {r["item"]: r["value"] for r in bench.rows if r["section"] == 3 and r["metric"] == "test_top1_diff_mean"}
+    assert diffs == pytest.approx({"a - b": 0.08, "c - a": 0.105, "c - b": 0.185})
+    assert sum(r["section"] == 4 for r in bench.rows) == 1
+    assert "Section 3's runs of b, c come from a run" in report._carried(bench.state)
+    bench.save()
+    again = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
+    again.carry_over({1})            # a later run keeps the merged section 3 as this report's own
+    assert "3" in again.state["carried"]["sections"]
+    other = write("other", [run("c", 0, 0.9)], ["c"], [], base="another.pt")
+    with pytest.raises(SystemExit, match="different base models"):
+        bench.merge(other)

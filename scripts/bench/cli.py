@@ -34,7 +34,8 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--merge", metavar="ROWS",
                    help="with --report-only: take the sections measured by the run that wrote ROWS (a Parquet "
                         "file next to its _state.json) into --rows, e.g. a fidelity study run alongside the "
-                        "quality section with its own --rows")
+                        "quality section with its own --rows; a section 3 of other --methods joins ours run by run, "
+                        "its pairs computed again")
     p.add_argument("--reuse-runs", action="store_true",
                    help="keep section-3 runs whose summary.json has the same settings instead of rerunning them")
     p.add_argument("--task", choices=sorted(TASKS), help=argparse.SUPPRESS)

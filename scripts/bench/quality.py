@@ -253,25 +253,57 @@ def measure(bench):
                 s = json.loads((Path(cfg["out_dir"]) / "summary.json").read_text())
                 runs[key]["summary"] = {k: s[k] for k in ("base", "pruned", "reductions", "evaluations",
                                                           "wall_seconds")}
-    for r in runs.values():
+    paired = paired_differences(runs, P["pairs"], P["bootstrap"])
+    st = {"base": base, "runs": runs, "paired": paired}
+    bench.rows += section_rows(st)
+    return st
+
+
+def section_rows(st: dict) -> list[dict]:
+    """The raw rows of section 3, from its state (its runs' summaries and the pairs)."""
+    rows = []
+    for r in st["runs"].values():
         s, seed, method = r.get("summary"), r["seed"], r["method"]
         if not s:
             continue
         for k in ("test_top1", "test_top5", "val_top1", "macs", "params"):
-            bench.rows.append(row(3, method, "pruned", k, s["pruned"][k], seed=seed))
-        bench.rows.append(row(3, method, "pruned", "macs_reduction", s["reductions"]["macs"], seed=seed))
-        bench.rows.append(row(3, method, "pruned", "params_reduction", s["reductions"]["params"], seed=seed))
-        bench.rows.append(row(3, method, "run", "evaluations", s["evaluations"], seed=seed))
-        bench.rows.append(row(3, method, "run", "wall_seconds", s["wall_seconds"], "s", seed=seed))
-    first = next((r["summary"] for r in runs.values() if r.get("summary")), None)
+            rows.append(row(3, method, "pruned", k, s["pruned"][k], seed=seed))
+        rows.append(row(3, method, "pruned", "macs_reduction", s["reductions"]["macs"], seed=seed))
+        rows.append(row(3, method, "pruned", "params_reduction", s["reductions"]["params"], seed=seed))
+        rows.append(row(3, method, "run", "evaluations", s["evaluations"], seed=seed))
+        rows.append(row(3, method, "run", "wall_seconds", s["wall_seconds"], "s", seed=seed))
+    first = next((r["summary"] for r in st["runs"].values() if r.get("summary")), None)
     if first:
         for k in ("test_top1", "val_top1", "macs", "params"):
-            bench.rows.append(row(3, "base", "base", k, first["base"][k]))
-    paired = paired_differences(runs, P["pairs"], P["bootstrap"])
-    for name, d in paired.items():
+            rows.append(row(3, "base", "base", k, first["base"][k]))
+    for name, d in st["paired"].items():
         for k in ("mean", "low", "high"):
-            bench.rows.append(row(3, name, "paired", f"test_top1_diff_{k}", d[k]))
-    return {"base": base, "runs": runs, "paired": paired}
+            rows.append(row(3, name, "paired", f"test_top1_diff_{k}", d[k]))
+    return rows
+
+
+def merge_runs(mine: dict, P: dict, other: dict, other_P: dict) -> tuple[dict, list[str]]:
+    """Section 3 of another run that measured some methods only (``--methods``),
+    added run by run: its runs replace ours of the same method and seed, its
+    methods and pairs join ours, and every pair is computed again. Returns the
+    merged state and the methods taken. ``P`` (this report's settings) is updated."""
+    if other.get("base", {}).get("file") != mine.get("base", {}).get("file"):
+        raise SystemExit("bench: the two runs of section 3 start from different base models; "
+                         "their runs cannot be paired")
+    for key in ("sparsity", "step_fraction", "evals", "reward_samples", "finetune_total_epochs",
+                "finetune_batches", "dataset", "model"):
+        if P.get(key) != other_P.get(key):
+            raise SystemExit(f"bench: the two runs of section 3 differ in {key} ({P.get(key)} vs "
+                             f"{other_P.get(key)}); their runs cannot be compared")
+    taken = [m for m in other_P["methods"] if any(r["method"] == m for r in other["runs"].values())]
+    runs = {k: r for k, r in mine["runs"].items() if r["method"] not in taken}
+    runs.update({k: r for k, r in other["runs"].items() if r["method"] in taken})
+    P["methods"] = [*P["methods"], *(m for m in taken if m not in P["methods"])]
+    P["paired_methods"] = [*P["paired_methods"],
+                           *(m for m in other_P["paired_methods"] if m not in P["paired_methods"])]
+    P["pairs"] = [*P["pairs"], *(p for p in other_P["pairs"] if p not in P["pairs"])]
+    return {"base": mine["base"], "runs": runs,
+            "paired": paired_differences(runs, P["pairs"], P["bootstrap"])}, taken
 
 
 def paired_differences(runs: dict, pairs, resamples: int) -> dict:

@@ -57,7 +57,8 @@ class Bench:
         merged = [m for m in merged if m["sections"]]
         if merged:
             self.state["merged"] = merged
-        from_merge = {k for m in merged for k in m["sections"]}
+        # (a merge of some section-3 methods leaves the section this run's own)
+        from_merge = {k for m in merged if not m.get("methods") for k in m["sections"]}
         own = [k for k in kept if k not in from_merge]
         previous = old.get("carried") if set(own) <= set((old.get("carried") or {}).get("sections", [])) else None
         self.state["carried"] = {"sections": sorted(own, key=int),
@@ -77,6 +78,9 @@ class Bench:
             raise SystemExit(f"bench: {rows} is from the {other.get('profile')} profile, not {self.profile}")
         carried = set(other.get("carried", {}).get("sections", []))
         taken = sorted((k for k in other["sections"] if k not in carried), key=int)
+        if "3" in taken and "3" in self.state["sections"] and _subset_of_methods(other, self.P):
+            taken.remove("3")
+            self._merge_runs(other)
         self.rows = [r for r in self.rows if str(r["section"]) not in taken]
         self.rows += [r for r in pq.read_table(rows).to_pylist() if str(r["section"]) in taken]
         for key in ("sections", "seconds"):
@@ -88,6 +92,17 @@ class Bench:
         if "carried" in self.state:
             self.state["carried"]["sections"] = [k for k in self.state["carried"]["sections"] if k not in taken]
         self.state.setdefault("merged", []).append({"sections": taken, "command": other["command"],
+                                                    "date": other["machine"]["date"],
+                                                    "seconds": other.get("total_seconds")})
+
+    def _merge_runs(self, other: dict) -> None:
+        """Section 3 of a run that measured only some methods joins ours run by run."""
+        merged, methods = quality.merge_runs(self.state["sections"]["3"], self.P, other["sections"]["3"],
+                                             other["profile_settings"])
+        self.state["sections"]["3"] = merged
+        self.rows = [r for r in self.rows if str(r["section"]) != "3"] + quality.section_rows(merged)
+        self.state.setdefault("merged", []).append({"sections": ["3"], "methods": methods,
+                                                    "command": other["command"],
                                                     "date": other["machine"]["date"],
                                                     "seconds": other.get("total_seconds")})
 
@@ -187,9 +202,20 @@ def _carried(st: dict) -> str:
         text += (f" Section(s) {', '.join(carried['sections'])} are carried over unchanged from the run of "
                  f"{carried['date']} (`{carried['command']}`); the machine table below is this run's.")
     for m in st.get("merged", []):
+        if m.get("methods"):
+            text += (f" Section 3's runs of {', '.join(m['methods'])} come from a run on the same machine started "
+                     f"{m['date']} (`{m['command']}`, {m['seconds'] / 60:.1f} min), merged with `--merge`; "
+                     "sections 5 and 6 do not cover them.")
+            continue
         text += (f" Section(s) {', '.join(m['sections'])} come from a run on the same machine started "
                  f"{m['date']} (`{m['command']}`, {m['seconds'] / 60:.1f} min), merged with `--merge`.")
     return text
+
+
+def _subset_of_methods(other: dict, P: dict) -> bool:
+    """Whether the other run measured section 3 for other methods than ours (``--methods``)."""
+    methods = (other.get("profile_settings") or {}).get("methods")
+    return bool(methods) and set(methods) != set(P.get("methods", []))
 
 
 def _gpu_section(path: Path) -> str:
