@@ -290,6 +290,7 @@ def test_merge_adds_the_section_3_runs_of_a_run_that_measured_some_methods_only(
     assert diffs == pytest.approx({"a - b": 0.08, "c - a": 0.105, "c - b": 0.185})
     assert sum(r["section"] == 4 for r in bench.rows) == 1
     assert "Section 3's runs of b, c come from a run" in report._carried(bench.state)
+    assert [m.get("methods") for m in bench.state["merged"]] == [["b", "c"]]     # nothing else taken
     bench.save()
     again = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
     again.carry_over({1})            # a later run keeps the merged section 3 as this report's own

@@ -91,6 +91,8 @@ class Bench:
                 self.state["failed"][k] = other["failed"][k]
         if "carried" in self.state:
             self.state["carried"]["sections"] = [k for k in self.state["carried"]["sections"] if k not in taken]
+        if not taken:
+            return
         self.state.setdefault("merged", []).append({"sections": taken, "command": other["command"],
                                                     "date": other["machine"]["date"],
                                                     "seconds": other.get("total_seconds")})
