@@ -37,20 +37,26 @@ VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             # paper's epsilon 0.4 applies a random elite at step 1 of 2)
             "rlpruner-bn": ("rlpruner", {"bn_recalibration_batches": 4}),
             "rlpruner-bn-base": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True}),
-            # (the project's default rlpruner settings since 2026-12-05)
+            # (the project's default rlpruner settings from 2026-12-05 to -06)
             "rlpruner-bn-base-greedy": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
                                                      "epsilon": 0.0}),
             # the baselines and the greedy choice without BN recalibration: which of the
             # three changes the gain over plain rlpruner comes from
             "rlpruner-base-greedy": ("rlpruner", {"include_baselines": True, "epsilon": 0.0}),
             # -keep: a drop-guard redo applies the better of its choice and the candidate
-            # that tripped the guard (at 25% steps the guard fires at every step)
+            # that tripped the guard (at 25% steps the guard fires at every step); the
+            # project's default rlpruner settings since 2026-12-06
             "rlpruner-bn-base-greedy-keep": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
                                                           "epsilon": 0.0, "guard_keep_best": True}),
+            # all four in one step with the whole budget and all KD epochs after it (the
+            # one-shot methods' schedule, where tp-global's lead was measured)
+            "rlpruner-1step-bn-base-greedy-keep": ("rlpruner", {"one_step": True, "bn_recalibration_batches": 4,
+                                                                "include_baselines": True, "epsilon": 0.0,
+                                                                "guard_keep_best": True}),
             "ppo-bn": ("ppo", {"bn_recalibration_batches": 4})}
 # plain "rlpruner" in section 3 is the paper's search: epsilon-greedy choice, no
 # baseline candidates (the defaults are rlpruner-bn-base-greedy's since 2026-12-05)
-PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False}
+PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False, "guard_keep_best": False}
 # variants measured on 2026-11-30 that lost to plain rlpruner or uniform (BENCHMARKS.md
 # section 3 quotes them); still runnable with --methods, no longer in the full profile
 RETIRED_VARIANTS = ("rlpruner-kl", "rlpruner-1step", "rlpruner-1step-l1", "uniform-l1", "rlpruner-mult")
@@ -89,6 +95,8 @@ PROFILES = {
                ["rlpruner-base-greedy", "rlpruner-bn-base-greedy"], ["rlpruner-base-greedy", "rlpruner"],
                ["rlpruner-bn-base-greedy-keep", "tp-global"], ["rlpruner-bn-base-greedy-keep", "uniform"],
                ["rlpruner-bn-base-greedy-keep", "rlpruner-bn-base-greedy"],
+               ["rlpruner-1step-bn-base-greedy-keep", "tp-global"], ["rlpruner-1step-bn-base-greedy-keep", "uniform"],
+               ["rlpruner-1step-bn-base-greedy-keep", "rlpruner-bn-base-greedy-keep"],
                ["ppo-bn", "tp-global"], ["ppo-bn", "ppo"],
                ["ppo", "tp-global"], ["ppo", "uniform"], ["ppo", "rlpruner"], ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,
