@@ -117,9 +117,10 @@ class CompressConfig:
     drop_guard: float = _f(0.1, "redo the step from the initial distribution when the chosen candidate's "
                            "accuracy is more than this (relative) below the previous step's; 0 disables",
                            "rlpruner", lo=0, hi=1)
-    guard_keep_best: bool = _f(False, "rlpruner: when the drop guard redoes a step, apply the better (by "
+    guard_keep_best: bool = _f(True, "rlpruner: when the drop guard redoes a step, apply the better (by "
                                "reward) of the candidate that tripped it and the redo's choice (the "
-                               "reference applies the redo's)", "rlpruner")
+                               "reference applies the redo's; measured better, BENCHMARKS.md section 3)",
+                               "rlpruner")
     guard_reserve: float = _f(0.25, "rlpruner: share of the step's budget kept for a redo (spent on the "
                               "same search when the guard does not fire)", "rlpruner", lo=0, hi=1, hi_open=True)
     # ---- RLlib

@@ -21,7 +21,8 @@ cleared, PD reset to the initial distribution and the step redone. The redo
 must fit in the step's budget (every algorithm spends the same number of
 evaluations), so while the guard is armed the first attempt leaves
 ``guard_reserve`` of the budget; if the guard does not fire, the same attempt
-goes on with it and chooses again. With ``guard_keep_best`` the step applies
+goes on with it and chooses again. With ``guard_keep_best`` (the default;
+off is the reference's rule) the step applies
 the better of the tripping candidate and the redo's choice: a redo on a quarter
 of the budget rarely finds a better one, and after large steps (where every
 candidate is far below the previous accuracy until fine-tuned) the guard fires
