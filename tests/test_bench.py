@@ -298,3 +298,13 @@ def test_merge_adds_the_section_3_runs_of_a_run_that_measured_some_methods_only(
     other = write("other", [run("c", 0, 0.9)], ["c"], [], base="another.pt")
     with pytest.raises(SystemExit, match="different base models"):
         bench.merge(other)
+
+
+def test_retired_variants_stay_runnable_and_leave_the_full_profile():
+    common = _package("common")
+    full = common.PROFILES["full"]["methods"]
+    assert set(common.RETIRED_VARIANTS) <= set(common.VARIANTS)          # --methods still runs them
+    assert not set(common.RETIRED_VARIANTS) & set(full)
+    assert set(common.METHODS) <= set(full)
+    # the project's default rlpruner settings are measured by every full run
+    assert "rlpruner-bn-base-greedy-keep" in full and "rlpruner" in full

@@ -53,13 +53,26 @@ VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             "rlpruner-1step-bn-base-greedy-keep": ("rlpruner", {"one_step": True, "bn_recalibration_batches": 4,
                                                                 "include_baselines": True, "epsilon": 0.0,
                                                                 "guard_keep_best": True}),
+            # ... with Torch-Pruning's filter criterion (L1) in place of Taylor: on 2026-11-30
+            # L1 gained 0.43 pts [0.28, 0.58] over Taylor for the one-step search
+            "rlpruner-1step-bn-base-greedy-keep-l1": ("rlpruner", {"one_step": True, "bn_recalibration_batches": 4,
+                                                                   "include_baselines": True, "epsilon": 0.0,
+                                                                   "guard_keep_best": True, "criterion": "l1"}),
             "ppo-bn": ("ppo", {"bn_recalibration_batches": 4})}
 # plain "rlpruner" in section 3 is the paper's search: epsilon-greedy choice, no
-# baseline candidates (the defaults are rlpruner-bn-base-greedy's since 2026-12-05)
+# baseline candidates, the reference's drop guard (the defaults are
+# rlpruner-bn-base-greedy-keep's since 2026-12-06)
 PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False, "guard_keep_best": False}
-# variants measured on 2026-11-30 that lost to plain rlpruner or uniform (BENCHMARKS.md
-# section 3 quotes them); still runnable with --methods, no longer in the full profile
-RETIRED_VARIANTS = ("rlpruner-kl", "rlpruner-1step", "rlpruner-1step-l1", "uniform-l1", "rlpruner-mult")
+# variants whose question is answered: still runnable with --methods, no longer in the
+# full profile (which must fit one background run of 100 minutes); name -> where
+# BENCHMARKS.md section 3 has their figures and what they showed
+_LOST = "2026-11-30 (BENCHMARKS.md at commit 74544d5): below plain rlpruner or uniform"
+_DECOMPOSED = ("2026-12-06 (BENCHMARKS.md at commit 5b8c51f): the decomposition of the project's rlpruner "
+               "defaults, and ppo with BN recalibration")
+RETIRED_VARIANTS = {"rlpruner-kl": _LOST, "rlpruner-1step": _LOST, "rlpruner-1step-l1": _LOST,
+                    "uniform-l1": _LOST, "rlpruner-mult": _LOST,
+                    "rlpruner-bn": _DECOMPOSED, "rlpruner-bn-base": _DECOMPOSED, "rlpruner-base-greedy": _DECOMPOSED,
+                    "rlpruner-bn-base-greedy": _DECOMPOSED, "ppo-bn": _DECOMPOSED}
 ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
 PAPER_EVALS_PER_STEP = 100
 
@@ -97,6 +110,9 @@ PROFILES = {
                ["rlpruner-bn-base-greedy-keep", "rlpruner-bn-base-greedy"],
                ["rlpruner-1step-bn-base-greedy-keep", "tp-global"], ["rlpruner-1step-bn-base-greedy-keep", "uniform"],
                ["rlpruner-1step-bn-base-greedy-keep", "rlpruner-bn-base-greedy-keep"],
+               ["rlpruner-1step-bn-base-greedy-keep-l1", "tp-global"],
+               ["rlpruner-1step-bn-base-greedy-keep-l1", "uniform"],
+               ["rlpruner-1step-bn-base-greedy-keep-l1", "rlpruner-1step-bn-base-greedy-keep"],
                ["ppo-bn", "tp-global"], ["ppo-bn", "ppo"],
                ["ppo", "tp-global"], ["ppo", "uniform"], ["ppo", "rlpruner"], ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,

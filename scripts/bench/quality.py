@@ -398,11 +398,13 @@ def render(bench, st) -> tuple[str, list[str]]:
             f"{_mean(s['pruned']['params'] for s in ok) / 1e6:.4f} | "
             f"{100 * _mean(s['reductions']['params'] for s in ok):.1f} | "
             f"{_mean(s['evaluations'] for s in ok):.0f} | {_mean(s['wall_seconds'] for s in ok):.0f} |")
-    earlier = [m for m in (*METHODS, *RETIRED_VARIANTS) if m not in P["methods"]]
+    earlier: dict = {}
+    for m, where in RETIRED_VARIANTS.items():
+        if m not in P["methods"]:
+            earlier.setdefault(where, []).append(m)
     if earlier and bench.profile == "full":
-        lines += ["", f"Not rerun here: {', '.join(earlier)}, measured with this protocol on 2026-11-30 (BENCHMARKS.md "
-                  f"at commit 74544d5; the variants among them, {', '.join(RETIRED_VARIANTS)}, all came out below "
-                  "plain rlpruner or uniform there); `--methods` runs them again."]
+        lines += ["", "Not rerun here (`--methods` runs them again), measured with this protocol: " + "; ".join(
+            f"{', '.join(ms)} on {where}" for where, ms in earlier.items()) + "."]
     reused = sum(1 for r in runs.values() if r.get("reused"))
     if reused:
         lines += ["", f"{reused} of the {len(runs)} runs were made by earlier invocations on this machine with "
