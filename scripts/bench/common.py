@@ -58,7 +58,14 @@ VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             "rlpruner-1step-bn-base-greedy-keep-l1": ("rlpruner", {"one_step": True, "bn_recalibration_batches": 4,
                                                                    "include_baselines": True, "epsilon": 0.0,
                                                                    "guard_keep_best": True, "criterion": "l1"}),
-            "ppo-bn": ("ppo", {"bn_recalibration_batches": 4})}
+            "ppo-bn": ("ppo", {"bn_recalibration_batches": 4}),
+            # L1 for the other methods and for the two-step defaults: is L1 a better
+            # default criterion than Taylor for every method, not only the one-step search?
+            "global-l1": ("global", {"criterion": "l1"}),
+            "rlpruner-bn-base-greedy-keep-l1": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
+                                                             "epsilon": 0.0, "guard_keep_best": True,
+                                                             "criterion": "l1"}),
+            "ppo-l1": ("ppo", {"criterion": "l1"})}
 # plain "rlpruner" in section 3 is the paper's search: epsilon-greedy choice, no
 # baseline candidates, the reference's drop guard (the defaults are
 # rlpruner-bn-base-greedy-keep's since 2026-12-06)
@@ -94,7 +101,7 @@ PROFILES = {
         finetune_total_epochs=2, finetune_batches=50, finetune_lr=0.01, num_workers=2,
         # the reward every search uses unless its variant says otherwise (pinned, so a
         # changed default can never pass for what these runs measured)
-        reward_metric="top1",
+        reward_metric="top1", criterion="taylor",
         methods=[*METHODS, *(v for v in VARIANTS if v not in RETIRED_VARIANTS)], seeds=[0], paired_seeds=[0, 1, 2],
         paired_methods=["rlpruner", "ppo", "random", *VARIANTS, "uniform", "global", "tp-global"],
         pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"],
@@ -113,6 +120,10 @@ PROFILES = {
                ["rlpruner-1step-bn-base-greedy-keep-l1", "tp-global"],
                ["rlpruner-1step-bn-base-greedy-keep-l1", "uniform"],
                ["rlpruner-1step-bn-base-greedy-keep-l1", "rlpruner-1step-bn-base-greedy-keep"],
+               ["global-l1", "global"], ["global-l1", "tp-global"],
+               ["rlpruner-bn-base-greedy-keep-l1", "tp-global"], ["rlpruner-bn-base-greedy-keep-l1", "uniform"],
+               ["rlpruner-bn-base-greedy-keep-l1", "rlpruner-bn-base-greedy-keep"],
+               ["ppo-l1", "ppo"], ["ppo-l1", "random"],
                ["ppo-bn", "tp-global"], ["ppo-bn", "ppo"],
                ["ppo", "tp-global"], ["ppo", "uniform"], ["ppo", "rlpruner"], ["ppo", "random"]],
         rl_batch_size=20, bootstrap=10000,
@@ -129,7 +140,7 @@ PROFILES = {
         scale_ppo_evals=5, scale_ppo_batch=4,
         synth_train=800, synth_test=50,
         dataset="digits", model="resnet8", base="train", train_epochs=6, train_batches=12, train_lr=0.05,
-        sparsity=0.5, step_fraction=0.5, evals=3, reward_samples=64, reward_metric="top1",
+        sparsity=0.5, step_fraction=0.5, evals=3, reward_samples=64, reward_metric="top1", criterion="taylor",
         finetune_total_epochs=1, finetune_batches=2, finetune_lr=0.01, num_workers=2,
         # one seed, and no ppo here: section 2 already runs `compress --algo ppo` twice
         methods=["rlpruner", "random", "uniform", "global", "tp-global"], seeds=[0], paired_seeds=[0, 1],
@@ -306,6 +317,17 @@ def _json_default(o):
     if hasattr(o, "item"):
         return o.item()
     return str(o)
+
+
+def not_read_note(methods: list[str]) -> list[str]:
+    """The line under a table of sections 5 and 6 naming the section-3 methods it
+    has no rows for: they read each run's own files (model, history), which a
+    report merged from other invocations (``--merge``) does not have."""
+    if not methods:
+        return []
+    return ["", f"Not in this table: {', '.join(methods)} (section 3 took their runs from another invocation "
+                "with `--merge`; this section reads each run's model and history files, which only the "
+                "invocation that made them had)."]
 
 
 def num(value, spec: str = ".3f", suffix: str = "") -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .common import PAPER_EVALS_PER_STEP, _median, row
+from .common import PAPER_EVALS_PER_STEP, _median, not_read_note, row
 
 TITLE = "6. Sample efficiency"
 
@@ -44,11 +44,11 @@ def render(bench, st) -> tuple[str, list[str]]:
         "| to 99% (max) | 95% median / the paper's 100 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    summary_bits = []
+    summary_bits, missing = [], []
     for method in P["methods"]:
         m = st["methods"].get(method)
         if not m or not m["n95"]:
-            lines.append(f"| {method} | 0 | n/a | n/a | n/a | n/a | n/a | n/a |")
+            missing.append(method)
             continue
         m95 = _median(m["n95"])
         lines.append(f"| {method} | {len(m['n95'])} | {_median(m['per']):.0f} | {m95:.1f} | {max(m['n95'])} "
@@ -59,6 +59,7 @@ def render(bench, st) -> tuple[str, list[str]]:
               "The counts are capped at a step's budget (its evaluations per step): a method still improving "
               "at the end of the budget shows up as a max at the cap. Rewards are on each method's own scale "
               "(minus the KL divergence for rlpruner-kl), so 95% of the best is not the same distance for all."]
+    lines += not_read_note(missing)
     summary = ([f"Sample efficiency: median evaluations to reach 95% of a step's best reward, of the step's "
                 f"budget: {', '.join(summary_bits)} (the paper spends {PAPER_EVALS_PER_STEP})."]
                if summary_bits else [])

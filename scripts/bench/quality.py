@@ -197,7 +197,7 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
                evaluations_per_step=evals, reward_samples=P["reward_samples"],
                finetune_epochs=P["finetune_total_epochs"] // steps, max_batches_per_epoch=P["finetune_batches"],
                finetune_lr=P["finetune_lr"], num_workers=P["num_workers"], rl_batch_size=P["rl_batch_size"],
-               seed=seed, out_dir=str(bench.work / "runs" / f"{method}_s{seed}"))
+               criterion=P["criterion"], seed=seed, out_dir=str(bench.work / "runs" / f"{method}_s{seed}"))
     if algo not in ONE_SHOT:
         # the settings of a search are pinned (the paper's where a default moved away
         # from it), so a changed default can never pass for what these runs measured

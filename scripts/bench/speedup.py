@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import _median, _threads, log, num, row, run_task, task
+from .common import _median, _threads, log, not_read_note, num, row, run_task, task
 
 TITLE = "5. Real speed-up"
 
@@ -69,11 +69,11 @@ def render(bench, st) -> tuple[str, list[str]]:
         "| method | MACs ratio | speed-up b1 | speed-up b64 | b64 speed-up / MACs ratio |",
         "|---|---|---|---|---|",
     ]
-    parts = []
+    parts, missing = [], []
     for method in P["methods"]:
         keys = [k for k in macs if runs[k]["method"] == method]
         if not keys:
-            lines.append(f"| {method} | n/a | n/a | n/a | n/a |")
+            missing.append(method)
             continue
         mr = _median([macs[k][0] / macs[k][1] for k in keys])
         s1 = _median([med["base|b1"] / med[f"{k}|b1"] for k in keys])
@@ -86,6 +86,7 @@ def render(bench, st) -> tuple[str, list[str]]:
         hi = max(p[3] / p[1] for p in parts)
         lines += ["", f"At batch 64 the measured speed-up is {lo:.0%} to {hi:.0%} of the MACs reduction; where the "
                   "pruning lands (which layers, which widths) decides how much of it turns into time."]
+    lines += not_read_note(missing)
     summary = (["Real CPU speed-up at ~2x fewer MACs: " + "; ".join(
         f"{m} {num(s64, '.2f')}x (b64) / {num(s1, '.2f')}x (b1)" for m, mr, s1, s64 in parts) + "."]
         if parts else [])
