@@ -209,7 +209,8 @@ def _print_summary(s: dict) -> None:
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))
-    print(f"{s['evaluations']} evaluations, {len(s['steps'])} steps, {s['wall_seconds']:.0f} s; "
+    steps = len(s["steps"])
+    print(f"{s['evaluations']} evaluations, {steps} step{'' if steps == 1 else 's'}, {s['wall_seconds']:.0f} s; "
           f"results in {s['config']['out_dir']}")
 
 

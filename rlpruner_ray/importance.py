@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import CRITERIA
 from .errors import ConfigError
-
-CRITERIA = ("taylor", "l1", "l2", "fpgm", "random")
 
 
 def validate_criterion(name: str) -> None:

@@ -96,7 +96,7 @@ def _norm(v):
 def _step_targets(config: CompressConfig, original_total: int) -> list[int]:
     """Cumulative filters removed after each step (filters target)."""
     final = int(round(config.sparsity * original_total))
-    per = config.step_fraction * original_total
+    per = config.step_share * original_total
     return [min(final, int(round(per * (k + 1)))) if k + 1 < config.num_steps else final
             for k in range(config.num_steps)]
 

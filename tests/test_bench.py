@@ -112,7 +112,8 @@ def test_every_method_gets_the_same_fine_tuning_in_total(tmp_path):
         assert cfg.get("reward_metric", "n/a") == ("n/a" if quality.algo_of(method) in quality.ONE_SHOT else
                                                   "kl" if method == "rlpruner-kl" else bench.P["reward_metric"])
         assert cfg["algo"] == quality.algo_of(method)
-        assert cfg.get("criterion", "default") == ("l1" if method.endswith("-l1") else "default")
+        # and an explicit criterion (taylor, the reference runs', unless the variant says l1)
+        assert cfg["criterion"] == ("l1" if method.endswith("-l1") else "taylor")
         if "1step" in method:       # the multi-step searches' budget, in one step
             assert cfg["evaluations_per_step"] == bench.P["evals"] * quality.num_steps(bench.P, "rlpruner")
         assert cfg["out_dir"].endswith(f"{method}_s0")
@@ -306,5 +307,5 @@ def test_retired_variants_stay_runnable_and_leave_the_full_profile():
     assert set(common.RETIRED_VARIANTS) <= set(common.VARIANTS)          # --methods still runs them
     assert not set(common.RETIRED_VARIANTS) & set(full)
     assert set(common.METHODS) <= set(full)
-    # the project's default rlpruner settings are measured by every full run
-    assert "rlpruner-bn-base-greedy-keep" in full and "rlpruner" in full
+    # the project's default rlpruner settings (and the paper's) are measured by every full run
+    assert "rlpruner-1step-bn-base-greedy-keep-l1" in full and "rlpruner" in full

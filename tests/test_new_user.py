@@ -56,8 +56,8 @@ def test_help_groups_options_and_shows_defaults():
     assert sections[1:] == ["data", "model", "base training", "target", "search", "rlpruner algorithm",
                             "RLlib policies (--algo ppo, ...)", "workers", "fine-tuning", "run"]
     flat = " ".join(text.split())
-    for shown in ("(default: digits)", "(default: resnet8)", "(default: 0.5)", "(default: 40)",
-                  "(default: rlpruner)", "(default: runs/default)", "(default: 2)"):
+    for shown in ("(default: digits)", "(default: resnet8)", "(default: 0.5)", "(default: 200)",
+                  "(default: rlpruner)", "(default: runs/default)", "(default: 10)"):
         assert shown in flat, shown
     assert "usage: rlpruner compress [options]" in text
 

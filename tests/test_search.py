@@ -641,15 +641,18 @@ def test_evaluation_pool_matches_the_local_env_and_follows_new_bases(real, local
 # ---------------------------------------------------------------------- defaults: the best variant measured
 def test_the_defaults_are_the_best_rlpruner_variant_measured_and_each_can_be_turned_off():
     # BENCHMARKS.md section 3: rlpruner-bn-base-greedy beat the paper's settings on every seed,
-    # and -keep (the guard's redo keeps the better candidate) beat it on average
-    config = CompressConfig()
+    # -keep (the guard's redo keeps the better candidate) beat it on average, one step beat
+    # two at the same budget, and L1 importance beat Taylor in that one-step search
+    config = CompressConfig(sparsity=0.4)
     assert (config.bn_recalibration_batches, config.include_baselines, config.epsilon,
-            config.guard_keep_best) == (4, True, 0.0, True)
+            config.guard_keep_best, config.criterion) == (4, True, 0.0, True, "l1")
+    assert config.step_fraction is None and config.step_share == 0.4 and config.num_steps == 1
     from rlpruner_ray.cli import _config, build_parser
     parse = build_parser().parse_args
     paper = _config(parse(["compress", "--no-include-baselines", "--epsilon", "0.4",
-                           "--bn-recalibration-batches", "0", "--no-guard-keep-best"]))
+                           "--bn-recalibration-batches", "0", "--no-guard-keep-best",
+                           "--criterion", "taylor", "--step-fraction", "0.01"]))
     assert (paper.bn_recalibration_batches, paper.include_baselines, paper.epsilon,
-            paper.guard_keep_best) == (0, False, 0.4, False)
+            paper.guard_keep_best, paper.criterion, paper.num_steps) == (0, False, 0.4, False, "taylor", 50)
     assert _config(parse(["compress", "--include-baselines"])).include_baselines is True
     assert _config(parse(["compress"])).include_baselines is True

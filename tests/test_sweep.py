@@ -55,9 +55,9 @@ def test_sweep_grid_retry_from_checkpoint_and_report(tmp_path, capsys):
 
     rows = _rows(out)
     assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 1), (0.2, 1), (0.2, 2)]
-    assert {x["trial"] for x in rows} == {"uniform-s0.1-acc-taylor-seed0", "uniform-s0.2-acc-taylor-seed0"}
+    assert {x["trial"] for x in rows} == {"uniform-s0.1-acc-l1-seed0", "uniform-s0.2-acc-l1-seed0"}
     for x in rows:
-        assert (x["algo"], x["reward"], x["criterion"], x["seed"]) == ("uniform", "acc", "taylor", 0)
+        assert (x["algo"], x["reward"], x["criterion"], x["seed"]) == ("uniform", "acc", "l1", 0)
     finals = [x for x in rows if x["final"]]
     assert len(finals) == 2 and all(0 <= x["test_top1"] <= 1 and 0 < x["final_macs_kept"] < 1 for x in finals)
     assert {x["step"] for x in finals} == {1, 2}
@@ -65,7 +65,7 @@ def test_sweep_grid_retry_from_checkpoint_and_report(tmp_path, capsys):
     assert "uniform" in r.stdout and "done" in r.stdout
 
     # the retried trial: step 1 by the first attempt, step 2 by the second, step 1 never recomputed
-    work = out / "trials" / "uniform-s0.2-acc-taylor-seed0"
+    work = out / "trials" / "uniform-s0.2-acc-l1-seed0"
     assert [(x["step"], x["attempt"]) for x in _trial_rows(work)] == [(1, 1), (2, 2)]
     marker = work / ".injected_failure_step1"
     assert (work / "steps" / "step_001.pt").stat().st_mtime_ns <= marker.stat().st_mtime_ns
@@ -102,7 +102,7 @@ def test_resume_an_interrupted_sweep(tmp_path, capsys):
     """Kill the driver (and its private Ray) after the first trial finished, then
     ``rlpruner sweep --resume DIR`` completes the sweep without redoing its steps."""
     out = tmp_path / "sw"
-    first = out / "trials" / "uniform-s0.1-acc-taylor-seed0"
+    first = out / "trials" / "uniform-s0.1-acc-l1-seed0"
     proc = subprocess.Popen([sys.executable, "-m", "rlpruner_ray", "-q", "sweep", "--out-dir", str(out),
                              "--sparsity", "0.1", "0.2", "--algo", "uniform", "--max-concurrent", "1", *TINY],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -224,7 +224,7 @@ def test_plan_grid_names_and_trial_resources(tmp_path):
     points = plan.grid_points()
     assert len(points) == 2 * 2 * 2                     # duplicates dropped
     names = {sweep.trial_name(p) for p in points}
-    assert len(names) == len(points) and "uniform-s0.4-acc-taylor-seed5" in names
+    assert len(names) == len(points) and "uniform-s0.4-acc-l1-seed5" in names
     assert plan.storage_path == "s3://bucket/sweeps" and plan.experiment_path == "s3://bucket/sweeps/sw"
     cfg = plan.trial_config(points[0])
     assert cfg.out_dir.endswith(f"trials/{sweep.trial_name(points[0])}") and not cfg.resume

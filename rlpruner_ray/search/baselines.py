@@ -32,7 +32,7 @@ class GlobalSearch(SearchAlgorithm):
     name = "global"
 
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
-        counts = global_plan(ctx.graph, ctx.extras, step_fraction=self.config.step_fraction)
+        counts = global_plan(ctx.graph, ctx.extras, step_fraction=self.config.step_share)
         return evaluate([exact_plan(counts)], 0)[0]
 
 

@@ -140,7 +140,7 @@ def baseline_distributions(ctx: StepContext, config) -> list:
     from ..errors import PlanError
     from .baselines import global_plan
     from .tp_baselines import tp_plan
-    items = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_fraction))]
+    items = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))]
     try:
         items.append(exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0]))
     except PlanError:

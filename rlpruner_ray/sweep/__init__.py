@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import CRITERIA, REWARDS
+from ..config import CRITERIA, REWARDS, CompressConfig
 from .outputs import report_command
 from .plan import COMPARE_ALGOS, SweepPlan, load_plan, plan_for_resume, plan_from_args
 from .run import run_sweep
@@ -61,7 +61,7 @@ def add_subcommand(sub, name: str, add_fields) -> None:
         p.add_argument("--reward", dest="grid_reward", nargs="+", choices=REWARDS, default=argparse.SUPPRESS,
                        help="rewards (default acc)")
         p.add_argument("--criterion", dest="grid_criterion", nargs="+", choices=CRITERIA,
-                       default=argparse.SUPPRESS, help="importance criteria (default taylor)")
+                       default=argparse.SUPPRESS, help=f"importance criteria (default {CompressConfig.criterion})")
         default_seeds = 1
     elif name == "compare":
         p = sub.add_parser("compare", help="compare search algorithms over seeds at one sparsity (Ray Tune "

@@ -80,7 +80,7 @@ def plan_from_args(args, make_config) -> SweepPlan:
     if kind == "sweep":
         grid["sparsity"] = _dedupe(getattr(args, "grid_sparsity", [0.5]))
         grid["reward"] = _dedupe(getattr(args, "grid_reward", ["acc"]))
-        grid["criterion"] = _dedupe(getattr(args, "grid_criterion", ["taylor"]))
+        grid["criterion"] = _dedupe(getattr(args, "grid_criterion", [CompressConfig.criterion]))
         grid["algo"] = _dedupe(a.lower() for a in getattr(args, "grid_algo", ["rlpruner"]))
     else:
         grid["algo"] = _dedupe(a.lower() for a in getattr(args, "grid_algo", list(COMPARE_ALGOS)))

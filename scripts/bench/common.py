@@ -68,7 +68,7 @@ VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             "ppo-l1": ("ppo", {"criterion": "l1"})}
 # plain "rlpruner" in section 3 is the paper's search: epsilon-greedy choice, no
 # baseline candidates, the reference's drop guard (the defaults are
-# rlpruner-bn-base-greedy-keep's since 2026-12-06)
+# rlpruner-1step-bn-base-greedy-keep-l1's since 2026-12-06)
 PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False, "guard_keep_best": False}
 # variants whose question is answered: still runnable with --methods, no longer in the
 # full profile (which must fit one background run of 100 minutes); name -> where
@@ -76,7 +76,10 @@ PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False, "guard_keep_best":
 _LOST = "2026-11-30 (BENCHMARKS.md at commit 74544d5): below plain rlpruner or uniform"
 _DECOMPOSED = ("2026-12-06 (BENCHMARKS.md at commit 5b8c51f): the decomposition of the project's rlpruner "
                "defaults, and ppo with BN recalibration")
-RETIRED_VARIANTS = {"rlpruner-kl": _LOST, "rlpruner-1step": _LOST, "rlpruner-1step-l1": _LOST,
+_L1 = ("2026-12-06 (BENCHMARKS.md at commit 78ac5e1): L1 importance for global, the two-step rlpruner "
+       "defaults and ppo")
+RETIRED_VARIANTS = {"global-l1": _L1, "rlpruner-bn-base-greedy-keep-l1": _L1, "ppo-l1": _L1,
+                    "rlpruner-kl": _LOST, "rlpruner-1step": _LOST, "rlpruner-1step-l1": _LOST,
                     "uniform-l1": _LOST, "rlpruner-mult": _LOST,
                     "rlpruner-bn": _DECOMPOSED, "rlpruner-bn-base": _DECOMPOSED, "rlpruner-base-greedy": _DECOMPOSED,
                     "rlpruner-bn-base-greedy": _DECOMPOSED, "ppo-bn": _DECOMPOSED}
@@ -120,6 +123,7 @@ PROFILES = {
                ["rlpruner-1step-bn-base-greedy-keep-l1", "tp-global"],
                ["rlpruner-1step-bn-base-greedy-keep-l1", "uniform"],
                ["rlpruner-1step-bn-base-greedy-keep-l1", "rlpruner-1step-bn-base-greedy-keep"],
+               ["rlpruner-1step-bn-base-greedy-keep-l1", "rlpruner"],
                ["global-l1", "global"], ["global-l1", "tp-global"],
                ["rlpruner-bn-base-greedy-keep-l1", "tp-global"], ["rlpruner-bn-base-greedy-keep-l1", "uniform"],
                ["rlpruner-bn-base-greedy-keep-l1", "rlpruner-bn-base-greedy-keep"],
