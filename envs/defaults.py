@@ -36,8 +36,9 @@ def standalone_settings(**options) -> dict:
     if isinstance(options.get("exclude"), list):
         options["exclude"] = tuple(options["exclude"])
     values = {**ENV_DEFAULTS, **options}
-    # one episode removes the whole sparsity: a single pruning step
-    values["step_fraction"] = values.get("sparsity", CompressConfig.sparsity)
+    # one episode removes the whole sparsity: a single pruning step (the config's
+    # meaning of an unset step fraction)
+    values["step_fraction"] = None
     config = CompressConfig(**values).validate()
     key = json.dumps(config.to_dict(), sort_keys=True)
     if key not in _cache:
