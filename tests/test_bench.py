@@ -106,16 +106,17 @@ def test_every_method_gets_the_same_fine_tuning_in_total(tmp_path):
         total[method] = cfg["finetune_epochs"] * steps
         assert cfg["target"] == "macs" and cfg["sparsity"] == 0.5
         assert cfg["max_batches_per_epoch"] == bench.P["finetune_batches"]
-        assert cfg["evaluations_per_step"] == bench.P["evals"] or "1step" in method
-        assert (steps == 1) == (quality.algo_of(method) in quality.ONE_SHOT or "1step" in method)
+        one_step = quality.variant(method)[1].get("one_step", False)
+        assert cfg["evaluations_per_step"] == bench.P["evals"] * (quality.search_steps(bench.P) if one_step else 1)
+        assert (steps == 1) == (quality.algo_of(method) in quality.ONE_SHOT or one_step)
         # every search runs with an explicit reward metric: a changed default cannot pass for it
         assert cfg.get("reward_metric", "n/a") == ("n/a" if quality.algo_of(method) in quality.ONE_SHOT else
                                                   "kl" if method == "rlpruner-kl" else bench.P["reward_metric"])
         assert cfg["algo"] == quality.algo_of(method)
-        # and an explicit criterion (taylor, the reference runs', unless the variant says l1)
-        assert cfg["criterion"] == ("l1" if method.endswith("-l1") else "taylor")
-        if "1step" in method:       # the multi-step searches' budget, in one step
-            assert cfg["evaluations_per_step"] == bench.P["evals"] * quality.num_steps(bench.P, "rlpruner")
+        # and an explicit criterion: the project's default (l1), the paper's (taylor) for
+        # the paper's search, or what the variant names
+        expected = "taylor" if method == "rlpruner-paper" or method.endswith("-taylor") else "l1"
+        assert cfg["criterion"] == expected
         assert cfg["out_dir"].endswith(f"{method}_s0")
     assert set(total.values()) == {bench.P["finetune_total_epochs"]}, total
     assert {"rlpruner", "global", "tp-global"} <= set(bench.P["paired_methods"])
@@ -308,4 +309,22 @@ def test_retired_variants_stay_runnable_and_leave_the_full_profile():
     assert not set(common.RETIRED_VARIANTS) & set(full)
     assert set(common.METHODS) <= set(full)
     # the project's default rlpruner settings (and the paper's) are measured by every full run
-    assert "rlpruner-1step-bn-base-greedy-keep-l1" in full and "rlpruner" in full
+    assert {"rlpruner", "rlpruner-paper"} <= set(full)
+
+
+def test_bench_rlpruner_is_the_project_default_search():
+    """Section 3's rlpruner must be what `rlpruner compress` runs by default, and
+    rlpruner-paper the paper's settings, so the headline pair is the product's."""
+    import dataclasses
+    from rlpruner_ray.config import CompressConfig
+    quality, report = _package("quality"), _package("report")
+    bench = report.Bench(_package("cli").parse_args(["--work-dir", "/tmp/unused", "--data", "/tmp/unused"]))
+    default = CompressConfig()
+    cfg = quality.run_config(bench, "rlpruner", 0, "base.pt")
+    for name in ("criterion", "bn_recalibration_batches", "include_baselines", "epsilon", "guard_keep_best"):
+        assert cfg[name] == getattr(default, name), name
+    assert default.step_fraction is None and cfg["step_fraction"] == cfg["sparsity"]      # one step
+    paper = quality.run_config(bench, "rlpruner-paper", 0, "base.pt")
+    assert (paper["criterion"], paper["epsilon"], paper["include_baselines"], paper["guard_keep_best"],
+            paper["bn_recalibration_batches"], paper["step_fraction"]) == ("taylor", 0.4, False, False, 0, 0.25)
+    assert {f.name for f in dataclasses.fields(CompressConfig)} >= set(cfg) - {"one_step"}

@@ -23,12 +23,21 @@ METHODS = ("rlpruner", "ppo", "random", "uniform", "global", "tp-uniform", "tp-g
 ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all their fine-tuning after one step
 # section-3 methods that are an algorithm with other settings: name -> (algo, config changes);
 # one_step: a single pruning step with the whole evaluation budget of the multi-step
-# searches and all the KD epochs after it (the one-shot methods' schedule)
-# (-l1: filter importance by L1 norm, Torch-Pruning's criterion, instead of Taylor)
-VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
+# searches and all the KD epochs after it (the one-shot methods' schedule).
+# Every method runs with the protocol's criterion (PROFILES: l1, the project default)
+# unless its changes name another; rlpruner runs start from the paper's settings
+# (PAPER_RLPRUNER) and their changes apply on top.
+# the project's rlpruner defaults (config.CompressConfig since 2026-12-06), pinned here
+# so a changed default can never pass for what these runs measured
+DEFAULT_RLPRUNER = {"one_step": True, "bn_recalibration_batches": 4, "include_baselines": True, "epsilon": 0.0,
+                    "guard_keep_best": True, "criterion": "l1"}
+VARIANTS = {"rlpruner": ("rlpruner", DEFAULT_RLPRUNER),
+            # the paper's search: epsilon-greedy choice, no baseline candidates, the
+            # reference's drop guard, Taylor importance, 25% steps
+            "rlpruner-paper": ("rlpruner", {}),
+            "rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             "rlpruner-1step": ("rlpruner", {"one_step": True}),
             "rlpruner-1step-l1": ("rlpruner", {"one_step": True, "criterion": "l1"}),
-            "uniform-l1": ("uniform", {"criterion": "l1"}),
             "rlpruner-mult": ("rlpruner", {"noise_type": "multiplicative"}),
             # -bn: the reward after re-estimating BN statistics on 4 training batches
             # (section 4's best-ranking reward); -base: the uniform, global and
@@ -44,45 +53,41 @@ VARIANTS = {"rlpruner-kl": ("rlpruner", {"reward_metric": "kl"}),
             # three changes the gain over plain rlpruner comes from
             "rlpruner-base-greedy": ("rlpruner", {"include_baselines": True, "epsilon": 0.0}),
             # -keep: a drop-guard redo applies the better of its choice and the candidate
-            # that tripped the guard (at 25% steps the guard fires at every step); the
-            # project's default rlpruner settings since 2026-12-06
+            # that tripped the guard (at 25% steps the guard fires at every step)
             "rlpruner-bn-base-greedy-keep": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
                                                           "epsilon": 0.0, "guard_keep_best": True}),
-            # all four in one step with the whole budget and all KD epochs after it (the
-            # one-shot methods' schedule, where tp-global's lead was measured)
+            # all four in one step with the whole budget (the defaults with Taylor importance)
             "rlpruner-1step-bn-base-greedy-keep": ("rlpruner", {"one_step": True, "bn_recalibration_batches": 4,
                                                                 "include_baselines": True, "epsilon": 0.0,
                                                                 "guard_keep_best": True}),
-            # ... with Torch-Pruning's filter criterion (L1) in place of Taylor: on 2026-11-30
-            # L1 gained 0.43 pts [0.28, 0.58] over Taylor for the one-step search
-            "rlpruner-1step-bn-base-greedy-keep-l1": ("rlpruner", {"one_step": True, "bn_recalibration_batches": 4,
-                                                                   "include_baselines": True, "epsilon": 0.0,
-                                                                   "guard_keep_best": True, "criterion": "l1"}),
-            "ppo-bn": ("ppo", {"bn_recalibration_batches": 4}),
-            # L1 for the other methods and for the two-step defaults: is L1 a better
-            # default criterion than Taylor for every method, not only the one-step search?
-            "global-l1": ("global", {"criterion": "l1"}),
+            # the two-step search with the defaults' choices and L1
             "rlpruner-bn-base-greedy-keep-l1": ("rlpruner", {"bn_recalibration_batches": 4, "include_baselines": True,
                                                              "epsilon": 0.0, "guard_keep_best": True,
                                                              "criterion": "l1"}),
-            "ppo-l1": ("ppo", {"criterion": "l1"})}
-# plain "rlpruner" in section 3 is the paper's search: epsilon-greedy choice, no
-# baseline candidates, the reference's drop guard (the defaults are
-# rlpruner-1step-bn-base-greedy-keep-l1's since 2026-12-06)
-PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False, "guard_keep_best": False}
+            "ppo-bn": ("ppo", {"bn_recalibration_batches": 4}),
+            # Taylor importance for the methods that now run with L1
+            "ppo-taylor": ("ppo", {"criterion": "taylor"}),
+            "global-taylor": ("global", {"criterion": "taylor"}),
+            "uniform-taylor": ("uniform", {"criterion": "taylor"})}
+# what plain "rlpruner" starts from before its changes: the paper's search
+PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False, "guard_keep_best": False, "criterion": "taylor"}
 # variants whose question is answered: still runnable with --methods, no longer in the
 # full profile (which must fit one background run of 100 minutes); name -> where
-# BENCHMARKS.md section 3 has their figures and what they showed
+# BENCHMARKS.md section 3 has their figures and what they showed. Until 2026-12-06
+# section 3 ran every method with Taylor importance and plain "rlpruner" was the
+# paper's search (now rlpruner-paper); the -taylor variants are those runs' methods.
 _LOST = "2026-11-30 (BENCHMARKS.md at commit 74544d5): below plain rlpruner or uniform"
 _DECOMPOSED = ("2026-12-06 (BENCHMARKS.md at commit 5b8c51f): the decomposition of the project's rlpruner "
                "defaults, and ppo with BN recalibration")
-_L1 = ("2026-12-06 (BENCHMARKS.md at commit 78ac5e1): L1 importance for global, the two-step rlpruner "
-       "defaults and ppo")
-RETIRED_VARIANTS = {"global-l1": _L1, "rlpruner-bn-base-greedy-keep-l1": _L1, "ppo-l1": _L1,
-                    "rlpruner-kl": _LOST, "rlpruner-1step": _LOST, "rlpruner-1step-l1": _LOST,
-                    "uniform-l1": _LOST, "rlpruner-mult": _LOST,
+_L1 = ("2026-12-06 (BENCHMARKS.md at commit 6092903): L1 against Taylor importance (global +1.73 pts, "
+       "ppo -0.99, the rlpruner searches +0.53), and the one-step search against the two-step one (+0.88)")
+RETIRED_VARIANTS = {"rlpruner-kl": _LOST, "rlpruner-1step": _LOST, "rlpruner-1step-l1": _LOST,
+                    "rlpruner-mult": _LOST,
                     "rlpruner-bn": _DECOMPOSED, "rlpruner-bn-base": _DECOMPOSED, "rlpruner-base-greedy": _DECOMPOSED,
-                    "rlpruner-bn-base-greedy": _DECOMPOSED, "ppo-bn": _DECOMPOSED}
+                    "rlpruner-bn-base-greedy": _DECOMPOSED, "ppo-bn": _DECOMPOSED,
+                    "rlpruner-bn-base-greedy-keep": _L1, "rlpruner-1step-bn-base-greedy-keep": _L1,
+                    "rlpruner-bn-base-greedy-keep-l1": _L1, "ppo-taylor": _L1, "global-taylor": _L1,
+                    "uniform-taylor": _L1}
 ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
 PAPER_EVALS_PER_STEP = 100
 
@@ -102,34 +107,17 @@ PROFILES = {
         # every method gets the same KD fine-tuning in total: multi-step methods split it
         # over their steps, one-shot methods get all of it after their single step
         finetune_total_epochs=2, finetune_batches=50, finetune_lr=0.01, num_workers=2,
-        # the reward every search uses unless its variant says otherwise (pinned, so a
-        # changed default can never pass for what these runs measured)
-        reward_metric="top1", criterion="taylor",
-        methods=[*METHODS, *(v for v in VARIANTS if v not in RETIRED_VARIANTS)], seeds=[0], paired_seeds=[0, 1, 2],
-        paired_methods=["rlpruner", "ppo", "random", *VARIANTS, "uniform", "global", "tp-global"],
+        # the reward every search and the filter criterion every method uses unless its
+        # variant says otherwise (pinned, so a changed default can never pass for what
+        # these runs measured; l1 is the project's default criterion)
+        reward_metric="top1", criterion="l1",
+        methods=["rlpruner", "rlpruner-paper", *METHODS[1:]], seeds=[0], paired_seeds=[0, 1, 2],
+        paired_methods=["rlpruner", "rlpruner-paper", "ppo", "random", *VARIANTS, "uniform", "global", "tp-global"],
         pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"],
-               ["rlpruner-bn", "tp-global"], ["rlpruner-bn", "uniform"], ["rlpruner-bn", "rlpruner"],
-               ["rlpruner-bn-base", "tp-global"], ["rlpruner-bn-base", "uniform"],
-               ["rlpruner-bn-base", "rlpruner-bn"], ["rlpruner-bn-base", "ppo"],
-               ["rlpruner-bn-base-greedy", "tp-global"], ["rlpruner-bn-base-greedy", "uniform"],
-               ["rlpruner-bn-base-greedy", "rlpruner-bn-base"], ["rlpruner-bn-base-greedy", "rlpruner"],
-               ["rlpruner-bn-base-greedy", "ppo"],
-               ["rlpruner-base-greedy", "tp-global"], ["rlpruner-base-greedy", "uniform"],
-               ["rlpruner-base-greedy", "rlpruner-bn-base-greedy"], ["rlpruner-base-greedy", "rlpruner"],
-               ["rlpruner-bn-base-greedy-keep", "tp-global"], ["rlpruner-bn-base-greedy-keep", "uniform"],
-               ["rlpruner-bn-base-greedy-keep", "rlpruner-bn-base-greedy"],
-               ["rlpruner-1step-bn-base-greedy-keep", "tp-global"], ["rlpruner-1step-bn-base-greedy-keep", "uniform"],
-               ["rlpruner-1step-bn-base-greedy-keep", "rlpruner-bn-base-greedy-keep"],
-               ["rlpruner-1step-bn-base-greedy-keep-l1", "tp-global"],
-               ["rlpruner-1step-bn-base-greedy-keep-l1", "uniform"],
-               ["rlpruner-1step-bn-base-greedy-keep-l1", "rlpruner-1step-bn-base-greedy-keep"],
-               ["rlpruner-1step-bn-base-greedy-keep-l1", "rlpruner"],
-               ["global-l1", "global"], ["global-l1", "tp-global"],
-               ["rlpruner-bn-base-greedy-keep-l1", "tp-global"], ["rlpruner-bn-base-greedy-keep-l1", "uniform"],
-               ["rlpruner-bn-base-greedy-keep-l1", "rlpruner-bn-base-greedy-keep"],
-               ["ppo-l1", "ppo"], ["ppo-l1", "random"],
-               ["ppo-bn", "tp-global"], ["ppo-bn", "ppo"],
-               ["ppo", "tp-global"], ["ppo", "uniform"], ["ppo", "rlpruner"], ["ppo", "random"]],
+               ["rlpruner", "rlpruner-paper"], ["rlpruner", "ppo"], ["rlpruner", "random"],
+               ["rlpruner-paper", "tp-global"], ["rlpruner-paper", "uniform"],
+               ["ppo", "random"], ["ppo", "rlpruner-paper"], ["ppo", "tp-global"],
+               ["global", "tp-global"], ["global", "uniform"]],
         rl_batch_size=20, bootstrap=10000,
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole
         # epoch; ground truth on every validation row the rewards do not use
@@ -144,7 +132,7 @@ PROFILES = {
         scale_ppo_evals=5, scale_ppo_batch=4,
         synth_train=800, synth_test=50,
         dataset="digits", model="resnet8", base="train", train_epochs=6, train_batches=12, train_lr=0.05,
-        sparsity=0.5, step_fraction=0.5, evals=3, reward_samples=64, reward_metric="top1", criterion="taylor",
+        sparsity=0.5, step_fraction=0.5, evals=3, reward_samples=64, reward_metric="top1", criterion="l1",
         finetune_total_epochs=1, finetune_batches=2, finetune_lr=0.01, num_workers=2,
         # one seed, and no ppo here: section 2 already runs `compress --algo ppo` twice
         methods=["rlpruner", "random", "uniform", "global", "tp-global"], seeds=[0], paired_seeds=[0, 1],

@@ -2,7 +2,8 @@
 after masked pruning, rank candidates by their accuracy after KD fine-tuning?
 
 Candidates: the initial distribution and Dirichlet draws around it (as random
-search draws them) at the first pruning step of section 3, on section 3's base.
+search draws them) at the first pruning step of section 3's rlpruner (the project's
+defaults: one step to the whole MACs target, L1 importance), on section 3's base.
 Each is scored by every reward variant (top-1, minus KL divergence to the base
 model's outputs, minus cross-entropy, on N reward images, BN recalibration off
 or on), then physically pruned and KD-fine-tuned the same way (same batches,
@@ -132,10 +133,12 @@ def task_fidelity(p: dict) -> dict:
 def measure(bench):
     P = bench.P
     base = bench.state["sections"].get("3", {}).get("base") or base_model(bench)
+    # the first step of the project's default search, with its filter criterion
     cfg = run_config(bench, "rlpruner", 0, base["file"])
     cfg.pop("out_dir")
+    steps = num_steps(P, "rlpruner")
     params = {"config": cfg, "base": base["file"], "samples": P["fid_samples"],
-              "steps": num_steps(P, "rlpruner"), "sizes": P["fid_reward_sizes"],
+              "steps": steps, "sizes": P["fid_reward_sizes"],
               "bn_batches": P["fid_bn_batches"], "kd_epochs": P["fid_kd_epochs"],
               "kd_batches": P["fid_kd_batches"], "kd_batch_size": P["fid_kd_batch_size"],
               "eval_images": P["fid_eval_images"], "lr": P["finetune_lr"]}
@@ -157,19 +160,22 @@ def measure(bench):
         for k, v in rho[name].items():
             bench.rows.append(row(4, "spearman", name, k, v))
     return {"records": recs, "rho": rho, "held_out": res["held_out"],
-            "kd_batches_per_epoch": res["kd_batches_per_epoch"]}
+            "kd_batches_per_epoch": res["kd_batches_per_epoch"], "steps": steps, "criterion": cfg["criterion"]}
 
 
 def render(bench, st) -> tuple[str, list[str]]:
     P = bench.P
     recs, rho = st["records"], st["rho"]
     ft = [r["acc_finetuned"] for r in recs]
-    steps = num_steps(P, "rlpruner")
+    # states written before 2026-12-07 measured the first of the paper search's two
+    # steps, with Taylor importance, and did not record either
+    steps, criterion = st.get("steps", 2), st.get("criterion", "taylor")
     nb = P["fid_bn_batches"]
     lines = [
         f"{len(recs)} distributions (the initial one and {len(recs) - 1} Dirichlet draws around it, as random "
-        f"search draws them) at the first pruning step of section 3 (MACs down to "
-        f"{100 * (1 - P['sparsity'] / steps):.0f}% of the base), on section 3's base model. Rewards, on the first "
+        f"search draws them) at the first pruning step of a {steps}-step search (MACs down to "
+        f"{100 * (1 - P['sparsity'] / steps):.0f}% of the base; filter criterion {criterion}), on section 3's base "
+        f"model. Rewards, on the first "
         f"N validation images (masked path): top-1; top-1 after BN recalibration on {nb} training batches (+bn); "
         f"minus the mean KL divergence from the base model's output distribution to the candidate's (kl); minus "
         f"the mean cross-entropy (loss). Ground truth: top-1 on the {st['held_out']} validation rows no reward "

@@ -15,7 +15,8 @@ from pathlib import Path
 from .common import METHODS, ONE_SHOT, PAPER_RLPRUNER, RETIRED_VARIANTS, VARIANTS, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
 
 TITLE = "3. Quality at equal budgets"
-# the target: an rlpruner variant >= 0.5 points above these, with the 90% interval above 0
+# the target: rlpruner (the project's defaults) >= 0.5 points above these, with the 90%
+# interval of the paired difference above 0
 TARGET_OPPONENTS = ("tp-global", "uniform")
 
 
@@ -174,11 +175,16 @@ def algo_of(method: str) -> str:
     return variant(method)[0]
 
 
+def search_steps(P: dict) -> int:
+    """Steps of the multi-step searches: --step-fraction of the sparsity at a time."""
+    return max(1, math.ceil(P["sparsity"] / P["step_fraction"] - 1e-9))
+
+
 def num_steps(P: dict, method: str) -> int:
     algo, changes = variant(method)
     if algo in ONE_SHOT or changes.get("one_step"):
         return 1
-    return max(1, math.ceil(P["sparsity"] / P["step_fraction"] - 1e-9))
+    return search_steps(P)
 
 
 def run_config(bench, method: str, seed: int, base_file: str) -> dict:
@@ -190,7 +196,7 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
         raise ValueError(f"finetune_total_epochs {P['finetune_total_epochs']} does not split over {steps} steps")
     algo, changes = variant(method)
     one_step = changes.pop("one_step", False)
-    evals = P["evals"] * num_steps(P, algo) if one_step else P["evals"]     # the same budget in one step
+    evals = P["evals"] * search_steps(P) if one_step else P["evals"]     # the same budget in one step
     cfg = dict(model=P["model"], dataset=P["dataset"], base_checkpoint=base_file, algo=algo,
                target="macs", sparsity=P["sparsity"],
                step_fraction=P["sparsity"] if steps == 1 else P["step_fraction"],
@@ -322,11 +328,17 @@ def paired_differences(runs: dict, pairs, resamples: int) -> dict:
 
 def _describe(P: dict, method: str) -> str:
     algo, changes = variant(method)
+    if method == "rlpruner-paper":
+        return (f"the paper's search (epsilon-greedy choice with epsilon {PAPER_RLPRUNER['epsilon']}, no baseline "
+                f"candidates, the reference's drop guard, criterion {PAPER_RLPRUNER['criterion']}, reward without "
+                f"BN recalibration)")
     parts = [f"`{k}={v}`" for k, v in changes.items() if k != "one_step"]
     if changes.get("one_step"):
-        parts.append(f"one step with the multi-step searches' whole budget ({P['evals'] * num_steps(P, algo)} "
+        parts.append(f"one step with the multi-step searches' whole budget ({P['evals'] * search_steps(P)} "
                      f"evaluations) and all {P['finetune_total_epochs']} KD epochs after it")
-    return f"{algo} with " + ", ".join(parts)
+    if method == "rlpruner":
+        return "the project's defaults: the paper's search with " + ", ".join(parts)
+    return ("rlpruner-paper" if algo == "rlpruner" else algo) + " with " + ", ".join(parts)
 
 
 def render(bench, st) -> tuple[str, list[str]]:
@@ -334,7 +346,7 @@ def render(bench, st) -> tuple[str, list[str]]:
     base, runs = st["base"], st["runs"]
     first = next((r["summary"] for r in runs.values() if r.get("summary")), None)
     b = first["base"] if first else {}
-    steps = num_steps(P, "rlpruner")
+    steps = search_steps(P)
     data = (f"Real CIFAR-10 (`{P['dataset']}`: 27,000 train / 3,000 val / 10,000 test), CIFAR-style "
             f"{P['model']}." if P["dataset"].startswith("npz:") else
             f"Dataset `{P['dataset']}` (quick profile), {P['model']}.")
@@ -346,8 +358,8 @@ def render(bench, st) -> tuple[str, list[str]]:
                    f"trained in this run in {base['seconds']:.0f} s")
         made = (f"{P['train_epochs']} epochs x {P['train_batches']} batches of 128, lr {P['train_lr']}, trained by "
                 f"`pipeline.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
-    one_shot = ", ".join(m for m in P["methods"] if num_steps(P, m) == 1 and m not in VARIANTS)
-    multi = ", ".join(m for m in P["methods"] if num_steps(P, m) > 1 and m not in VARIANTS)
+    one_shot = ", ".join(m for m in P["methods"] if algo_of(m) in ONE_SHOT and m not in VARIANTS)
+    multi = ", ".join(m for m in P["methods"] if num_steps(P, m) > 1)
     variants = "".join(f" {m}: {_describe(P, m)}." for m in P["methods"] if m in VARIANTS)
     paired_seeds = ", ".join(map(str, P["paired_seeds"]))
     paired_methods = [m for m in P["paired_methods"] if m in P["methods"]]
@@ -359,7 +371,7 @@ def render(bench, st) -> tuple[str, list[str]]:
         f"Every method: `--target macs --sparsity {P['sparsity']}`, `--reward-samples {P['reward_samples']}`, "
         f"{P['finetune_total_epochs']} KD fine-tuning epochs in total (`--max-batches-per-epoch "
         f"{P['finetune_batches']}` for every method), `--num-workers {P['num_workers']}`, "
-        f"criterion taylor unless a variant says otherwise. "
+        f"criterion {P['criterion']} (the project's default) unless a method says otherwise. "
         f"Searches ({multi}): `--step-fraction {P['step_fraction']}` ({steps} step{'s' if steps > 1 else ''}, "
         f"{P['finetune_total_epochs'] // steps} KD epoch(s) after each), `--evaluations-per-step {P['evals']}`; "
         f"ppo: {P['num_workers']} env runners, `--rl-batch-size {P['rl_batch_size']}`. Reward: "
@@ -429,7 +441,7 @@ def render(bench, st) -> tuple[str, list[str]]:
             verdict = f"{name} {num(100 * d['mean'], '+.2f')} pts " \
                       f"({'interval above 0' if above else 'interval not above 0'}"
             first, second = name.split(" - ")
-            if algo_of(first) == "rlpruner" and second in TARGET_OPPONENTS:
+            if first == "rlpruner" and second in TARGET_OPPONENTS:
                 verdict += ": target " + ("met" if above and d["mean"] >= 0.005 else "MISSED")
             verdicts.append(verdict + ")")
         lines += ["", "Target: rlpruner at least 0.5 points above tp-global and above uniform with the 90% interval "
