@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from .common import METHODS, ROOT, TASKS, VARIANTS, log, machine, task_main
-from .report import SECTIONS, Bench
+from .report import RUN_LAST, SECTIONS, Bench
 
 
 def parse_args(argv=None, description: str = ""):
@@ -76,7 +76,9 @@ def main(argv=None, description: str = "") -> int:
     st.update(profile=bench.profile, load_start=os.getloadavg()[0], machine=machine(),
               command="python scripts/bench.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv)))
     bench.carry_over(wanted)
-    for k in sorted(wanted):
+    # the fidelity study (two hours on 2 cores) goes last, and the rows, state and report
+    # are written after every section, so a run stopped in it keeps everything before
+    for k in sorted(wanted, key=lambda k: (k in RUN_LAST, k)):
         log(f"section {SECTIONS[k].TITLE}")
         t0 = time.perf_counter()
         try:
@@ -86,9 +88,9 @@ def main(argv=None, description: str = "") -> int:
             st["failed"][str(k)] = f"{type(exc).__name__}: {str(exc)[:300]}"
         st["seconds"][str(k)] = time.perf_counter() - t0
         log(f"section {k} took {st['seconds'][str(k)]:.0f}s")
-    st.update(total_seconds=time.perf_counter() - started, load_end=os.getloadavg()[0])
-    bench.save()
-    bench.write()
+        st.update(total_seconds=time.perf_counter() - started, load_end=os.getloadavg()[0])
+        bench.save()
+        bench.write()
     log(f"done in {st['total_seconds'] / 60:.1f} min")
     return 1 if st["failed"] else 0
 

@@ -12,6 +12,7 @@ from .common import (CIFAR_DEFAULT, PROFILES, ROW_COLUMNS, SHARED_BASE, _json_de
                      make_synthetic_npz)
 
 SECTIONS = {1: cost, 2: scaling, 3: quality, 4: fidelity, 5: speedup, 6: efficiency}
+RUN_LAST = (4,)          # measured after the others (it needs none of them and is the longest)
 EXTRA_HEADINGS = ("Summary", "Machine and command", "GPU")
 
 
