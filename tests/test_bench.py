@@ -131,6 +131,20 @@ def test_the_gpu_section_is_kept_as_bench_gpu_wrote_it(tmp_path):
     assert report._gpu_section(out) == "## GPU\n\nH200 figures\n| a | 1 |"
 
 
+def test_cost_agreement_is_judged_on_outputs_with_a_tolerance():
+    cost = _package("cost")
+    models = ["resnet56", "mobilenetv3_large"]
+    info = {m: {"masked_relative_gap": g, "masked_equals_physical": g <= cost.MASK_TOLERANCE}
+            for m, g in zip(models, [3e-7, 7.5e-7])}
+    text = cost._agreement({"info": info}, models, True)
+    assert "same outputs on the reward batches: yes" in text and "mobilenetv3_large 7.5e-07" in text
+    info["resnet56"]["masked_relative_gap"] = 0.2
+    assert "**NO**" in cost._agreement({"info": info}, models, False)
+    # a state from before the outputs were compared still renders its old verdict
+    old = {m: {"masked_equals_physical": True} for m in models}
+    assert "same reward-batch accuracy: yes" in cost._agreement({"info": old}, models, True)
+
+
 def test_sections_not_rerun_are_carried_over_from_the_previous_state(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -210,6 +224,8 @@ def test_quick_benchmark_writes_a_well_formed_report(tmp_path):
     for title in [*bench.SECTIONS.values(), *bench.EXTRA_HEADINGS]:
         assert title in headings, title
     assert "FAILED" not in text
+    # the masked path scores the model the physical path builds (outputs, not tie-prone top-1)
+    assert "gave the same outputs on the reward batches: yes" in text
     assert "python scripts/bench.py --quick" in text                      # the exact command
     for word in ("CPU", "cores", "torch", "ray", "date (UTC)"):
         assert f"| {word} |" in text
