@@ -112,7 +112,9 @@ PROFILES = {
         # these runs measured; l1 is the project's default criterion)
         reward_metric="top1", criterion="l1",
         methods=["rlpruner", "rlpruner-paper", *METHODS[1:]], seeds=[0], paired_seeds=[0, 1, 2],
-        paired_methods=["rlpruner", "rlpruner-paper", "ppo", "random", *VARIANTS, "uniform", "global", "tp-global"],
+        paired_methods=["rlpruner", "rlpruner-paper", "ppo", "random",
+                        *(v for v in VARIANTS if v not in ("rlpruner", "rlpruner-paper")),
+                        "uniform", "global", "tp-global"],
         pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"],
                ["rlpruner", "rlpruner-paper"], ["rlpruner", "ppo"], ["rlpruner", "random"],
                ["rlpruner-paper", "tp-global"], ["rlpruner-paper", "uniform"],
