@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,24 @@ def test_bench_rlpruner_is_the_project_default_search():
     assert (paper["criterion"], paper["epsilon"], paper["include_baselines"], paper["guard_keep_best"],
             paper["bn_recalibration_batches"], paper["step_fraction"]) == ("taylor", 0.4, False, False, 0, 0.25)
     assert {f.name for f in dataclasses.fields(CompressConfig)} >= set(cfg) - {"one_step"}
+
+
+def test_fidelity_report_judges_the_default_reward_against_the_target():
+    fidelity, common = _package("fidelity"), _package("common")
+    P = dict(common.PROFILES["full"])
+    names = fidelity.reward_names(P)
+    assert fidelity.default_reward_name() in names     # the study measures what compress uses
+    recs = [{"i": i, "acc_finetuned": 0.7 + i / 100, "acc_pruned": 0.1, **{n: float(i) for n in names}}
+            for i in range(5)]
+
+    def report(default_rho):
+        rho = {n: {"rho": 0.3, "low": 0.1, "high": 0.5} for n in names + ["acc_pruned"]}
+        rho[fidelity.default_reward_name()] = {"rho": default_rho, "low": 0.2, "high": 0.95}
+        st = {"records": recs, "rho": rho, "held_out": 952, "kd_batches_per_epoch": 210, "steps": 1,
+              "criterion": "l1"}
+        return fidelity.render(types.SimpleNamespace(P=P), st)
+
+    text, summary = report(0.91)
+    assert "target >= 0.6 **met**" in text and "**met**" in summary[0]
+    text, summary = report(0.45)
+    assert "target >= 0.6 **missed**" in text and "**missed**" in summary[0]
