@@ -362,7 +362,8 @@ def render(bench, st) -> tuple[str, list[str]]:
     multi = ", ".join(m for m in P["methods"] if num_steps(P, m) > 1)
     variants = "".join(f" {m}: {_describe(P, m)}." for m in P["methods"] if m in VARIANTS)
     paired_seeds = ", ".join(map(str, P["paired_seeds"]))
-    # dict.fromkeys: the profile's list names the variants twice (once by hand, once from VARIANTS)
+    # dict.fromkeys: states written before 2026-12-07 (the committed one too) and merged
+    # states can name a method twice
     paired_methods = [m for m in dict.fromkeys(P["paired_methods"]) if m in P["methods"]]
     single_methods = [m for m in P["methods"] if m not in paired_methods]
     lines = [
