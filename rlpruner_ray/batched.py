@@ -15,6 +15,14 @@ zeroes *weights*:
 Each is the same arithmetic, so K candidates scored here equal K weight-masked
 passes (and so K physically pruned models), checked for every zoo model.
 
+BatchNorm over K candidates (ghost batch norm with K groups): where a BN uses
+batch statistics (while recalibrating, or a BN without running statistics) it
+computes them per candidate slice of the batch, as the candidate's own pass
+would; a recalibration pass over the K-times-repeated calibration images
+leaves each candidate the running statistics that recalibrating it alone gives
+(:func:`recalibrated`, the single path's), and the scoring pass then normalises
+each slice with its own. Still one forward call per batch of K candidates.
+
 Masks whose channels are already zero are skipped (each is a full read and write
 of an activation): a conv's output mask when its only consumer is a BN masked on
 the same channels, and a layer's input mask when its input comes from a layer
@@ -90,17 +98,18 @@ class CandidateMasks:
             masks[module] = mask
         return masks
 
-    def check_exact(self, inputs: torch.Tensor, plans, tolerance: float = 1e-4) -> float:
+    def check_exact(self, inputs: torch.Tensor, plans, tolerance: float = 1e-4, calibration=()) -> float:
         """Largest difference between batched and weight-masked outputs for ``plans``
-        on ``inputs``; raises AssertionError above ``tolerance`` (relative to the
-        output's scale). The scorer runs it once before trusting the batched path."""
+        on ``inputs`` (both BN-recalibrated on ``calibration`` when given); raises
+        AssertionError above ``tolerance`` (relative to the output's scale). The
+        scorer runs it once before trusting the batched path."""
         k, n = len(plans), inputs.shape[0]
         with torch.no_grad():
-            with self.applied(plans) as model:
-                batched = model(inputs.repeat(k, *([1] * (inputs.dim() - 1)))).float()
+            with self.applied(plans, calibration) as model:
+                batched = model(repeat_rows(inputs, k)).float()
             worst = 0.0
             for i, plan in enumerate(plans):
-                with self.graph.masked(plan) as model:
+                with self.graph.masked(plan) as model, recalibrated(model, calibration) as model:
                     reference = model(inputs).float()
                 scale = max(float(reference.abs().max()), 1.0)
                 worst = max(worst, float((batched[i * n:(i + 1) * n] - reference).abs().max()) / scale)
@@ -109,22 +118,151 @@ class CandidateMasks:
         return worst
 
     @contextlib.contextmanager
-    def applied(self, plans):
+    def applied(self, plans, calibration=(), forward_context=contextlib.nullcontext):
+        """The model scoring ``plans`` at once. With ``calibration`` (batches of
+        images), each candidate's BN statistics are first re-estimated on them,
+        as :func:`recalibrated` does for one model: one pass per batch, under
+        ``forward_context()`` (the scorer's autocast)."""
         plans = np.atleast_2d(np.asarray([self.graph._check_plan(p) for p in np.atleast_2d(plans)]))
         self.graph._follow_model()
+        k = len(plans)
         counts = torch.as_tensor(plans, dtype=torch.long, device=self.graph.device)
         in_masks = self._module_masks(self._inputs, counts, "in")
         out_masks = self._module_masks(self._outputs, counts, "out")
+        model = self.graph.model
+        # BNs recalibrated per candidate (all of them, as the single path does), or
+        # normalising with batch statistics anyway (no running statistics to use)
+        norms = [_CandidateNorm(m, k) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and (calibration or not _tracks(m))]
         handles = []
         try:
             for module, mask in in_masks.items():
                 handles.append(module.register_forward_pre_hook(_pre_hook(mask, isinstance(module, nn.Linear))))
             for module, mask in out_masks.items():
                 handles.append(module.register_forward_hook(_post_hook(mask, isinstance(module, nn.Linear))))
-            yield self.graph.model
+            for norm in norms:
+                norm.install()
+            if calibration:
+                for norm in norms:
+                    norm.calibrating = True
+                with torch.no_grad(), forward_context():
+                    for x in calibration:
+                        model(repeat_rows(x, k))
+                for norm in norms:
+                    norm.calibrating = False
+            yield model
         finally:
             for h in handles:
                 h.remove()
+            for norm in norms:
+                norm.uninstall()
+
+
+def repeat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` repeated ``k`` times along the batch (candidate-major rows)."""
+    return x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))
+
+
+def _tracks(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    return bn.track_running_stats and bn.running_mean is not None
+
+
+@contextlib.contextmanager
+def recalibrated(model: nn.Module, batches, forward_context=contextlib.nullcontext):
+    """``model`` with its BN statistics re-estimated on ``batches`` (a cumulative
+    average over them), restored on exit: accuracy right after pruning is a noisy
+    stand-in for accuracy after fine-tuning, and stale statistics are much of the
+    noise. The single path's recalibration; :meth:`CandidateMasks.applied` gives
+    each of K candidates the same statistics. BNs without running statistics
+    have nothing to re-estimate."""
+    if not batches:
+        yield model
+        return
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and _tracks(m)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum, m.training)
+             for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None                    # cumulative average over the batches
+            m.train()
+        with torch.no_grad(), forward_context():
+            for x in batches:
+                model(x)
+        for m in bns:
+            m.eval()
+        yield model
+    finally:
+        for m, (mean, var, n, momentum, training) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+            m.momentum = momentum
+            m.train(training)
+
+
+class _CandidateNorm:
+    """One BatchNorm's forward over K candidates (rows ``[k*N, (k+1)*N)`` are
+    candidate k's), in place of its own while installed. It normalises with:
+
+    * per-candidate batch statistics while calibrating, accumulated as the
+      candidate's running statistics (what ``momentum=None`` accumulates), or
+      always for a BN without running statistics;
+    * afterwards, each candidate's accumulated statistics.
+
+    Statistics are taken in fp32 (as the fused kernels do under autocast)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, k: int):
+        self.bn, self.k = bn, k
+        self.tracks = _tracks(bn)
+        self.calibrating = False
+        self.mean = self.var = None           # (K, C) running statistics, once calibrated
+        self.batches = 0
+        self._before = None
+
+    def install(self) -> None:
+        self._before = self.bn.__dict__.get("forward")
+        self.bn.forward = self.forward        # an instance attribute: nn.Module.__call__ (and its hooks) use it
+
+    def uninstall(self) -> None:
+        if self._before is None:
+            self.bn.__dict__.pop("forward", None)
+        else:
+            self.bn.forward = self._before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn, k = self.bn, self.k
+        shaped = x.reshape(k, x.shape[0] // k, *x.shape[1:])          # (K, N, C, ...)
+        if self.calibrating or not self.tracks:
+            dims = (1, *range(3, shaped.dim()))
+            var, mean = torch.var_mean(shaped.float(), dim=dims, correction=0)
+            if self.calibrating and self.tracks:
+                self._accumulate(mean, var, shaped.numel() // (k * shaped.shape[2]))
+        elif self.mean is not None:
+            mean, var = self.mean, self.var
+        else:
+            raise RuntimeError("per-candidate BN statistics are used before any calibration batch")
+        view = (k, 1, shaped.shape[2], *([1] * (shaped.dim() - 3)))
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.float()
+        shift = bn.bias.float().expand_as(mean) if bn.bias is not None else torch.zeros_like(mean)
+        # (x - mean) * scale + bias, as BN computes it: folding the mean into the
+        # shift would cancel digits on channels whose mean dwarfs their spread
+        y = torch.addcmul(shift.view(view), shaped - mean.view(view), scale.view(view))
+        return y.to(x.dtype).reshape(x.shape)
+
+    def _accumulate(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        if n <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {n} per candidate")
+        unbiased = var * (n / (n - 1))     # running statistics keep the unbiased variance
+        self.batches += 1
+        if self.mean is None:
+            self.mean, self.var = mean, unbiased
+        else:
+            f = 1.0 / self.batches       # a cumulative average (momentum=None)
+            self.mean = (1 - f) * self.mean + f * mean
+            self.var = (1 - f) * self.var + f * unbiased
 
 
 # autograd functions (and modules) that map a zero channel to a zero channel, one input

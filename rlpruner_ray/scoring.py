@@ -15,8 +15,9 @@ Two exact ways to score a list of candidates, chosen once per scorer:
   small pass is mostly kernel launches, so K at once keeps it busy.
 
 ``auto`` keeps ``single`` on a CPU; on an accelerator it times both on the first
-base model and keeps the faster. BN
-recalibration needs per-candidate statistics, so it always scores singly.
+base model and keeps the faster. With BN recalibration both paths recalibrate
+every candidate (the batched one per candidate inside its K-candidate passes),
+so the choice between them is the same.
 
 The same :func:`plan_for_step` turns a distribution into per-group counts here
 and in the pipeline, so what is applied is exactly what was scored.
@@ -28,9 +29,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from .batched import CandidateMasks
+from .batched import CandidateMasks, recalibrated, repeat_rows
 from .checkpoint import load_pruned
 from .config import SCORING
 from .data import Dataset
@@ -163,9 +163,7 @@ class StepScorer:
         if asked not in SCORING:
             raise ConfigError(f"scoring must be one of {', '.join(SCORING)}, got {asked!r}")
         self.per_pass = int(self.settings.get("candidates_per_pass") or self._fitting_per_pass())
-        if self.bn_batches:
-            self.path, self.choice = "single", {"reason": "BN recalibration needs per-candidate statistics"}
-        elif not self.graph.masking_exact:
+        if not self.graph.masking_exact:
             self.path, self.choice = "single", {"reason": f"{len(self.graph.inexact)} group(s) are scored "
                                                           "on the physical path (masking is not exact there)"}
         elif asked == "single":
@@ -180,38 +178,41 @@ class StepScorer:
             probe = [self.graph.plan(self.graph.initial_distribution(), self.graph.max_removable // 2)]
             # a full pass of K on the batched side: per-candidate cost depends on K (caches, occupancy)
             single = _seconds_per_candidate(lambda: [self._masked_measure(p) for p in probe * 2], 2)
-            batched = _seconds_per_candidate(lambda: self._batched_measure(probe * self.per_pass),
+            batched = _seconds_per_candidate(lambda: self._batched_passes(probe * self.per_pass),
                                              self.per_pass)
             self.path = "batched" if batched < single else "single"
             self.choice = {"reason": "timed", "single_ms": single * 1e3, "batched_ms": batched * 1e3}
         if self.path == "single":
             self.per_pass = 1
         self.choice.update(path=self.path, candidates_per_pass=self.per_pass, device=str(self.device),
-                           precision=self.precision, channels_last=self.channels_last)
+                           precision=self.precision, channels_last=self.channels_last,
+                           bn_recalibration=bool(self.bn_batches))
 
     def _batched_is_exact(self) -> bool:
         """Activation masks against weight masks on a few reward images and two random
-        plans: a model whose structure the masks do not follow is scored singly."""
+        plans (each recalibrated on a few images of every calibration batch, when
+        the reward recalibrates): a model whose structure the masks, or the
+        per-candidate BN statistics, do not follow is scored singly."""
         rng = np.random.default_rng(0)
         g = self.graph
         plans = [g.plan(rng.dirichlet(np.ones(g.num_groups)), g.max_removable // d) for d in (2, 4)]
         try:
-            self.masks.check_exact(self.batches[0][0][:4].float(), plans)
+            self.masks.check_exact(self.batches[0][0][:4].float(), plans,
+                                   calibration=[x[:8].float() for x in self.bn_batches])
             return True
         except AssertionError:
             return False
 
     def _fitting_per_pass(self) -> int:
-        """K from free memory: what one candidate's pass takes, into half the free
-        memory (CUDA); a fixed small K elsewhere."""
-        if self.device.type != "cuda":
+        """K from free memory: what one candidate's batched scoring takes at its
+        peak (its BN recalibration pass included), into half the free memory
+        (CUDA); a fixed small K elsewhere. Should K still not fit, the passes
+        lower it (:meth:`_batched_passes`)."""
+        free = _free_bytes(self.device)
+        if free is None:
             return 8
-        torch.cuda.synchronize(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._batched_measure([np.zeros(self.graph.num_groups, np.int64)])
-        per_candidate = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
-        free, _ = torch.cuda.mem_get_info(self.device)
+        zero = [np.zeros(self.graph.num_groups, np.int64)]
+        per_candidate = max(_peak_bytes(self.device, lambda: self._batched_measure(zero)), 1)
         return int(min(MAX_CANDIDATES_PER_PASS, max(1, 0.5 * free // per_candidate)))
 
     # ------------------------------------------------------------------ scoring
@@ -227,9 +228,7 @@ class StepScorer:
     def score_many(self, plans: list) -> list[dict]:
         """``score`` for each plan, through the scorer's path (same results)."""
         if self.path == "batched":
-            measured = []
-            for i in range(0, len(plans), self.per_pass):
-                measured += self._batched_measure(plans[i:i + self.per_pass])
+            measured = self._batched_passes(plans)
         else:
             measured = [self._masked_measure(p) for p in plans]
         original = self.context["original"]
@@ -242,18 +241,37 @@ class StepScorer:
 
     def _masked_measure(self, counts) -> dict:
         # masked in place where that is exact, else (LayerNorm over channels ...) a pruned copy
-        with self.graph.scored(counts) as model:
-            bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            if self.bn_batches:
-                saved = self._recalibrate(model, bns)
-            measured = self._measure(model, 1)[0]
-            if self.bn_batches:
-                self._restore_bn(bns, saved)
+        with self.graph.scored(counts) as model, recalibrated(model, self.bn_batches, self._autocast) as model:
+            return self._measure(model, 1)[0]
+
+    def _batched_passes(self, plans: list) -> list[dict]:
+        """``plans`` measured ``per_pass`` at a time. A pass that runs out of device
+        memory is retried with half the candidates, and K stays lowered (recorded
+        in ``choice``): a K that does not fit slows the search, never ends it."""
+        measured, i = [], 0
+        while i < len(plans):
+            chunk = plans[i:i + self.per_pass]
+            try:
+                measured += self._batched_measure(chunk)
+                i += len(chunk)
+                continue
+            except torch.OutOfMemoryError:
+                if self.per_pass == 1:
+                    raise
+            # (out of the except block: its traceback holds the failed pass's tensors)
+            self.choice.setdefault("lowered_from", self.per_pass)
+            self.per_pass = max(1, len(chunk) // 2)
+            self.choice["candidates_per_pass"] = self.per_pass
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
         return measured
 
     def _batched_measure(self, plans: list) -> list[dict]:
-        with self.masks.applied(plans) as model:
+        with self.masks.applied(plans, self.bn_batches, self._autocast) as model:
             return self._measure(model, len(plans))
+
+    def _autocast(self):
+        return autocast(self.device, self.precision)
 
     def _base_log_probs(self) -> list[torch.Tensor]:
         """The unpruned base model's log-probabilities on the reward batches, once per
@@ -272,8 +290,7 @@ class StepScorer:
         total = 0
         with torch.inference_mode(), autocast(self.device, self.precision):
             for b, (x, y) in enumerate(self.batches):
-                rows = x if k == 1 else x.repeat(k, *([1] * (x.dim() - 1)))
-                log_probs = torch.log_softmax(model(rows).float().view(k, len(y), -1), -1)
+                log_probs = torch.log_softmax(model(repeat_rows(x, k)).float().view(k, len(y), -1), -1)
                 correct += (log_probs.argmax(-1) == y).sum(1)
                 loss -= log_probs.gather(-1, y.expand(k, -1).unsqueeze(-1)).sum((1, 2)).double()
                 if self.base_log_probs is not None:
@@ -284,36 +301,27 @@ class StepScorer:
         return [{"accuracy": a, "kl": d, "loss": c} for a, d, c in
                 zip((correct.double() / n).tolist(), (kl / n).tolist(), (loss / n).tolist())]
 
-    def _recalibrate(self, model, bns):
-        """Re-estimate BN statistics of the masked model on a few training batches:
-        accuracy right after pruning is a noisy stand-in for accuracy after
-        fine-tuning, and stale statistics are much of the noise."""
-        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
-                 for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None                    # cumulative average over the batches
-            m.train()
-        with torch.no_grad(), autocast(self.device, self.precision):
-            for x in self.bn_batches:
-                model(x)
-        for m in bns:
-            m.eval()
-        return saved
-
-    def _restore_bn(self, bns, saved):
-        for m, (mean, var, n, momentum) in zip(bns, saved):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(n)
-            m.momentum = momentum
-
 
 def _worth_timing(device: torch.device) -> bool:
     """Whether ``auto`` times both paths. Not on a CPU: a pass there is compute-bound,
     so K candidates cost about K passes either way, and a timed choice could differ
     between a run and its resume (the record of the run would then differ too)."""
     return device.type != "cpu"
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device; None elsewhere (K is then fixed)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def _peak_bytes(device: torch.device, fn) -> int:
+    """How far ``fn()`` raises the device's allocated memory at its peak."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _seconds_per_candidate(fn, k: int, repeats: int = 3) -> float:
