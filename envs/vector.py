@@ -3,8 +3,9 @@
 Gymnasium's ``SyncVectorEnv`` would step N separate environments one after the
 other: N model copies and N small forward passes. Here the N sub-environments
 share one base model and one :class:`StepScorer`, and a vector step scores all
-N candidates together (K per forward pass on the batched path), which is what
-keeps a GPU env runner busy. RLlib builds it through the env's vector entry
+N candidates together (K per forward pass on the batched path, BN-recalibrated
+rewards included: each candidate's statistics are taken inside the same passes),
+which is what keeps a GPU env runner busy. RLlib builds it through the env's vector entry
 point (``gym_env_vectorize_mode="vector_entry_point"``).
 
 Autoreset follows Gymnasium's default (``NEXT_STEP``): the step after a

@@ -142,7 +142,7 @@ class CandidateMasks:
                 handles.append(module.register_forward_hook(_post_hook(mask, isinstance(module, nn.Linear))))
             for norm in norms:
                 norm.install()
-            if calibration:
+            if calibration and any(n.tracks for n in norms):   # (else nothing to recalibrate)
                 for norm in norms:
                     norm.calibrating = True
                 with torch.no_grad(), forward_context():
@@ -175,10 +175,10 @@ def recalibrated(model: nn.Module, batches, forward_context=contextlib.nullconte
     noise. The single path's recalibration; :meth:`CandidateMasks.applied` gives
     each of K candidates the same statistics. BNs without running statistics
     have nothing to re-estimate."""
-    if not batches:
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and _tracks(m)]
+    if not batches or not bns:
         yield model
         return
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and _tracks(m)]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum, m.training)
              for m in bns]
     try:
@@ -240,8 +240,9 @@ class _CandidateNorm:
                 self._accumulate(mean, var, shaped.numel() // (k * shaped.shape[2]))
         elif self.mean is not None:
             mean, var = self.mean, self.var
-        else:
-            raise RuntimeError("per-candidate BN statistics are used before any calibration batch")
+        else:       # no calibration batch reached it: reset statistics, as on the single path
+            mean = torch.zeros(k, shaped.shape[2], device=x.device)
+            var = torch.ones_like(mean)
         view = (k, 1, shaped.shape[2], *([1] * (shaped.dim() - 3)))
         scale = torch.rsqrt(var + bn.eps)
         if bn.weight is not None:
@@ -314,7 +315,9 @@ def _width(module: nn.Module, axis: str) -> int:
         return module.out_channels if axis == "out" else module.in_channels
     if isinstance(module, nn.Linear):
         return module.out_features if axis == "out" else module.in_features
-    return module.weight.numel()      # one-axis layers: BN, PReLU
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features    # (one without affine parameters has no weight)
+    return module.weight.numel()      # one-axis layers: PReLU
 
 
 def _apply(x: torch.Tensor, mask: torch.Tensor, last: bool) -> torch.Tensor:

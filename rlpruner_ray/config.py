@@ -87,7 +87,7 @@ class CompressConfig:
     reward_batch_size: int = _f(256, "batch size of the reward forward passes", "search", lo=1)
     bn_recalibration_batches: int = _f(4, "training batches (of --reward-batch-size) to re-estimate BN "
                                        "statistics before scoring; 0: score with the base model's statistics "
-                                       "(the paper; near-chance rewards after deep cuts); > 0 scores singly",
+                                       "(the paper; near-chance rewards after deep cuts)",
                                        "search", lo=0)
     scoring: str = _f("auto", "score candidates one weight-masked pass each (single), K per pass with "
                       "activation masks (batched, the GPU path), or on a GPU time both and keep the faster "

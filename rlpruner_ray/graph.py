@@ -481,6 +481,10 @@ class PruningGraph:
                 if k == 0:
                     continue
                 for s in group.slices + group.extra:
+                    if s.tensor is None:
+                        # a BN without affine parameters: nothing to zero; what it makes of
+                        # the channel reaches only members whose weights on it are zeroed
+                        continue
                     idx = s.ordered[: int(k) * s.multiplicity]
                     tensors = [(s.tensor, s.weight_dim, s.weight_index(idx))]
                     if s.has_bias:

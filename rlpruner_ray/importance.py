@@ -27,6 +27,8 @@ def _per_channel(tensor: torch.Tensor, dim: int, reduce) -> torch.Tensor:
 
 def _slice_score(s, criterion: str) -> torch.Tensor | None:
     w = s.module.weight
+    if w is None:
+        return None       # a BN without affine parameters: no weights to judge its channels by
     if criterion == "l1":
         full = _per_channel(w, s.weight_dim, torch.abs)
     elif criterion == "l2":

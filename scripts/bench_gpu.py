@@ -6,7 +6,10 @@
 Rows (ResNet-56, real CIFAR-10 reward images unless --quick):
   1. floor (one plain forward over the reward images), one weight-masked
      candidate, and K candidates per pass on the batched path (K from free
-     memory), with evaluations per second;
+     memory), with evaluations per second; the same two paths again for the
+     default reward (top-1 after BN recalibration, CompressConfig's number of
+     batches), what `--scoring auto` chooses for it, and how the two paths'
+     recalibrated rewards agree;
   2. bf16 autocast (+ channels-last) against fp32 on the same candidates:
      Spearman of the rewards and the largest accuracy difference;
   3. the evaluation pool with 1, 2, 4, 8 actors sharing the GPU;
@@ -92,9 +95,10 @@ class Bench:
         self.config = CompressConfig(model=self.p["model"], dataset=self.dataset,
                                      reward_samples=self.p["reward_samples"],
                                      reward_batch_size=self.p["reward_samples"], criterion="l1",
-                                     # the scoring paths themselves: no BN recalibration (it
-                                     # adds its own batches and rules out the batched path)
+                                     # the scoring paths themselves: no BN recalibration (it adds
+                                     # its own batches; the recalibrated rows set it themselves)
                                      bn_recalibration_batches=0, device=str(self.device))
+        self.recalibration_batches = CompressConfig().bn_recalibration_batches     # the default reward's
         torch.manual_seed(0)
         from rlpruner_ray.checkpoint import tag_model
         from rlpruner_ray.models import build_model, model_spec
@@ -150,6 +154,27 @@ class Bench:
         self.row(s, "masked evaluations/s", 1.0 / masked, "1/s")
         auto = self.env(scoring="auto").scorer.choice
         self.row(s, "auto chose batched", float(auto["path"] == "batched"))
+
+        # 1b: the default reward, BN statistics re-estimated for every candidate, on both paths
+        nb = self.recalibration_batches
+        s = "1b. recalibrated"
+        single_bn = self.env(scoring="single", bn_recalibration_batches=nb)
+        masked_bn = timed(lambda: single_bn.evaluate_distributions(ds), self.device) / n
+        batched_bn_env = self.env(scoring="batched", bn_recalibration_batches=nb)
+        batched_bn = timed(lambda: batched_bn_env.evaluate_distributions(ds_b), self.device) / len(ds_b)
+        self.row(s, "recalibration batches", nb)
+        self.row(s, "masked evaluations/s", 1.0 / masked_bn, "1/s")
+        self.row(s, "batched evaluations/s", 1.0 / batched_bn, "1/s")
+        self.row(s, "batched K", batched_bn_env.scorer.per_pass)
+        self.row(s, "batched / masked evaluations/s", masked_bn / batched_bn, "x")
+        auto_bn = self.env(scoring="auto", bn_recalibration_batches=nb).scorer.choice
+        self.row(s, "auto chose batched", float(auto_bn["path"] == "batched"))
+        ds_r = self.distributions(self.p["agreement_candidates"], graph.num_groups)
+        one = [r["accuracy"] for r in single_bn.evaluate_distributions(ds_r)]
+        many = [r["accuracy"] for r in batched_bn_env.evaluate_distributions(ds_r)]
+        self.row(s, "spearman batched vs single", spearman(one, many))
+        self.row(s, "max top-1 difference (images)",
+                 max(abs(a - b) for a, b in zip(one, many)) * self.p["reward_samples"], "images")
 
         # 2: bf16 (+ channels-last) against fp32 on the same candidates
         ds_a = self.distributions(self.p["agreement_candidates"], graph.num_groups)
@@ -274,6 +299,16 @@ def render(bench: Bench, seconds: dict, errors: dict) -> str:
            f"| evaluations/s: masked / batched | {v('1. scoring', 'masked evaluations/s', spec='.1f')} / "
            f"{v('1. scoring', 'batched evaluations/s', spec='.1f')} |",
            f"| `--scoring auto` chose batched | {'yes' if get.get(('1. scoring', 'auto chose batched', '')) else 'no'} |",
+           f"| default reward (top-1 after BN recalibration on {v('1b. recalibrated', 'recalibration batches', spec='.0f')}"
+           f" batches), evaluations/s: masked / batched (K) | {v('1b. recalibrated', 'masked evaluations/s', spec='.1f')}"
+           f" / {v('1b. recalibrated', 'batched evaluations/s', spec='.1f')} "
+           f"({v('1b. recalibrated', 'batched K', spec='.0f')}; "
+           f"{v('1b. recalibrated', 'batched / masked evaluations/s', spec='.1f')}x) |",
+           f"| `--scoring auto` chose batched with recalibration | "
+           f"{'yes' if get.get(('1b. recalibrated', 'auto chose batched', '')) else 'no'} |",
+           f"| recalibrated, batched vs single on {p['agreement_candidates']} candidates: Spearman / max top-1 "
+           f"difference (images) | {v('1b. recalibrated', 'spearman batched vs single')} / "
+           f"{v('1b. recalibrated', 'max top-1 difference (images)', spec='.0f')} |",
            f"| bf16 + channels-last: evaluations/s (K) | {v('2. bf16', 'bf16 batched evaluations/s', spec='.1f')} "
            f"({v('2. bf16', 'bf16 K', spec='.0f')}) |",
            f"| bf16 vs fp32 on {p['agreement_candidates']} candidates: Spearman / max abs accuracy difference | "

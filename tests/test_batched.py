@@ -1,7 +1,8 @@
 """Batched multi-candidate scoring: K candidates in one forward pass equal K
-weight-masked passes and K physically pruned models, on every zoo model; the
-scorer's paths give the same results; the vector env scores its sub-envs
-together and behaves like N single envs."""
+weight-masked passes and K physically pruned models, on every zoo model, also
+with per-candidate BN recalibration; the scorer's paths give the same results;
+K is lowered where memory runs out; the vector env scores its sub-envs together
+and behaves like N single envs."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +10,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from envs import LayerPruningEnv
 from envs.vector import LayerPruningVectorEnv
-from rlpruner_ray.batched import CandidateMasks
+from rlpruner_ray.batched import CandidateMasks, recalibrated
 from rlpruner_ray.config import CompressConfig
 from rlpruner_ray.graph import PruningGraph
 from rlpruner_ray.models import build_model, list_models
@@ -56,6 +58,119 @@ def test_batched_equals_masked_and_physical_on_every_zoo_model(name):
     with torch.no_grad():
         assert torch.equal(model(x), model(x)) and not any(m._forward_hooks or m._forward_pre_hooks
                                                             for m in model.modules())
+
+
+def _zoo_graph(name):
+    torch.manual_seed(_stable_seed(name))
+    model = build_model(name, 10, 3).eval()
+    _randomise_bn(model, _stable_seed(name))
+    graph = PruningGraph(model, torch.zeros(1, 3, 32, 32))
+    graph.compute_scores("l1")
+    return graph
+
+
+def _bn_state(model):
+    return [(t.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_batched_recalibration_equals_single_recalibration_on_every_zoo_model(name):
+    """Each candidate's BN statistics re-estimated inside the K-candidate pass equal
+    those of recalibrating that candidate alone (logits within 1e-4 relative)."""
+    graph = _zoo_graph(name)
+    model = graph.model
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    rng = np.random.default_rng(_stable_seed(name))
+    plans = [graph.plan(graph.initial_distribution(), graph.max_removable // 2),
+             graph.plan(rng.dirichlet(np.ones(graph.num_groups)), graph.max_removable // 3)]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1 if name in BATCH_ONE else 2, 3, 32, 32, generator=gen)
+    calibration = [torch.randn(3, 3, 32, 32, generator=gen) for _ in range(2)]
+    before = _bn_state(model)
+    masks = CandidateMasks(graph)
+    assert masks.check_exact(x, plans, calibration=calibration) <= TOLERANCE
+    # recalibration matters here (else the check above proves nothing about it)
+    with torch.no_grad(), masks.applied(plans) as stale:
+        stale_out = stale(x.repeat(2, 1, 1, 1))
+    with torch.no_grad(), masks.applied(plans, calibration) as fresh:
+        fresh_out = fresh(x.repeat(2, 1, 1, 1))
+    assert (fresh_out - stale_out).abs().max() > 1e-2 * max(float(stale_out.abs().max()), 1.0)
+    # the model is back as it was: statistics, forwards, hooks
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_state(model)))
+    assert not any("forward" in vars(m) or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _Norms(nn.Module):
+    """BatchNorm2d, BatchNorm1d on (N, C, L) and on (N, C), each with the given
+    affine / running-statistics settings."""
+
+    def __init__(self, affine: bool, track: bool):
+        super().__init__()
+        def bn(cls, n):
+            return cls(n, affine=affine, track_running_stats=track)
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), bn(nn.BatchNorm2d, 8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1), bn(nn.BatchNorm2d, 12)
+        self.bn3 = bn(nn.BatchNorm1d, 12)
+        self.fc1, self.bn4 = nn.Linear(12, 16), bn(nn.BatchNorm1d, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(x.flatten(2))).mean(-1)
+        return self.fc2(torch.relu(self.bn4(self.fc1(x))))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_batchnorm_1d_2d_with_and_without_affine_and_running_statistics(affine, track):
+    torch.manual_seed(0)
+    model = _Norms(affine, track).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.2)
+                if track:
+                    m.running_mean.normal_(0, 0.3)
+                    m.running_var.uniform_(0.5, 2.0)
+    graph = PruningGraph(model, torch.zeros(2, 3, 8, 8))
+    graph.compute_scores("l1")
+    rng = np.random.default_rng(0)
+    plans = [graph.plan(rng.dirichlet(np.ones(graph.num_groups)), graph.max_removable // d) for d in (2, 3, 5)]
+    assert all(p.any() for p in plans)
+    x, calibration = torch.randn(4, 3, 8, 8), [torch.randn(6, 3, 8, 8), torch.randn(5, 3, 8, 8)]
+    masks = CandidateMasks(graph)
+    assert masks.check_exact(x, plans) <= TOLERANCE                      # the model's statistics
+    assert masks.check_exact(x, plans, calibration=calibration) <= TOLERANCE   # re-estimated per candidate
+    # the weight-masked reference equals the physically pruned model, recalibrated alike
+    with torch.no_grad():
+        with graph.masked(plans[0]) as masked, recalibrated(masked, calibration) as masked:
+            reference = masked(x)
+        small = graph.prune(plans[0]).eval()
+        with recalibrated(small, calibration) as small:
+            physical = small(x)
+    assert (reference - physical).abs().max() < TOLERANCE
+
+
+def test_a_model_without_batchnorm_is_unaffected_by_calibration():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    graph = PruningGraph(model, torch.zeros(1, 3, 8, 8))
+    graph.compute_scores("l1")
+    plans = [graph.plan(graph.initial_distribution(), graph.max_removable // d) for d in (2, 3)]
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        with CandidateMasks(graph).applied(plans) as m:
+            plain = m(x.repeat(2, 1, 1, 1))
+        with CandidateMasks(graph).applied(plans, [torch.randn(4, 3, 8, 8)]) as m:
+            calibrated = m(x.repeat(2, 1, 1, 1))
+    assert torch.equal(plain, calibrated) and calls == [6, 6]    # no calibration pass was run
 
 
 def test_a_zero_plan_changes_nothing(quick_resnet8):
@@ -156,9 +271,122 @@ def test_auto_times_both_paths_and_records_the_choice(base, monkeypatch):
     assert choice["path"] == faster
 
 
-def test_bn_recalibration_always_scores_singly(base):
+def _agree(single: dict, batched: dict, images: int) -> None:
+    for key in ("kl", "loss"):
+        assert batched[key] == pytest.approx(single[key], rel=1e-5, abs=1e-7), key
+    # top-1 from logits equal within 1e-4: an argmax flips only on a near-tie
+    assert abs(batched["accuracy"] - single["accuracy"]) <= 1 / images + 1e-12
+
+
+def test_bn_recalibrated_rewards_are_scored_batched_one_forward_call_per_batch(base):
+    """K candidates, each recalibrated on 2 training batches: one forward call per
+    calibration batch and per reward batch for the whole K, equal to the single
+    path's recalibrated scores."""
+    rng = np.random.default_rng(3)
+    distributions = [rng.dirichlet(np.ones(6)) for _ in range(4)]
+    single = _env(base, scoring="single", bn_recalibration_batches=2)
+    batched = _env(base, scoring="batched", bn_recalibration_batches=2, candidates_per_pass=4)
+    assert batched.scorer.path == "batched" and batched.scorer.choice["bn_recalibration"]
+    scorer = batched.scorer
+    calls = []
+    model_hook = scorer.model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    bns = [m for m in scorer.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bn_calls = []
+    bn_hooks = [m.register_forward_pre_hook(lambda m, args: bn_calls.append(m)) for m in bns]
+    try:
+        b = batched.evaluate_distributions(distributions)
+    finally:
+        model_hook.remove()
+        for h in bn_hooks:
+            h.remove()
+    rows = [len(x) * 4 for x in scorer.bn_batches] + [len(y) * 4 for _, y in scorer.batches]
+    assert len(scorer.bn_batches) == 2 and calls == rows
+    assert len(bn_calls) == len(bns) * len(rows)          # each BN once per call: no loop over candidates
+    for ra, rb in zip(single.evaluate_distributions(distributions), b):
+        np.testing.assert_array_equal(ra["counts"], rb["counts"])
+        _agree(ra, rb, 200)
+    # recalibration changed the scores (on the base model's statistics they differ)
+    stale = _env(base, scoring="batched", candidates_per_pass=4).evaluate_distributions(distributions)
+    assert any(abs(r["loss"] - s["loss"]) > 1e-3 for r, s in zip(b, stale))
+
+
+def test_auto_picks_batched_with_recalibration_when_batched_is_faster(base, monkeypatch):
+    monkeypatch.setattr(scoring, "_worth_timing", lambda device: True)   # as on a GPU
+    # batched timed faster (per candidate, K = 4 of them) than single (2 candidates)
+    monkeypatch.setattr(scoring, "_seconds_per_candidate", lambda fn, k: 0.001 if k == 4 else 0.01)
+    choice = _env(base, scoring="auto", bn_recalibration_batches=2, candidates_per_pass=4).scorer.choice
+    assert choice["path"] == "batched" and choice["reason"] == "timed" and choice["bn_recalibration"]
+    assert choice["candidates_per_pass"] == 4
+    # and a CPU keeps the single path without timing, recalibration or not
+    monkeypatch.setattr(scoring, "_worth_timing", lambda device: False)
+    choice = _env(base, scoring="auto", bn_recalibration_batches=2).scorer.choice
+    assert choice["path"] == "single" and choice["reason"] == "auto on a CPU"
+
+
+# ---------------------------------------------------------------------- memory
+def _small_device(monkeypatch, scorer_rows: int, bytes_per_row: int = 1000):
+    """A device of ``2 * scorer_rows`` rows of free memory (K takes half): a pass
+    with more than ``scorer_rows`` rows in one forward call runs out of memory.
+    The probe's peak is the most rows one forward call of it took."""
+    seen = []
+
+    def peak(device, fn):
+        import torch.nn.modules.module as module_module
+        rows = []
+        handle = module_module.register_module_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0])
+                                                                if args and torch.is_tensor(args[0]) else None)
+        try:
+            fn()
+        finally:
+            handle.remove()
+        seen.append(len(rows))
+        return max(rows) * bytes_per_row
+
+    monkeypatch.setattr(scoring, "_free_bytes", lambda device: 2 * scorer_rows * bytes_per_row)
+    monkeypatch.setattr(scoring, "_peak_bytes", peak)
+    return seen
+
+
+def _run_out_above(model, rows: int):
+    def hook(module, args):
+        if args[0].shape[0] > rows:
+            raise torch.OutOfMemoryError(f"forced: {args[0].shape[0]} rows > {rows}")
+    return model.register_forward_pre_hook(hook)
+
+
+def test_k_comes_from_free_memory_with_the_recalibration_pass_included(base, monkeypatch):
+    seen = _small_device(monkeypatch, scorer_rows=3 * 64)       # room for 3 candidates of 64-image batches
     env = _env(base, scoring="batched", bn_recalibration_batches=2)
-    assert env.scorer.path == "single" and "BN" in env.scorer.choice["reason"]
+    assert env.scorer.per_pass == 3
+    # the probe ran the calibration passes too: 2 calibration batches + 4 reward batches, every
+    # module of the model called in each
+    calls_per_pass = sum(1 for _ in env.scorer.model.modules())
+    assert seen == [calls_per_pass * (2 + len(env.scorer.batches))]
+
+
+def test_a_k_that_does_not_fit_is_lowered_never_out_of_memory(base, monkeypatch):
+    rng = np.random.default_rng(4)
+    distributions = [rng.dirichlet(np.ones(6)) for _ in range(8)]     # 8 -> 4 -> 2 per pass
+    single = _env(base, scoring="single", bn_recalibration_batches=2).evaluate_distributions(distributions)
+    env = _env(base, scoring="batched", bn_recalibration_batches=2, candidates_per_pass=8)
+    assert env.scorer.per_pass == 8
+    handle = _run_out_above(env.scorer.model, 2 * 64)       # room for 2 candidates
+    try:
+        lowered = env.evaluate_distributions(distributions)
+    finally:
+        handle.remove()
+    assert env.scorer.per_pass == 2
+    assert env.scorer.choice["candidates_per_pass"] == 2 and env.scorer.choice["lowered_from"] == 8
+    for ra, rb in zip(single, lowered):
+        np.testing.assert_array_equal(ra["counts"], rb["counts"])
+        _agree(ra, rb, 200)
+    # no room even for one candidate: that is an error, not a loop
+    handle = _run_out_above(env.scorer.model, 10)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            env.evaluate_distributions(distributions[:1])
+    finally:
+        handle.remove()
 
 
 def test_bf16_scoring_agrees_with_fp32(base):
@@ -174,9 +402,13 @@ def test_bf16_scoring_agrees_with_fp32(base):
 
 
 # ---------------------------------------------------------------------- the vector env
-def test_vector_env_steps_like_single_envs(base):
-    vec = LayerPruningVectorEnv(dict(base, scoring="batched"), num_envs=3)
-    single = _env(base, scoring="single")
+@pytest.mark.parametrize("recalibration", [0, 2])
+def test_vector_env_steps_like_single_envs(base, recalibration):
+    """Also with the default reward (BN recalibration): the vector env, as RLlib's
+    env runners build it, scores its sub-envs in one batched pass."""
+    vec = LayerPruningVectorEnv(dict(base, scoring="batched", bn_recalibration_batches=recalibration), num_envs=3)
+    single = _env(base, scoring="single", bn_recalibration_batches=recalibration)
+    assert vec.env.scorer.path == "batched"
     obs, _ = vec.reset(seed=0)
     assert obs.shape == (3, *single.observation_space.shape)
     assert vec.action_space.shape == (3, *single.action_space.shape)
@@ -185,7 +417,8 @@ def test_vector_env_steps_like_single_envs(base):
     for i in range(3):
         single.reset()
         o, r, done, _, _ = single.step(actions[i])
-        assert r == pytest.approx(rewards[i], abs=1e-12) and done == terminated[i]
+        # recalibrated: top-1 of logits equal within 1e-4 (one image at most on a near-tie)
+        assert r == pytest.approx(rewards[i], abs=1 / 200 if recalibration else 1e-12) and done == terminated[i]
         np.testing.assert_allclose(o, obs[i])
     assert terminated.all() and not truncated.any()
     # next-step autoreset: the finished sub-envs come back reset, reward 0

@@ -41,8 +41,8 @@ def test_quick_cpu_run_writes_only_the_gpu_section(tmp_path):
     assert text.rstrip().endswith("## Later\n\nalso kept") and "old text" not in text
     gpu = text.split("## GPU", 1)[1].split("## Later", 1)[0]
     assert "Sections that failed" not in gpu
-    for label in ("floor", "batched, K per pass", "evaluation actors", "ppo: steady", "KD images/s",
-                  "latency"):
+    for label in ("floor", "batched, K per pass", "after BN recalibration", "chose batched with recalibration",
+                  "evaluation actors", "ppo: steady", "KD images/s", "latency"):
         assert label in gpu, label
     numbers = [float(x) for x in re.findall(r"\| (-?\d+(?:\.\d+)?(?:e[+-]?\d+)?)", gpu)]
     assert len(numbers) > 15 and all(math.isfinite(x) for x in numbers)
@@ -50,7 +50,12 @@ def test_quick_cpu_run_writes_only_the_gpu_section(tmp_path):
     import pyarrow.parquet as pq
     data = pq.read_table(rows).to_pylist()
     metrics = {(r["section"], r["metric"], r["variant"]) for r in data}
-    for key in [("1. scoring", "batched evaluations/s", ""), ("2. bf16", "spearman vs fp32", ""),
+    for key in [("1. scoring", "batched evaluations/s", ""), ("1b. recalibrated", "masked evaluations/s", ""),
+                ("1b. recalibrated", "batched evaluations/s", ""), ("1b. recalibrated", "auto chose batched", ""),
+                ("1b. recalibrated", "spearman batched vs single", ""), ("2. bf16", "spearman vs fp32", ""),
                 ("3. actors", "evaluations/s", "2 actors"), ("4. rllib", "steady evaluations/s", "ppo"),
                 ("5. training", "kd images/s", "bf16 channels-last bs 64"), ("6. latency", "speed-up", "batch 256")]:
         assert key in metrics, key
+    recalibrated = {r["metric"]: r["value"] for r in data if r["section"] == "1b. recalibrated"}
+    assert recalibrated["recalibration batches"] > 0 and recalibrated["batched K"] >= 1
+    assert recalibrated["auto chose batched"] == 0.0          # a CPU keeps the single path
