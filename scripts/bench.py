@@ -43,7 +43,7 @@ from pathlib import Path
 # any installed copy (tasks run this file in fresh processes)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from bench.common import ROW_COLUMNS, _ranks, spearman  # noqa: E402,F401  (used by tests)
+from bench.common import ROW_COLUMNS  # noqa: E402,F401  (used by tests)
 from bench.cli import main  # noqa: E402
 from bench.cost import cost_verdict  # noqa: E402,F401
 from bench.efficiency import evals_to_fraction  # noqa: E402,F401

@@ -270,23 +270,34 @@ def test_continuous_rewards_agree_on_both_paths(base, metric):
 
 
 def test_kl_reward_ranks_candidates_by_how_far_they_move_the_outputs(base):
+    """True by construction on any machine: the reward is minus the mean KL divergence
+    from the base model's outputs to the candidate's, so its ranking is the ranking by
+    that divergence computed independently on the physically pruned models. (An
+    earlier version asserted a correlation between KL and accuracy over 12 random
+    candidates: a property of how a one-minute model trained, which held on one CPU
+    and not on another, and which BENCHMARKS.md section 4 finds false after deep cuts.)"""
     env = _env(base, scoring="single", reward_metric="kl")
-    graph = env.scorer.graph
-    init = graph.initial_distribution()
-    # nested plans: each removes everything the previous one did, and more
-    plans = [np.zeros(graph.num_groups, np.int64)] + [graph.plan(init, int(f * graph.max_removable))
-                                                      for f in (0.1, 0.3, 0.6)]
+    scorer = env.scorer
+    graph = scorer.graph
+    rng = np.random.default_rng(0)
+    plans = [np.zeros(graph.num_groups, np.int64)] + [
+        graph.plan(rng.dirichlet(np.ones(graph.num_groups)), int(f * graph.max_removable)) for f in (0.1, 0.3, 0.6)]
     results = env.evaluate_plans(plans)
     assert results[0]["kl"] == pytest.approx(0.0, abs=1e-6)       # the base model itself
-    rewards = [r["reward"] for r in results]
-    assert rewards == sorted(rewards, reverse=True), rewards
-    # over random candidates, less divergence goes with more of the base's accuracy
-    rng = np.random.default_rng(0)
-    plans = [graph.plan(rng.dirichlet(np.ones(graph.num_groups)), graph.max_removable // 3) for _ in range(12)]
-    results = env.evaluate_plans(plans)
-    kl = np.array([r["kl"] for r in results])
-    accuracy = np.array([r["accuracy"] for r in results])
-    assert np.corrcoef(-kl, accuracy)[0, 1] > 0.3
+    assert all(r["kl"] > 0 for r in results[1:])                   # any real cut moves the outputs
+    x = torch.cat([xb for xb, _ in scorer.batches])
+    with torch.no_grad():
+        base_log_probs = torch.log_softmax(scorer.model(x).double(), 1)
+        independent = []
+        for plan in plans:
+            log_probs = torch.log_softmax(graph.prune(plan).eval()(x).double(), 1)
+            independent.append(float((base_log_probs.exp() * (base_log_probs - log_probs)).sum(1).mean()))
+    for r, kl in zip(results, independent):
+        assert r["kl"] == pytest.approx(kl, abs=1e-5) and r["reward"] == pytest.approx(-r["kl"])
+    by_reward = sorted(range(len(plans)), key=lambda i: -results[i]["reward"])
+    gaps = np.diff(sorted(independent))
+    if gaps.min() > 1e-4:                                          # no near-ties the rounding could swap
+        assert by_reward == sorted(range(len(plans)), key=lambda i: independent[i])
 
 
 def test_auto_on_a_cpu_scores_singly_without_timing(base):
@@ -433,8 +444,17 @@ def test_bf16_scoring_agrees_with_fp32(base):
     fp32 = [r["accuracy"] for r in _env(base, scoring="single").evaluate_distributions(distributions)]
     bf16 = [r["accuracy"] for r in _env(base, scoring="batched", precision="bf16",
                                         channels_last=True).evaluate_distributions(distributions)]
-    assert max(abs(a - b) for a, b in zip(fp32, bf16)) <= 0.03
-    assert np.corrcoef(np.argsort(np.argsort(fp32)), np.argsort(np.argsort(bf16)))[0, 1] > 0.8
+    # bf16 keeps about 3 significant digits, so an image whose top two logits are
+    # that close may flip: bound the per-candidate change (10 of the 200 images), and
+    # require the order of every pair that fp32 separates by more than twice that
+    # bound. A rank correlation over the 12 candidates (the earlier check) depends
+    # on how close the candidates happen to be, which changes with the CPU.
+    bound = 0.05
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) <= bound
+    for i in range(len(fp32)):
+        for j in range(len(fp32)):
+            if fp32[i] > fp32[j] + 2 * bound:
+                assert bf16[i] > bf16[j], (i, j, fp32, bf16)
 
 
 # ---------------------------------------------------------------------- the vector env

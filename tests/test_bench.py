@@ -46,15 +46,8 @@ def _tables(text: str):
     return tables
 
 
-def test_spearman_and_sample_efficiency_helpers():
+def test_sample_efficiency_helper():
     bench = _bench_module()
-    assert bench.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert bench.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert bench._ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
-    # against scipy's definition where it is installed
-    scipy_stats = pytest.importorskip("scipy.stats")
-    x, y = [0.1, 0.5, 0.5, 0.3, 0.9, 0.2], [1, 3, 2, 2, 5, 0]
-    assert bench.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
     assert bench.evals_to_fraction([0.5, 0.9, 0.95, 1.0], 0.95) == 3
     assert bench.evals_to_fraction([1.0, 0.2], 0.95) == 1
     assert bench.evals_to_fraction([0.1, 0.2, 0.3], 0.99) == 3
@@ -74,13 +67,8 @@ def _package(name: str):
     return importlib.import_module(f"bench.{name}")
 
 
-def test_bootstrap_interval_and_paired_differences():
-    common, quality = _package("common"), _package("quality")
-    low, high = common.bootstrap_interval([0.01, 0.02, 0.03, 0.012, 0.018], resamples=2000)
-    assert 0.01 <= low < 0.018 < high <= 0.03
-    assert all(math.isnan(v) for v in common.bootstrap_interval([0.5]))
-    rlo, rhi = common.spearman_interval(list(range(30)), [v + (v % 3) for v in range(30)], resamples=500)
-    assert 0.8 < rlo <= rhi <= 1.0
+def test_paired_differences_carry_t_and_bootstrap_intervals():
+    quality = _package("quality")
 
     def run(method, seed, top1):
         return {"method": method, "seed": seed, "summary": {"pruned": {"test_top1": top1}}}
@@ -91,6 +79,10 @@ def test_bootstrap_interval_and_paired_differences():
     d = paired["rlpruner - tp-global"]
     assert d["seeds"] == [0, 1] and d["diffs"] == pytest.approx([0.01, 0.02])
     assert d["mean"] == pytest.approx(0.015) and d["low"] <= d["mean"] <= d["high"]
+    # two seeds: the t interval is mean -+ t(0.95, 1) * sd / sqrt(2) = 0.015 -+ 6.314 * 0.005
+    assert d["low"] == pytest.approx(0.015 - 6.3138 * 0.005, abs=1e-4)
+    assert d["high"] == pytest.approx(0.015 + 6.3138 * 0.005, abs=1e-4)
+    assert d["boot_low"] >= 0.01 and d["boot_high"] <= 0.02      # the bootstrap cannot leave the data
     assert paired["rlpruner - uniform"]["seeds"] == [0] and math.isnan(paired["rlpruner - uniform"]["low"])
 
 

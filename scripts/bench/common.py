@@ -209,63 +209,6 @@ def make_synthetic_npz(folder: Path, n_train: int, n_test: int, size: int = 32, 
     return f"npz:{folder}"
 
 
-def _ranks(values):
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1      # ties share their average rank
-        i = j + 1
-    return ranks
-
-
-def pearson(x, y) -> float:
-    n = len(x)
-    if n < 2:
-        return float("nan")
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-
-
-def spearman(x, y) -> float:
-    return pearson(_ranks(list(x)), _ranks(list(y)))
-
-
-def bootstrap_interval(values, *, statistic=None, level: float = 0.9, resamples: int = 10000,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic`` (default: the mean) of
-    ``values`` (a list of items; tuples for a paired statistic such as Spearman)."""
-    import numpy as np
-    values = list(values)
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    statistic = statistic or (lambda v: statistics.fmean(v))
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        sample = [values[i] for i in rng.integers(0, len(values), len(values))]
-        value = statistic(sample)
-        if math.isfinite(value):
-            draws.append(value)
-    if not draws:
-        return float("nan"), float("nan")
-    tail = (1 - level) / 2
-    return float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail))
-
-
-def spearman_interval(x, y, **kw) -> tuple[float, float]:
-    """90% bootstrap interval of Spearman's rho over (x, y) pairs."""
-    return bootstrap_interval(list(zip(x, y)), statistic=lambda s: spearman([a for a, _ in s], [b for _, b in s]),
-                              **kw)
-
-
 # Tasks: heavy pieces run in a fresh Python process (isolates Ray and memory).
 TASKS: dict = {}
 

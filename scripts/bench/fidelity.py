@@ -17,7 +17,9 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .common import _accuracy, _median, _threads, log, num, row, run_task, spearman, spearman_interval, task
+from rlpruner_ray.stats import spearman, spearman_interval
+
+from .common import _accuracy, _median, _threads, log, num, row, run_task, task
 from .quality import base_model, num_steps, run_config
 
 TITLE = "4. Reward fidelity"

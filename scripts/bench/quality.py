@@ -12,7 +12,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import METHODS, ONE_SHOT, PAPER_RLPRUNER, RETIRED_VARIANTS, VARIANTS, _mean, _rel, _threads, bootstrap_interval, log, num, row, run_task, task
+from rlpruner_ray.stats import bootstrap_interval, paired_difference
+
+from .common import METHODS, ONE_SHOT, PAPER_RLPRUNER, RETIRED_VARIANTS, VARIANTS, _mean, _rel, _threads, log, num, row, run_task, task
 
 TITLE = "3. Quality at equal budgets"
 # the target: rlpruner (the project's defaults) >= 0.5 points above these, with the 90%
@@ -313,16 +315,19 @@ def merge_runs(mine: dict, P: dict, other: dict, other_P: dict) -> tuple[dict, l
 
 
 def paired_differences(runs: dict, pairs, resamples: int) -> dict:
-    """Per pair (a, b): test top-1 of a minus b on every seed both ran, their mean
-    and the 90% bootstrap interval of the mean (seeds resampled)."""
+    """Per pair (a, b): test top-1 of a minus b on every seed both ran, their mean,
+    the 90% paired Student t interval of the mean (low, high) and, as a second
+    column, the percentile-bootstrap interval (seeds resampled)."""
     top1 = {(r["method"], r["seed"]): r["summary"]["pruned"]["test_top1"] for r in runs.values()
             if r.get("summary")}
     out = {}
     for a, b in pairs:
         seeds = sorted(s for m, s in top1 if m == a and (b, s) in top1)
         diffs = [top1[(a, s)] - top1[(b, s)] for s in seeds]
-        low, high = bootstrap_interval(diffs, resamples=resamples)
-        out[f"{a} - {b}"] = {"seeds": seeds, "diffs": diffs, "mean": _mean(diffs), "low": low, "high": high}
+        t = paired_difference([top1[(a, s)] for s in seeds], [top1[(b, s)] for s in seeds])
+        boot_low, boot_high = bootstrap_interval(diffs, resamples=resamples)
+        out[f"{a} - {b}"] = {"seeds": seeds, "diffs": diffs, "mean": _mean(diffs), "low": t.low, "high": t.high,
+                             "boot_low": boot_low, "boot_high": boot_high}
     return out
 
 
@@ -433,13 +438,18 @@ def render(bench, st) -> tuple[str, list[str]]:
     paired = {name: d for name, d in st.get("paired", {}).items() if d["seeds"]}
     if paired:
         lines += ["", "Paired differences of test top-1 (first method minus second, same seed), in points; "
-                  f"90% percentile-bootstrap interval of the mean over the seeds ({P['bootstrap']} resamples):",
-                  "", "| pair | seeds | mean difference (pts) | 90% low (pts) | 90% high (pts) |",
-                  "|---|---|---|---|---|"]
+                  "90% paired Student t interval of the mean over the seeds (scipy.stats.ttest_rel), and beside it "
+                  f"the 90% percentile-bootstrap interval ({P['bootstrap']} resamples), which is too narrow at so "
+                  "few seeds and is shown for comparison only:",
+                  "", "| pair | seeds | mean difference (pts) | t 90% low (pts) | t 90% high (pts) "
+                  "| bootstrap low (pts) | bootstrap high (pts) |",
+                  "|---|---|---|---|---|---|---|"]
         verdicts = []
         for name, d in paired.items():
             lines.append(f"| {name} | {len(d['seeds'])} | {num(100 * d['mean'], '.2f')} "
-                         f"| {num(100 * d['low'], '.2f')} | {num(100 * d['high'], '.2f')} |")
+                         f"| {num(100 * d['low'], '.2f')} | {num(100 * d['high'], '.2f')} "
+                         f"| {num(100 * d.get('boot_low', math.nan), '.2f')} "
+                         f"| {num(100 * d.get('boot_high', math.nan), '.2f')} |")
             above = math.isfinite(d["low"]) and d["low"] > 0
             verdict = f"{name} {num(100 * d['mean'], '+.2f')} pts " \
                       f"({'interval above 0' if above else 'interval not above 0'}"
