@@ -41,8 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from bench.common import spearman  # noqa: E402  (ties share their average rank; bf16 and fp32 tie often)
+from rlpruner_ray.stats import spearman  # noqa: E402  (ties share their average rank; bf16 and fp32 tie often)
 HEADING = "## GPU"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 
