@@ -12,7 +12,7 @@ import warnings
 
 from . import console
 from .config import CompressConfig, field_groups
-from .errors import RLPrunerError
+from .errors import RLPrunerError, StepFailed
 
 EXIT_BAD_INPUT = 2
 
@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     except RLPrunerError as exc:
         print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StepFailed as exc:   # not bad input: exit 1, one line, the traceback in the run's log.txt
+        print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rlpruner: interrupted; resume with --resume", file=sys.stderr)
         return 130

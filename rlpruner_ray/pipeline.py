@@ -11,10 +11,13 @@ with ``--resume`` ends with the same result files as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import shutil
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ from . import checkpoint as ckpt
 from . import console
 from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset, load_dataset
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, RLPrunerError, StepFailed, one_line
 from .graph import PruningGraph, group_widths
 from .measure import compare_latency, latency_ms, macs_params
 from .models import build_model, check_model_name, model_spec
@@ -220,6 +223,43 @@ def measure_pair(base, pruned, data: Dataset, device: str) -> tuple[dict, dict]:
     return measured["base"], measured["pruned"]
 
 
+def check_model(config: CompressConfig, data: Dataset, checkpoint=None) -> None:
+    """Refusals that need the model, before any work: it fits the data, the graph
+    can be built, the target is reachable within the floors, and Torch-Pruning's
+    pruner handles it when ``--algo`` is one of its baselines. ``checkpoint``: the
+    base model's file (else an untrained model of the same structure)."""
+    if checkpoint is not None:
+        probe = ckpt.load_pruned(checkpoint, allow_import=config.model)
+        _check_fits(probe, data, checkpoint)
+    else:
+        probe = build_model(config.model, data.num_classes, data.in_channels)
+    graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
+                         min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    _check_reachable(config, graph, {"macs": graph.base_macs, "params": graph.base_params})
+    if config.algo in ("tp-uniform", "tp-global"):
+        from .search.tp_baselines import check_tp_supported
+        check_tp_supported(graph, global_pruning=config.algo == "tp-global")
+
+
+@contextlib.contextmanager
+def _step_failure(run: RunFolder, config: CompressConfig, label: str):
+    """An unexpected error inside a step becomes one StepFailed line naming the
+    step and the model, with its traceback appended to the run's log.txt; the
+    steps finished before it keep their checkpoints (``--resume`` goes on from
+    there). Bad input and interrupts pass as they are."""
+    try:
+        yield
+    except (RLPrunerError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        with open(run.log, "a", encoding="utf-8") as f:
+            f.write(f"{label} of model {config.model} failed:\n{traceback.format_exc()}\n")
+        raise StepFailed(f"{label} of model {config.model} failed: {one_line(exc)[:300]} (traceback in "
+                         f"{run.log}; finished steps are kept: rerun with --resume)") from exc
+
+
 # ---------------------------------------------------------------------- the loop
 def compress(config: CompressConfig, on_step=None) -> dict:
     """Run RL-Pruner end to end; returns the summary (also written to summary.json).
@@ -237,15 +277,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     device = config.resolved_device()
 
     # everything that can be refused is checked before the first byte is written
-    if config.base_checkpoint or (config.resume and run.base.exists()):
-        probe = ckpt.load_pruned(config.base_checkpoint or run.base, allow_import=config.model)
-        _check_fits(probe, data, config.base_checkpoint or run.base)
-    else:
-        probe = build_model(config.model, data.num_classes, data.in_channels)
-    probe_graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
-                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
-    _check_reachable(config, probe_graph, {"macs": probe_graph.base_macs, "params": probe_graph.base_params})
-    del probe, probe_graph
+    check_model(config, data, config.base_checkpoint or (run.base if config.resume and run.base.exists() else None))
     from .cluster_offer import check_request
     from .runtime import init_ray, local_offer, shutdown_ray
     from .search.base import planned_bundles
@@ -307,85 +339,95 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     history = HistoryWriter(run.history, algo=config.algo)
     try:
         start = len(steps)
-        if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
-            graph = build_graph(config, model, data, device)
-            context = _context(config, start, targets, original, model, graph)
-            ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
-            algo = make_algorithm(config, store_name=store_name)
-            algo.load_state_dict(algo_state)
-            if done:
-                algo.load_extra(run.algo_dir(done[-1]))
-            if algo.uses_pool:
-                pool = EvaluationPool(config, store_name)
-        for step in range(start, config.num_steps):
-            t0 = time.perf_counter()
-            if step > start:
+        with _step_failure(run, config, f"step {start + 1}/{config.num_steps}"):
+            if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
                 graph = build_graph(config, model, data, device)
-                context = _context(config, step, targets, original, model, graph)
-                ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
-                algo.on_new_base(step)
-            number = step + 1     # (step: 0-based index for seeds and contexts; number: what people read)
-            label = f"step {number}/{config.num_steps}"
-            spent = sum(s["evaluations"] for s in steps)
-            searching = console.Progress(config.evaluations_per_step, f"{label} evaluations")
+                context = _context(config, start, targets, original, model, graph)
+                ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
+                algo = make_algorithm(config, store_name=store_name)
+                algo.load_state_dict(algo_state)
+                if done:
+                    algo.load_extra(run.algo_dir(done[-1]))
+                if algo.uses_pool:
+                    pool = EvaluationPool(config, store_name)
+        for step in range(start, config.num_steps):
+            with _step_failure(run, config, f"step {step + 1}/{config.num_steps}"):
+                t0 = time.perf_counter()
+                if step > start:
+                    graph = build_graph(config, model, data, device)
+                    context = _context(config, step, targets, original, model, graph)
+                    ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
+                    algo.on_new_base(step)
+                number = step + 1     # (step: 0-based index for seeds and contexts; number: what people read)
+                label = f"step {number}/{config.num_steps}"
+                spent = sum(s["evaluations"] for s in steps)
+                searching = console.Progress(config.evaluations_per_step, f"{label} evaluations")
 
-            def on_candidate(c, seconds, spent=spent, bar=searching):
-                history.add(c, seconds)
-                curves.evaluation(spent + c.index + 1, c)
-                bar.update()
+                def on_candidate(c, seconds, spent=spent, bar=searching):
+                    history.add(c, seconds)
+                    curves.evaluation(spent + c.index + 1, c)
+                    bar.update()
 
-            evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
-                                  on_candidate=on_candidate)
-            ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
-                              reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
-                              extras={k: context.get(k) for k in ("num_filters", "cost_target")})
-            with searching:
-                chosen = algo.search(ctx, evaluator)
-            search_s = time.perf_counter() - t0
+                evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
+                                      on_candidate=on_candidate)
+                ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
+                                  reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
+                                  extras={k: context.get(k) for k in ("num_filters", "cost_target")})
+                with searching:
+                    chosen = algo.search(ctx, evaluator)
+                for skip in ctx.skipped:
+                    log.warning("step %d/%d: the %s candidate is skipped: %s", number, config.num_steps,
+                                skip["candidate"], skip["reason"])
+                search_s = time.perf_counter() - t0
 
-            small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
-            before = evaluate(small, data, "val", device=device)["top1"]
-            bar, counted = training_progress(config, data, config.finetune_epochs, f"{label} fine-tuning",
-                                             finetune=True)
-            with bar:
-                ft = finetune_kd(small, teacher, counted,
-                                 train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                seed=config.seed + step + 1, device=device, finetune=True),
-                                 temperature=config.kd_temperature, alpha=config.kd_alpha)
-            after = evaluate(small, data, "val", device=device)["top1"]
-            if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
-                teacher, teacher_acc = small, after
-            macs, params = macs_params(small, data.example_inputs(1).to(device))
-            removed = original["total_channels"] - (graph.total_channels - int(chosen.counts.sum()))
-            record = {
-                "step": number, "filters_removed": int(removed),
-                "sparsity": removed / original["total_channels"],
-                "macs": macs, "params": params,
-                "macs_reduction": 1 - macs / original["macs"], "params_reduction": 1 - params / original["params"],
-                "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy, "chosen_source": chosen.source,
-                "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
-                "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": ft.best_epoch,
-                "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
-                "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
-                "counts": chosen.counts.tolist(),
-            }
-            if pool is not None:
-                record.update(pool.scoring_choice())
-            steps.append(record)
-            curves.step(number, {"val_top1": after, "val_top1_before_finetune": before, "sparsity": record["sparsity"],
-                                 "macs_kept": 1 - record["macs_reduction"], "params_kept": 1 - record["params_reduction"],
-                                 "best_reward": evaluator.best.reward, "chosen_reward": chosen.reward})
-            history.flush(number, chosen.index)
-            algo.save_extra(run.algo_dir(number))
-            ckpt.save_tensors(run.step_file(number), {
-                "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
-                "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc,
-                "wall_seconds": spent_before + time.perf_counter() - started})
-            log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
-                     "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
-                     evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
-                     100 * macs / original["macs"], before, after, record["step_seconds"])
-            model = small
+                small = (graph.prune(chosen.counts) if chosen.indices is None
+                         else graph.prune_channels(chosen.indices))
+                before = evaluate(small, data, "val", device=device)["top1"]
+                bar, counted = training_progress(config, data, config.finetune_epochs, f"{label} fine-tuning",
+                                                 finetune=True)
+                with bar:
+                    ft = finetune_kd(small, teacher, counted,
+                                     train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                                    seed=config.seed + step + 1, device=device, finetune=True),
+                                     temperature=config.kd_temperature, alpha=config.kd_alpha)
+                after = evaluate(small, data, "val", device=device)["top1"]
+                if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
+                    teacher, teacher_acc = small, after
+                macs, params = macs_params(small, data.example_inputs(1).to(device))
+                removed = original["total_channels"] - (graph.total_channels - int(chosen.counts.sum()))
+                record = {
+                    "step": number, "filters_removed": int(removed),
+                    "sparsity": removed / original["total_channels"],
+                    "macs": macs, "params": params,
+                    "macs_reduction": 1 - macs / original["macs"],
+                    "params_reduction": 1 - params / original["params"],
+                    "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy,
+                    "chosen_source": chosen.source,
+                    "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
+                    "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": ft.best_epoch,
+                    "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
+                    "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
+                    "counts": chosen.counts.tolist(),
+                    "skipped": list(ctx.skipped),
+                }
+                if pool is not None:
+                    record.update(pool.scoring_choice())
+                steps.append(record)
+                curves.step(number, {"val_top1": after, "val_top1_before_finetune": before,
+                                     "sparsity": record["sparsity"], "macs_kept": 1 - record["macs_reduction"],
+                                     "params_kept": 1 - record["params_reduction"],
+                                     "best_reward": evaluator.best.reward, "chosen_reward": chosen.reward})
+                history.flush(number, chosen.index)
+                algo.save_extra(run.algo_dir(number))
+                ckpt.save_tensors(run.step_file(number), {
+                    "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
+                    "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc,
+                    "wall_seconds": spent_before + time.perf_counter() - started})
+                log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
+                         "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
+                         evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
+                         100 * macs / original["macs"], before, after, record["step_seconds"])
+                model = small
             if on_step is not None:
                 on_step(record, run)
     finally:
@@ -431,6 +473,8 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, *
                        "params": 1 - pruned_m["params"] / base_m["params"],
                        "macs_speedup": base_m["macs"] / pruned_m["macs"]},
         "steps": steps,
+        # optional candidates left out, and why (each step's record has its own)
+        "skipped": [{"step": s["step"], **k} for s in steps for k in s.get("skipped", [])],
         "evaluations": int(sum(s["evaluations"] for s in steps)),
         "groups": groups, "channels_before": original["channels"], "channels_after": channels_after,
         "scoring_exactness": exactness,
