@@ -42,7 +42,7 @@ import torch_pruning as tp
 from .errors import ModelError, PlanError
 from .importance import CRITERIA, channel_scores, validate_criterion
 from .tracing import (all_groups, build_dependency, inexact_reason, inspection_mode, output_layers,
-                      shuffle_nodes)
+                      shuffle_nodes, split_nodes)
 
 # Attribute on a pruned module holding torch-pruning's replayable history
 # ([module_name, is_out_channel, indices] per group pruned). It travels with the
@@ -147,7 +147,8 @@ class PruningGraph:
         self.dg = build_dependency(model, example_inputs)
         # the layers producing the model's output never lose channels: they are its outputs
         self._outputs = output_layers(self.dg)
-        self._shuffles = shuffle_nodes(self.dg)   # groups crossing a channel shuffle stay whole
+        # groups crossing a channel shuffle or a split stay whole
+        self._shuffles = shuffle_nodes(self.dg) | split_nodes(self.dg)
         ignored = [names[n] for n in exclude] + [m for m in self._outputs if isinstance(m, (nn.Conv2d, nn.Linear))]
         self._count_base(model, example_inputs)
         self.groups: list[Group] = []

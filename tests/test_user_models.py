@@ -1,0 +1,114 @@
+"""User models written with functional code (tests/user_models.py) through the
+whole default ``rlpruner compress`` on the embedded digits data, with small
+budgets; a Torch-Pruning failure only skips its optional candidate, and an
+unexpected error inside a step stops in one line and leaves the finished steps
+resumable."""
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from rlpruner_ray import pipeline
+from rlpruner_ray.checkpoint import load_pruned
+from rlpruner_ray.cli import main
+from tests.user_models import FAMILY
+
+# the default job (rlpruner, one 50% step, L1, BN-recalibrated reward, the three starting
+# candidates) with budgets small enough for a test
+SMALL = ["--train-epochs", "1", "--max-batches-per-epoch", "2", "--evaluations-per-step", "4",
+         "--samples-per-iteration", "2", "--finetune-epochs", "1", "--num-workers", "1",
+         "--reward-samples", "64", "--bn-recalibration-batches", "1"]
+STARTS = ["uniform", "global", "tp-global"]
+
+
+@pytest.fixture(scope="module")
+def shared_ray(tmp_path_factory):
+    """One private local Ray for every run of this file (compress leaves a Ray it did
+    not start running), so each run pays for its actors, not for a cluster."""
+    import ray
+    from rlpruner_ray.runtime import init_ray, shutdown_ray
+    if ray.is_initialized():
+        pytest.skip("Ray already initialised by another test")
+    init_ray(None, tmp_path_factory.mktemp("ray_users"), num_cpus=2)
+    yield ray
+    shutdown_ray()
+
+
+def _compress(out, *args) -> int:
+    return main(["-q", "compress", "--out-dir", str(out), *SMALL, *args])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILY)
+def test_user_model_finishes_the_default_compress(name, tmp_path, shared_ray, capsys):
+    out = tmp_path / name
+    assert _compress(out, "--model", f"tests.user_models:{name}") == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["steps"]) == 1 and summary["evaluations"] == 4
+    assert summary["pruned"]["macs"] < summary["base"]["macs"]
+    small = load_pruned(out / "pruned_model.pt", allow_import=f"tests.user_models:{name}")
+    assert sum(p.numel() for p in small.parameters()) == summary["pruned"]["params"]
+    # the starting candidates come first, each by name; Torch-Pruning's only where it could be built
+    sources = pq.read_table(out / "history.parquet").column("source").to_pylist()
+    skipped = [s["candidate"] for s in summary["skipped"]]
+    assert sources[:3 - len(skipped)] == [s for s in STARTS if s not in skipped]
+    assert set(sources[3 - len(skipped):]) == {"sample"}
+    assert summary["steps"][0]["skipped"] == [{k: v for k, v in s.items() if k != "step"}
+                                              for s in summary["skipped"]]
+
+
+@pytest.mark.slow
+def test_torch_pruning_failure_skips_its_candidate(tmp_path, shared_ray, capsys):
+    """The issue's usernet2: Torch-Pruning's importance raises IndexError inside its
+    pruner; the run goes on without that candidate and says why, everywhere."""
+    out = tmp_path / "usernet2"
+    assert main(["compress", "--out-dir", str(out), "--model", "tests.user_models:usernet2", *SMALL]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == [{"step": 1, "candidate": "tp-global",
+                                   "reason": summary["skipped"][0]["reason"]}]
+    assert summary["skipped"][0]["reason"].startswith("IndexError: ")
+    assert "tp-global candidate is skipped: IndexError" in capsys.readouterr().err
+    sources = pq.read_table(out / "history.parquet").column("source").to_pylist()
+    assert sources[:2] == ["uniform", "global"] and "tp-global" not in sources
+
+
+def test_torch_pruning_algo_on_such_a_model_is_refused_before_any_work(tmp_path, capsys):
+    for algo in ("tp-global", "tp-uniform"):
+        out = tmp_path / algo
+        assert _compress(out, "--model", "tests.user_models:usernet2", "--algo", algo) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"rlpruner: error: --algo {algo}: Torch-Pruning"), err
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_unexpected_error_in_step_2_leaves_step_1_resumable(tmp_path, shared_ray, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["--sparsity", "0.5", "--step-fraction", "0.25"]
+    real, calls = pipeline.finetune_kd, []
+
+    def fails_in_step_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "finetune_kd", fails_in_step_2)
+    capsys.readouterr()
+    assert _compress(out, *args) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("rlpruner: error: step 2/2 of model resnet8 failed: RuntimeError: injected fault")
+    assert "--resume" in err[0]
+    log = (out / "log.txt").read_text()
+    assert "Traceback" in log and "injected fault" in log
+    assert [p.name for p in (out / "steps").glob("step_*.pt")] == ["step_001.pt"]
+
+    monkeypatch.setattr(pipeline, "finetune_kd", real)
+    assert _compress(out, *args, "--resume") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["step"] for s in summary["steps"]] == [1, 2]
