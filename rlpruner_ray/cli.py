@@ -96,17 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model_file")
     e.add_argument("--model", dest="model", default=argparse.SUPPRESS, metavar="PKG.MODULE:FACTORY",
                    help="allow a model file built by this user factory to import it (never done unless named)")
-    e.add_argument("--split", choices=("val", "test"), default="test")
+    e.add_argument("--split", choices=("val", "test"), default="test", help="split to evaluate on (default: test)")
     _add_fields(e, ["data"])
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: 0)")
 
     pr = sub.add_parser("prune", usage=_USAGE, help="one-shot pruning with a non-learned strategy (baselines)")
     _add_fields(pr, ["data", "model", "train", "target", "finetune", "run"], skip=("resume", "step_fraction"))
     pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random", "tp-uniform", "tp-global"),
                     default="uniform",
-                    help="how the filters to remove are spread across groups")
-    pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1")
+                    help="how the filters to remove are spread across groups (default: uniform)")
+    pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1",
+                    help="filter importance criterion (default: l1)")
     pr.add_argument("--export", choices=("torchscript", "onnx"), help="also export the pruned model")
     for name in ("sweep", "compare", "report"):
         _register_later(sub, name)

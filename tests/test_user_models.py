@@ -19,7 +19,7 @@ from tests.user_models import FAMILY
 # candidates) with budgets small enough for a test
 SMALL = ["--train-epochs", "1", "--max-batches-per-epoch", "2", "--evaluations-per-step", "4",
          "--samples-per-iteration", "2", "--finetune-epochs", "1", "--num-workers", "1",
-         "--reward-samples", "64", "--bn-recalibration-batches", "1"]
+         "--reward-samples", "64", "--bn-recalibration-batches", "1", "--image-size", "12"]
 STARTS = ["uniform", "global", "tp-global"]
 
 
@@ -60,7 +60,7 @@ def test_user_model_finishes_the_default_compress(name, tmp_path, shared_ray, ca
 
 
 @pytest.mark.slow
-def test_torch_pruning_failure_skips_its_candidate(tmp_path, shared_ray, capsys):
+def test_torch_pruning_failure_skips_its_candidate(tmp_path, shared_ray, capfd):
     """The issue's usernet2: Torch-Pruning's importance raises IndexError inside its
     pruner; the run goes on without that candidate and says why, everywhere."""
     out = tmp_path / "usernet2"
@@ -69,7 +69,7 @@ def test_torch_pruning_failure_skips_its_candidate(tmp_path, shared_ray, capsys)
     assert summary["skipped"] == [{"step": 1, "candidate": "tp-global",
                                    "reason": summary["skipped"][0]["reason"]}]
     assert summary["skipped"][0]["reason"].startswith("IndexError: ")
-    assert "tp-global candidate is skipped: IndexError" in capsys.readouterr().err
+    assert "tp-global candidate is skipped: IndexError" in capfd.readouterr().err   # (the terminal's fd)
     sources = pq.read_table(out / "history.parquet").column("source").to_pylist()
     assert sources[:2] == ["uniform", "global"] and "tp-global" not in sources
 
