@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
         _show(args.command, result)      # (after the redirect: results go to stdout, not the log)
         return 0
     except RLPrunerError as exc:
-        print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"rlpruner: error: {as_flags(str(exc).splitlines()[0])}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StepFailed as exc:   # not bad input: exit 1, one line, the traceback in the run's log.txt
         print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -159,6 +160,19 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rlpruner: interrupted; resume with --resume", file=sys.stderr)
         return 130
+
+
+def as_flags(message: str) -> str:
+    """A refusal in the words a command-line user typed: the config's field names
+    (``evaluations_per_step``) as their flags (``--evaluations-per-step``). Names
+    with an underscore are never ordinary words; a one-word name (``seed``,
+    ``sparsity``) only where the message is about its value (``seed must be ...``).
+    A name inside a path or already a flag is left alone."""
+    for f in dataclasses.fields(CompressConfig):
+        flag = "--" + f.name.replace("_", "-")
+        after = r"\b" if "_" in f.name else r"(?= must\b)"
+        message = re.sub(rf"(?<![\w/.-]){f.name}{after}(?![/.-]\w)", flag, message)
+    return message
 
 
 def _default_out_dir(command: str) -> str | None:

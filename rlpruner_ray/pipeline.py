@@ -223,14 +223,14 @@ def measure_pair(base, pruned, data: Dataset, device: str) -> tuple[dict, dict]:
     return measured["base"], measured["pruned"]
 
 
-def check_model(config: CompressConfig, data: Dataset, checkpoint=None) -> None:
+def check_model(config: CompressConfig, data: Dataset, probe=None, source=None) -> None:
     """Refusals that need the model, before any work: it fits the data, the graph
     can be built, the target is reachable within the floors, and Torch-Pruning's
-    pruner handles it when ``--algo`` is one of its baselines. ``checkpoint``: the
-    base model's file (else an untrained model of the same structure)."""
-    if checkpoint is not None:
-        probe = ckpt.load_pruned(checkpoint, allow_import=config.model)
-        _check_fits(probe, data, checkpoint)
+    pruner handles it when ``--algo`` is one of its baselines. ``probe``: the base
+    model loaded from the file ``source`` (else an untrained model of the same
+    structure is built)."""
+    if probe is not None:
+        _check_fits(probe, data, source)
     else:
         probe = build_model(config.model, data.num_classes, data.in_channels)
     graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
@@ -273,11 +273,11 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         log.info("the run in %s is already finished; its results are unchanged", run.root)
         return ckpt.load_json(run.summary)
     started = time.perf_counter()
-    data = _load_data(config)
+    # everything that can be refused is checked before the first byte is written, and
+    # what needs no data before the data is loaded (a refusal is the only line printed)
+    checkpoint = config.base_checkpoint or (run.base if config.resume and run.base.exists() else None)
+    probe = ckpt.load_pruned(checkpoint, allow_import=config.model) if checkpoint is not None else None
     device = config.resolved_device()
-
-    # everything that can be refused is checked before the first byte is written
-    check_model(config, data, config.base_checkpoint or (run.base if config.resume and run.base.exists() else None))
     from .cluster_offer import check_request
     from .runtime import init_ray, local_offer, shutdown_ray
     from .search.base import planned_bundles
@@ -289,6 +289,9 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     # when the evaluation pool starts
     check_request(planned_bundles(config), f"algorithm {config.algo}", offered=None if
                   (config.ray_address or not own_ray) else local_offer())
+    data = _load_data(config)
+    check_model(config, data, probe, checkpoint)
+    del probe
 
     if config.overwrite and run.root.exists():
         for p in [run.steps, run.history, run.base, run.curves, run.log, *[run.root / f for f in RESULT_FILES]]:
@@ -540,17 +543,18 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     run = RunFolder(config.out_dir)
     if (run.model.exists() or run.summary.exists()) and not config.overwrite:
         raise ConfigError(f"{run.root} already holds results; pass --overwrite to replace them")
-    data = _load_data(config)
+    # the file's and Torch-Pruning's refusals come before the data's lines and before training
+    given = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model) if config.base_checkpoint else None
     device = config.resolved_device()
-    if config.base_checkpoint:
-        base = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model)
-        _check_fits(base, data, config.base_checkpoint)
+    data = _load_data(config)
+    check_model(config, data, given, config.base_checkpoint)
+    if given is not None:
+        base = given
     else:
         base = load_or_train_base(config, data, run, device)
     base = base.to(device).eval()
     graph = build_graph(config, base, data, device)
     original = {"macs": graph.base_macs, "params": graph.base_params}
-    _check_reachable(config, graph, original)
     rng = np.random.default_rng(config.seed)
     from .scoring import plan_for_step
     if config.target == "filters":
