@@ -13,11 +13,11 @@ import torch_pruning as tp
 from .tracing import inspection_mode
 
 
-def macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[float, float]:
-    """(MACs per sample, parameter count)."""
+def macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """(MACs per sample, parameter count), counted on one sample: whole numbers."""
     with torch.no_grad(), inspection_mode(model):
         macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
-    return float(macs), float(params)
+    return int(round(macs)), int(params)
 
 
 def latency_ms(model: nn.Module, input_shape, *, batch_size: int = 1, device: str = "cpu",

@@ -14,7 +14,9 @@ from .checkpoint import atomic_write_bytes
 HISTORY_SCHEMA = pa.schema([
     ("step", pa.int32()), ("iteration", pa.int32()), ("evaluation", pa.int32()),
     ("algo", pa.string()), ("source", pa.string()),
-    ("reward", pa.float64()), ("accuracy", pa.float64()), ("macs", pa.float64()), ("params", pa.float64()),
+    # MACs and params of the candidate's plan: exact counts (the closed form equals the
+    # count on the physically pruned model, so the chosen row matches summary.json)
+    ("reward", pa.float64()), ("accuracy", pa.float64()), ("macs", pa.int64()), ("params", pa.int64()),
     ("filters_removed", pa.int64()), ("chosen", pa.bool_()), ("seconds", pa.float64()),
     ("distribution", pa.list_(pa.float32())), ("counts", pa.list_(pa.int32())),
     ("learner_stats", pa.map_(pa.string(), pa.float64())),

@@ -51,8 +51,14 @@ def test_user_model_finishes_the_default_compress(name, tmp_path, shared_ray, ca
     small = load_pruned(out / "pruned_model.pt", allow_import=f"tests.user_models:{name}")
     assert sum(p.numel() for p in small.parameters()) == summary["pruned"]["params"]
     # the starting candidates come first, each by name; Torch-Pruning's only where it could be built
-    sources = pq.read_table(out / "history.parquet").column("source").to_pylist()
+    rows = pq.read_table(out / "history.parquet").to_pylist()
+    sources = [r["source"] for r in rows]
     skipped = [s["candidate"] for s in summary["skipped"]]
+    # exact integer sizes: the chosen candidate's closed-form cost is the pruned model's count
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1 and (chosen[0]["macs"], chosen[0]["params"]) == \
+        (summary["steps"][0]["macs"], summary["steps"][0]["params"]) == \
+        (summary["pruned"]["macs"], summary["pruned"]["params"])
     assert sources[:3 - len(skipped)] == [s for s in STARTS if s not in skipped]
     assert set(sources[3 - len(skipped):]) == {"sample"}
     assert summary["steps"][0]["skipped"] == [{k: v for k, v in s.items() if k != "step"}

@@ -22,8 +22,8 @@ class Candidate:
     counts: np.ndarray
     reward: float
     accuracy: float
-    macs: float
-    params: float
+    macs: int                     # exact counts of the plan (PruningGraph.cost)
+    params: int
     iteration: int
     index: int                    # evaluation number within the step
     source: str = "sample"        # "sample" (the search's own), "policy" (RLlib's deterministic action),
@@ -103,8 +103,8 @@ def candidate_from(distribution, result: dict, iteration: int, source: str = "sa
                    learner_stats: dict | None = None) -> Candidate:
     """A Candidate from an environment's result dict (index set when recorded)."""
     return Candidate(np.asarray(distribution, dtype=np.float64), np.asarray(result["counts"]),
-                     float(result["reward"]), float(result["accuracy"]), float(result["macs"]),
-                     float(result["params"]), iteration, -1, source, learner_stats)
+                     float(result["reward"]), float(result["accuracy"]), int(result["macs"]),
+                     int(result["params"]), iteration, -1, source, learner_stats)
 
 
 @dataclass
