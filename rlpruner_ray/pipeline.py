@@ -123,11 +123,11 @@ def _check_reachable(config: CompressConfig, graph: PruningGraph, original: dict
 
 # ---------------------------------------------------------------------- pieces
 def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int, device: str,
-                   finetune: bool = False) -> TrainSettings:
+                   finetune: bool = False, label: str = "") -> TrainSettings:
     batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
     return TrainSettings(epochs=epochs, batch_size=batch, lr=lr, seed=seed, device=device,
                          max_batches_per_epoch=config.max_batches_per_epoch, precision=config.precision,
-                         channels_last=config.channels_last)
+                         channels_last=config.channels_last, label=label)
 
 
 def training_progress(config: CompressConfig, data: Dataset, epochs: int, label: str, *, finetune: bool = False):
@@ -172,7 +172,8 @@ def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, de
     bar, counted = training_progress(config, data, config.train_epochs, "base training")
     with bar:
         result = train_base(model, counted, train_settings(config, epochs=config.train_epochs,
-                                                           lr=config.train_lr, seed=config.seed, device=device))
+                                                           lr=config.train_lr, seed=config.seed, device=device,
+                                                           label="base training"))
     ckpt.save_pruned(model.cpu(), run.base, meta={"val_top1": result.best_val_top1, "epochs": result.epochs})
     return model
 
@@ -209,15 +210,20 @@ def measure_pair(base, pruned, data: Dataset, device: str) -> tuple[dict, dict]:
     measured = {"base": measure_model(base, data, device, test=True),
                 "pruned": measure_model(pruned, data, device, test=True)}
     shape = tuple(data.example_inputs(1).shape[1:])
-    settings = [("cpu_b1", "cpu", 1, 30), ("cpu_b64", "cpu", 64, 7)]
+    # (label, device, batch, at least these rounds, and repeated for at least these
+    # seconds): batch-1 passes take a millisecond or two, and their median, and the
+    # pruned/base ratio, settle only after hundreds of rounds on a busy machine
+    settings = [("cpu_b1", "cpu", 1, 30, 3.0), ("cpu_b64", "cpu", 64, 7, 0.0)]
     if torch.cuda.is_available():
-        settings.append(("gpu_b64", "cuda", 64, 20))
-    for label, where, batch, rounds in settings:
+        settings.append(("gpu_b64", "cuda", 64, 20, 1.0))
+    for label, where, batch, rounds, seconds in settings:
         timed = compare_latency({"base": base, "pruned": pruned}, shape, batch_size=batch, device=where,
-                                rounds=rounds)
+                                rounds=rounds, warmup=10 if batch == 1 else 3, min_seconds=seconds)
         for name, t in timed.items():
             measured[name][f"latency_ms_{label}"] = t["median"]
             measured[name][f"latency_ms_{label}_quartiles"] = [t["q1"], t["q3"]]
+        # the pruned model's time over the base's, paired within each round
+        measured["pruned"][f"latency_ratio_{label}"] = timed["pruned"]["ratio"]
     for model in (base, pruned):
         model.to(device)
     return measured["base"], measured["pruned"]
@@ -391,7 +397,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 with bar:
                     ft = finetune_kd(small, teacher, counted,
                                      train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                    seed=config.seed + step + 1, device=device, finetune=True),
+                                                    seed=config.seed + step + 1, device=device, finetune=True,
+                                                    label=f"{label} fine-tuning"),
                                      temperature=config.kd_temperature, alpha=config.kd_alpha)
                 after = evaluate(small, data, "val", device=device)["top1"]
                 if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
@@ -573,7 +580,8 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
     before = evaluate(small, data, "val", device=device)["top1"]
     finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                  seed=config.seed, device=device, finetune=True),
+                                                  seed=config.seed, device=device, finetune=True,
+                                                  label="fine-tuning"),
                 temperature=config.kd_temperature, alpha=config.kd_alpha)
     base_m, pruned_m = measure_pair(base, small, data, device)
     run.root.mkdir(parents=True, exist_ok=True)

@@ -89,3 +89,21 @@ def test_sweep_and_compare_get_their_own_folder_without_out_dir():
     for command, folder in (("sweep", "runs/sweep"), ("compare", "runs/compare")):
         plan = plan_from_args(parser.parse_args([command]), _config)
         assert plan.out_dir == resolve_location(folder) != resolve_location(CompressConfig().out_dir)
+
+
+def test_env_examples_help_is_complete():
+    """scripts/env_examples.py --help: the whole description (not a sentence cut at its
+    first line) and help, with its default, for every option."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "env_examples.py"
+    spec = importlib.util.spec_from_file_location("env_examples", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    text = parser.format_help()
+    assert " ".join(module.__doc__.split()) in " ".join(text.split())
+    for action in parser._actions:
+        assert action.help, action.dest
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in " ".join(action.help.split()), action.dest

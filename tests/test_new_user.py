@@ -189,3 +189,25 @@ def test_compress_output_files_and_conventions(tmp_path, base_checkpoint):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stderr
     assert {p: (out / p).read_bytes() for p in before} == before
+
+
+def test_latency_repeats_until_its_time_is_spent_in_even_rounds():
+    import time as _time
+
+    class Sleeper(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            _time.sleep(self.seconds)
+            return x
+
+    timed = compare_latency({"base": Sleeper(0.002), "pruned": Sleeper(0.001)}, (1, 2, 2), rounds=4, warmup=2,
+                            min_seconds=0.1)
+    n = len(timed["base"]["times"])
+    assert n == len(timed["pruned"]["times"]) and n > 4 and n % 2 == 0   # 0.1 s of ~3 ms rounds
+    assert sum(timed["base"]["times"]) + sum(timed["pruned"]["times"]) >= 100.0
+    assert "ratio" in timed["pruned"] and "ratio" not in timed["base"]
+    capped = compare_latency({"m": Sleeper(0.0)}, (1, 2, 2), rounds=2, warmup=0, min_seconds=60, max_rounds=6)
+    assert len(capped["m"]["times"]) == 6
