@@ -128,6 +128,10 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     if not verbose:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not console.is_terminal(sys.stderr):
+        # Ray wraps each worker line in colour codes (and a reset, \x1b[0m) whatever the
+        # stream; in a pipe, a file or log.txt they are stray bytes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 # commands whose foreign output (Ray, RLlib, libraries) goes to the log file; a

@@ -105,3 +105,14 @@ def test_field_names_become_flags_but_paths_and_words_stay():
     assert as_flags("out_dir /tmp/out_dir/x exists") == "--out-dir /tmp/out_dir/x exists"
     assert as_flags("unknown model 'x'; seed 3") == "unknown model 'x'; seed 3"
     assert as_flags("sparsity must be <= 1") == "--sparsity must be <= 1"
+
+
+def test_no_colour_codes_from_ray_when_the_output_is_not_a_terminal(monkeypatch, capfd):
+    """Ray's worker lines carry colour codes and a reset (\\x1b[0m) unless told not to;
+    under capture, stderr is no terminal, so the command tells it."""
+    import os
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "unset")    # (so the undo removes what the command sets)
+    monkeypatch.delenv("RAY_COLOR_PREFIX")
+    assert main(["compress", "--evaluations-per-step", "0"]) == 2
+    assert os.environ.get("RAY_COLOR_PREFIX") == "0"
+    assert "\x1b" not in "".join(capfd.readouterr())
