@@ -13,13 +13,11 @@ import pytest
 from rlpruner_ray import pipeline
 from rlpruner_ray.checkpoint import load_pruned
 from rlpruner_ray.cli import main
+from rlpruner_ray.conformance import end_to_end_flags
 from tests.user_models import FAMILY
 
-# the default job (rlpruner, one 50% step, L1, BN-recalibrated reward, the three starting
-# candidates) with budgets small enough for a test
-SMALL = ["--train-epochs", "1", "--max-batches-per-epoch", "2", "--evaluations-per-step", "4",
-         "--samples-per-iteration", "2", "--finetune-epochs", "1", "--num-workers", "1",
-         "--reward-samples", "64", "--bn-recalibration-batches", "1", "--image-size", "12"]
+# the default job with budgets small enough for a test (the conformance script's end-to-end check)
+SMALL = end_to_end_flags()
 STARTS = ["uniform", "global", "tp-global"]
 
 
@@ -118,3 +116,21 @@ def test_unexpected_error_in_step_2_leaves_step_1_resumable(tmp_path, shared_ray
     assert _compress(out, *args, "--resume") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [s["step"] for s in summary["steps"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_conformance_script_runs_named_models_end_to_end(tmp_path, shared_ray, capsys):
+    import csv
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "conformance.py"
+    spec = importlib.util.spec_from_file_location("conformance_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, table = tmp_path / "c.md", tmp_path / "c.csv"
+    assert script.main(["--models", "tests.user_models:usernet2", "--out", str(out), "--csv", str(table)]) == 0
+    with open(table) as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["status"], row["end_to_end"]) == ("ok", "ok")
+    assert row["end_to_end_reason"] == "tp-global skipped"
+    assert "- `tests.user_models:usernet2`: ok (tp-global skipped)" in out.read_text()
