@@ -11,7 +11,6 @@ with ``--resume`` ends with the same result files as an uninterrupted run.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import shutil
@@ -247,23 +246,16 @@ def check_model(config: CompressConfig, data: Dataset, probe=None, source=None) 
         check_tp_supported(graph, global_pruning=config.algo == "tp-global")
 
 
-@contextlib.contextmanager
-def _step_failure(run: RunFolder, config: CompressConfig, label: str):
-    """An unexpected error inside a step becomes one StepFailed line naming the
-    step and the model, with its traceback appended to the run's log.txt; the
-    steps finished before it keep their checkpoints (``--resume`` goes on from
-    there). Bad input and interrupts pass as they are."""
-    try:
-        yield
-    except (RLPrunerError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        with open(run.log, "a", encoding="utf-8") as f:
-            f.write(f"{label} of model {config.model} failed:\n{traceback.format_exc()}\n")
-        raise StepFailed(f"{label} of model {config.model} failed: {one_line(exc)[:300]} (traceback in "
-                         f"{run.log}; finished steps are kept: rerun with --resume)") from exc
+def _step_failed(run: RunFolder, config: CompressConfig, label: str, exc: Exception) -> StepFailed:
+    """An unexpected error inside a step as one StepFailed line naming the step and
+    the model, with its traceback appended to the run's log.txt; the steps finished
+    before it keep their checkpoints (``--resume`` goes on from there)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with open(run.log, "a", encoding="utf-8") as f:
+        f.write(f"{label} of model {config.model} failed:\n{traceback.format_exc()}\n")
+    return StepFailed(f"{label} of model {config.model} failed: {one_line(exc)[:300]} (traceback in "
+                      f"{run.log}; finished steps are kept: rerun with --resume)")
 
 
 # ---------------------------------------------------------------------- the loop
@@ -348,98 +340,96 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     history = HistoryWriter(run.history, algo=config.algo)
     try:
         start = len(steps)
-        with _step_failure(run, config, f"step {start + 1}/{config.num_steps}"):
-            if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
-                graph = build_graph(config, model, data, device)
-                context = _context(config, start, targets, original, model, graph)
-                ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
-                algo = make_algorithm(config, store_name=store_name)
-                algo.load_state_dict(algo_state)
-                if done:
-                    algo.load_extra(run.algo_dir(done[-1]))
-                if algo.uses_pool:
-                    pool = EvaluationPool(config, store_name)
+        if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
+            graph = build_graph(config, model, data, device)
+            context = _context(config, start, targets, original, model, graph)
+            ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
+            algo = make_algorithm(config, store_name=store_name)
+            algo.load_state_dict(algo_state)
+            if done:
+                algo.load_extra(run.algo_dir(done[-1]))
+            if algo.uses_pool:
+                pool = EvaluationPool(config, store_name)
         for step in range(start, config.num_steps):
-            with _step_failure(run, config, f"step {step + 1}/{config.num_steps}"):
-                t0 = time.perf_counter()
-                if step > start:
-                    graph = build_graph(config, model, data, device)
-                    context = _context(config, step, targets, original, model, graph)
-                    ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
-                    algo.on_new_base(step)
-                number = step + 1     # (step: 0-based index for seeds and contexts; number: what people read)
-                label = f"step {number}/{config.num_steps}"
-                spent = sum(s["evaluations"] for s in steps)
-                searching = console.Progress(config.evaluations_per_step, f"{label} evaluations")
+            t0 = time.perf_counter()
+            if step > start:
+                graph = build_graph(config, model, data, device)
+                context = _context(config, step, targets, original, model, graph)
+                ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
+                algo.on_new_base(step)
+            number = step + 1     # (step: 0-based index for seeds and contexts; number: what people read)
+            label = f"step {number}/{config.num_steps}"
+            spent = sum(s["evaluations"] for s in steps)
+            searching = console.Progress(config.evaluations_per_step, f"{label} evaluations")
 
-                def on_candidate(c, seconds, spent=spent, bar=searching):
-                    history.add(c, seconds)
-                    curves.evaluation(spent + c.index + 1, c)
-                    bar.update()
+            def on_candidate(c, seconds, spent=spent, bar=searching):
+                history.add(c, seconds)
+                curves.evaluation(spent + c.index + 1, c)
+                bar.update()
 
-                evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
-                                      on_candidate=on_candidate)
-                ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
-                                  reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
-                                  extras={k: context.get(k) for k in ("num_filters", "cost_target")})
-                with searching:
-                    chosen = algo.search(ctx, evaluator)
-                for skip in ctx.skipped:
-                    log.warning("step %d/%d: the %s candidate is skipped: %s", number, config.num_steps,
-                                skip["candidate"], skip["reason"])
-                search_s = time.perf_counter() - t0
+            evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
+                                  on_candidate=on_candidate)
+            ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
+                              reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
+                              extras={k: context.get(k) for k in ("num_filters", "cost_target")})
+            with searching:
+                chosen = algo.search(ctx, evaluator)
+            for skip in ctx.skipped:
+                log.warning("step %d/%d: the %s candidate is skipped: %s", number, config.num_steps,
+                            skip["candidate"], skip["reason"])
+            search_s = time.perf_counter() - t0
 
-                small = (graph.prune(chosen.counts) if chosen.indices is None
-                         else graph.prune_channels(chosen.indices))
-                before = evaluate(small, data, "val", device=device)["top1"]
-                bar, counted = training_progress(config, data, config.finetune_epochs, f"{label} fine-tuning",
-                                                 finetune=True)
-                with bar:
-                    ft = finetune_kd(small, teacher, counted,
-                                     train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                    seed=config.seed + step + 1, device=device, finetune=True,
-                                                    label=f"{label} fine-tuning"),
-                                     temperature=config.kd_temperature, alpha=config.kd_alpha)
-                after = evaluate(small, data, "val", device=device)["top1"]
-                if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
-                    teacher, teacher_acc = small, after
-                macs, params = macs_params(small, data.example_inputs(1).to(device))
-                removed = original["total_channels"] - (graph.total_channels - int(chosen.counts.sum()))
-                record = {
-                    "step": number, "filters_removed": int(removed),
-                    "sparsity": removed / original["total_channels"],
-                    "macs": macs, "params": params,
-                    "macs_reduction": 1 - macs / original["macs"],
-                    "params_reduction": 1 - params / original["params"],
-                    "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy,
-                    "chosen_source": chosen.source,
-                    "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
-                    "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": ft.best_epoch,
-                    "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
-                    "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
-                    "counts": chosen.counts.tolist(),
-                    "skipped": list(ctx.skipped),
-                }
-                if pool is not None:
-                    record.update(pool.scoring_choice())
-                steps.append(record)
-                curves.step(number, {"val_top1": after, "val_top1_before_finetune": before,
-                                     "sparsity": record["sparsity"], "macs_kept": 1 - record["macs_reduction"],
-                                     "params_kept": 1 - record["params_reduction"],
-                                     "best_reward": evaluator.best.reward, "chosen_reward": chosen.reward})
-                history.flush(number, chosen.index)
-                algo.save_extra(run.algo_dir(number))
-                ckpt.save_tensors(run.step_file(number), {
-                    "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
-                    "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc,
-                    "wall_seconds": spent_before + time.perf_counter() - started})
-                log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
-                         "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
-                         evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
-                         100 * macs / original["macs"], before, after, record["step_seconds"])
-                model = small
+            small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
+            before = evaluate(small, data, "val", device=device)["top1"]
+            bar, counted = training_progress(config, data, config.finetune_epochs, f"{label} fine-tuning",
+                                             finetune=True)
+            with bar:
+                ft = finetune_kd(small, teacher, counted,
+                                 train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                                seed=config.seed + step + 1, device=device, finetune=True,
+                                                label=f"{label} fine-tuning"),
+                                 temperature=config.kd_temperature, alpha=config.kd_alpha)
+            after = evaluate(small, data, "val", device=device)["top1"]
+            if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
+                teacher, teacher_acc = small, after
+            macs, params = macs_params(small, data.example_inputs(1).to(device))
+            removed = original["total_channels"] - (graph.total_channels - int(chosen.counts.sum()))
+            record = {
+                "step": number, "filters_removed": int(removed),
+                "sparsity": removed / original["total_channels"],
+                "macs": macs, "params": params,
+                "macs_reduction": 1 - macs / original["macs"], "params_reduction": 1 - params / original["params"],
+                "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy, "chosen_source": chosen.source,
+                "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
+                "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": ft.best_epoch,
+                "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
+                "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
+                "counts": chosen.counts.tolist(),
+                "skipped": list(ctx.skipped),
+            }
+            if pool is not None:
+                record.update(pool.scoring_choice())
+            steps.append(record)
+            curves.step(number, {"val_top1": after, "val_top1_before_finetune": before, "sparsity": record["sparsity"],
+                                 "macs_kept": 1 - record["macs_reduction"], "params_kept": 1 - record["params_reduction"],
+                                 "best_reward": evaluator.best.reward, "chosen_reward": chosen.reward})
+            history.flush(number, chosen.index)
+            algo.save_extra(run.algo_dir(number))
+            ckpt.save_tensors(run.step_file(number), {
+                "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
+                "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc,
+                "wall_seconds": spent_before + time.perf_counter() - started})
+            log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
+                     "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
+                     evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
+                     100 * macs / original["macs"], before, after, record["step_seconds"])
+            model = small
             if on_step is not None:
                 on_step(record, run)
+    except (RLPrunerError, KeyboardInterrupt):
+        raise
+    except Exception as exc:    # the step under way is the one after the last recorded
+        raise _step_failed(run, config, f"step {len(steps) + 1}/{config.num_steps}", exc) from exc
     finally:
         curves.close()
         if pool is not None:
