@@ -78,6 +78,27 @@ def test_torch_pruning_failure_skips_its_candidate(tmp_path, shared_ray, capfd):
     assert sources[:2] == ["uniform", "global"] and "tp-global" not in sources
 
 
+def test_starting_candidates_are_named_and_a_failing_one_is_skipped_with_its_reason():
+    """usernet2: Torch-Pruning's own importance raises IndexError (not PlanError) inside
+    its pruner; the other starting candidates stay, by name."""
+    import numpy as np
+    import torch
+    from rlpruner_ray.graph import PruningGraph
+    from rlpruner_ray.search.base import StepContext
+    from rlpruner_ray.config import CompressConfig
+    from rlpruner_ray.search.rlpruner import baseline_distributions
+    from tests.user_models import mean_pooled, usernet2
+    for factory, skipped in ((usernet2, ["tp-global"]), (mean_pooled, [])):
+        graph = PruningGraph(factory(10, 1).eval(), torch.randn(1, 1, 12, 12))
+        graph.compute_scores("l1")
+        ctx = StepContext(0, 1, graph, np.random.default_rng(0),
+                          extras={"num_filters": graph.max_removable // 2, "cost_target": None})
+        items = baseline_distributions(ctx, CompressConfig())
+        assert list(items) == [s for s in STARTS if s not in skipped]
+        assert [s["candidate"] for s in ctx.skipped] == skipped
+        assert all(s["reason"].startswith("IndexError: ") for s in ctx.skipped)
+
+
 def test_torch_pruning_algo_on_such_a_model_is_refused_before_any_work(tmp_path, capsys):
     for algo in ("tp-global", "tp-uniform"):
         out = tmp_path / algo
