@@ -106,6 +106,8 @@ def load_tensors(source) -> dict:
     (missing, truncated, random bytes, a pickle that would run code) turned into
     one CheckpointError line."""
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    if not isinstance(source, (bytes, bytearray)) and Path(source).is_dir():
+        raise CheckpointError(f"{name} is a folder, not a checkpoint file")
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
         raise CheckpointError(f"checkpoint not found: {name}")
     if isinstance(source, (bytes, bytearray)):

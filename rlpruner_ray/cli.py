@@ -7,12 +7,13 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 
 from . import console
 from .config import CompressConfig, field_groups
-from .errors import RLPrunerError
+from .errors import RLPrunerError, StepFailed
 
 EXIT_BAD_INPUT = 2
 
@@ -96,17 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model_file")
     e.add_argument("--model", dest="model", default=argparse.SUPPRESS, metavar="PKG.MODULE:FACTORY",
                    help="allow a model file built by this user factory to import it (never done unless named)")
-    e.add_argument("--split", choices=("val", "test"), default="test")
+    e.add_argument("--split", choices=("val", "test"), default="test", help="split to evaluate on (default: test)")
     _add_fields(e, ["data"])
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: 0)")
 
     pr = sub.add_parser("prune", usage=_USAGE, help="one-shot pruning with a non-learned strategy (baselines)")
     _add_fields(pr, ["data", "model", "train", "target", "finetune", "run"], skip=("resume", "step_fraction"))
     pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random", "tp-uniform", "tp-global"),
                     default="uniform",
-                    help="how the filters to remove are spread across groups")
-    pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1")
+                    help="how the filters to remove are spread across groups (default: uniform)")
+    pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1",
+                    help="filter importance criterion (default: l1)")
     pr.add_argument("--export", choices=("torchscript", "onnx"), help="also export the pruned model")
     for name in ("sweep", "compare", "report"):
         _register_later(sub, name)
@@ -126,6 +128,10 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     if not verbose:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not console.is_terminal(sys.stderr):
+        # Ray wraps each worker line in colour codes (and a reset, \x1b[0m) whatever the
+        # stream; in a pipe, a file or log.txt they are stray bytes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 # commands whose foreign output (Ray, RLlib, libraries) goes to the log file; a
@@ -150,11 +156,27 @@ def main(argv=None) -> int:
         _show(args.command, result)      # (after the redirect: results go to stdout, not the log)
         return 0
     except RLPrunerError as exc:
-        print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"rlpruner: error: {as_flags(str(exc).splitlines()[0])}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StepFailed as exc:   # not bad input: exit 1, one line, the traceback in the run's log.txt
+        print(f"rlpruner: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rlpruner: interrupted; resume with --resume", file=sys.stderr)
         return 130
+
+
+def as_flags(message: str) -> str:
+    """A refusal in the words a command-line user typed: the config's field names
+    (``evaluations_per_step``) as their flags (``--evaluations-per-step``). Names
+    with an underscore are never ordinary words; a one-word name (``seed``,
+    ``sparsity``) only where the message is about its value (``seed must be ...``).
+    A name inside a path or already a flag is left alone."""
+    for f in dataclasses.fields(CompressConfig):
+        flag = "--" + f.name.replace("_", "-")
+        after = r"\b" if "_" in f.name else r"(?= must\b)"
+        message = re.sub(rf"(?<![\w/.-]){f.name}{after}(?![/.-]\w)", flag, message)
+    return message
 
 
 def _default_out_dir(command: str) -> str | None:
@@ -205,13 +227,18 @@ def _print_summary(s: dict) -> None:
             ("val top-1", f"{b['val_top1']:.4f}", f"{p['val_top1']:.4f}"),
             ("MACs", f"{b['macs'] / 1e6:.2f}M", f"{p['macs'] / 1e6:.2f}M (-{100 * r['macs']:.1f}%)"),
             ("params", f"{b['params'] / 1e6:.3f}M", f"{p['params'] / 1e6:.3f}M (-{100 * r['params']:.1f}%)"),
-            ("latency b1 (CPU)", _latency(b), _latency(p))]
+            ("latency b1 (CPU)", _latency(b), _latency(p) + _ratio(p))]
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))
     steps = len(s["steps"])
     print(f"{s['evaluations']} evaluations, {steps} step{'' if steps == 1 else 's'}, {s['wall_seconds']:.0f} s; "
           f"results in {s['config']['out_dir']}")
+
+
+def _ratio(measured: dict) -> str:
+    ratio = measured.get("latency_ratio_cpu_b1")
+    return f", {ratio:.2f}x base" if ratio else ""
 
 
 def _latency(measured: dict) -> str:

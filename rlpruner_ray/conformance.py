@@ -135,6 +135,40 @@ def _check_plan(graph: PruningGraph, x: torch.Tensor, row: dict, seed: int) -> N
     assert _relative(again, physical) <= TOLERANCE, "the saved model does not reproduce the pruned one"
 
 
+# The default `rlpruner compress` (rlpruner, one step to 50% of the filters, L1, BN-recalibrated
+# reward, the uniform / global / Torch-Pruning starting candidates, KD fine-tuning, the final
+# report) with budgets small enough to run a model through it in seconds, on the embedded digits
+END_TO_END = {"train_epochs": 1, "max_batches_per_epoch": 2, "evaluations_per_step": 4,
+              "samples_per_iteration": 2, "finetune_epochs": 1, "num_workers": 1, "reward_samples": 64,
+              "bn_recalibration_batches": 1, "image_size": 12}
+
+
+def end_to_end_flags() -> list[str]:
+    """:data:`END_TO_END` as ``rlpruner compress`` flags."""
+    return [a for k, v in END_TO_END.items() for a in ("--" + k.replace("_", "-"), str(v))]
+
+
+def end_to_end(name: str, out_dir) -> dict:
+    """Run the default compress (small budgets, :data:`END_TO_END`) on ``name`` into
+    ``out_dir``: ``{"end_to_end": "ok"}`` when it finishes with a smaller model whose
+    file loads, else ``"refused"`` or ``"FAILED"`` with the one-line reason."""
+    from .config import CompressConfig
+    from .errors import StepFailed, one_line
+    from .pipeline import compress
+    try:
+        summary = compress(CompressConfig(model=name, out_dir=str(out_dir), **END_TO_END).validate())
+    except RLPrunerError as exc:
+        return {"end_to_end": "refused", "end_to_end_reason": one_line(exc)[:200]}
+    except StepFailed as exc:
+        return {"end_to_end": "FAILED", "end_to_end_reason": str(exc)[:200]}
+    small = load_pruned(f"{out_dir}/pruned_model.pt", allow_import=name)
+    params = sum(p.numel() for p in small.parameters())
+    if not summary["pruned"]["macs"] < summary["base"]["macs"] or params != summary["pruned"]["params"]:
+        return {"end_to_end": "FAILED", "end_to_end_reason": "the pruned model is not the smaller one reported"}
+    skipped = "; ".join(f"{s['candidate']} skipped" for s in summary.get("skipped", []))
+    return {"end_to_end": "ok", "end_to_end_reason": skipped}
+
+
 def torchvision_names() -> list[str]:
     """Every torchvision classification model, as ``tv:<name>``."""
     import torchvision

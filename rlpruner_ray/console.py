@@ -46,7 +46,7 @@ class _TerminalHandler(logging.Handler):
         try:
             message = self.format(record) + "\n"
             stream = terminal()
-            if _is_tty(stream):
+            if is_terminal(stream):
                 from tqdm import tqdm
                 with tqdm.external_write_mode(file=stream):   # print above an active bar, not through it
                     stream.write(message)
@@ -57,7 +57,7 @@ class _TerminalHandler(logging.Handler):
             self.handleError(record)
 
 
-def _is_tty(stream) -> bool:
+def is_terminal(stream) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
@@ -176,7 +176,7 @@ class Progress:
         self.stream = stream or terminal()
         self.started = self._last = time.monotonic()
         self._bar = None
-        if not _state.quiet and _is_tty(self.stream):
+        if not _state.quiet and is_terminal(self.stream):
             from tqdm import tqdm
             self._bar = tqdm(total=self.total, desc=f"[rlpruner] {label}", file=self.stream, leave=False,
                              ncols=_width(self.stream))

@@ -227,8 +227,16 @@ def _load_cifar(kind: str, data_dir: str | None, download: bool) -> _Raw:
 
 
 def _read_npz(path: str) -> dict:
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder; an npz dataset folder needs the files train.npz and test.npz")
     if not os.path.isfile(path):
         raise DataError(f"missing file {path}; an npz dataset folder needs train.npz and test.npz")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    # an .npz is a zip of .npy arrays; anything else would reach numpy's pickle path and
+    # a message about unsafe loading, though the file is no pickle (pickles stay refused)
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        raise DataError(f"{path} is not an .npz archive (a zip of .npy arrays 'images' and 'labels')")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:

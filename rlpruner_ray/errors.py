@@ -32,3 +32,15 @@ class CheckpointError(RLPrunerError):
 
 class ResourceError(RLPrunerError):
     """The Ray cluster cannot provide the resources the configuration asks for."""
+
+
+class StepFailed(Exception):
+    """An unexpected error inside a pruning step (not bad input): the run stops with
+    one line naming the step and the model; the traceback is in the run's log, and
+    the steps finished before it stay resumable."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, for one-line errors and records of what was skipped."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

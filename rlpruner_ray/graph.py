@@ -38,11 +38,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.overrides import TorchFunctionMode
 
 from .errors import ModelError, PlanError
 from .importance import CRITERIA, channel_scores, validate_criterion
 from .tracing import (all_groups, build_dependency, inexact_reason, inspection_mode, output_layers,
-                      shuffle_nodes)
+                      shuffle_nodes, split_nodes)
 
 # Attribute on a pruned module holding torch-pruning's replayable history
 # ([module_name, is_out_channel, indices] per group pruned). It travels with the
@@ -147,7 +148,8 @@ class PruningGraph:
         self.dg = build_dependency(model, example_inputs)
         # the layers producing the model's output never lose channels: they are its outputs
         self._outputs = output_layers(self.dg)
-        self._shuffles = shuffle_nodes(self.dg)   # groups crossing a channel shuffle stay whole
+        # groups crossing a channel shuffle or a split stay whole
+        self._shuffles = shuffle_nodes(self.dg) | split_nodes(self.dg)
         ignored = [names[n] for n in exclude] + [m for m in self._outputs if isinstance(m, (nn.Conv2d, nn.Linear))]
         self._count_base(model, example_inputs)
         self.groups: list[Group] = []
@@ -188,9 +190,10 @@ class PruningGraph:
         with inspection_mode(model):
             macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(
                 model, example_inputs, layer_wise=True)
-        self.base_macs, self.base_params = float(macs), float(params)
-        # Only parametrised layers scale with the channels we remove; the rest
-        # (activations, pooling) is a small constant share kept as-is.
+        self.base_macs, self.base_params = int(round(macs)), int(params)
+        # Parametrised layers scale with the channels removed on their two sides;
+        # the counter's weightless layers (activation and pooling modules) are traced
+        # call by call in _trace_weightless (the cost of a plan is then exact)
         self.layers = [m for m in model.modules() if isinstance(m, _PARAM_TYPES)]
         self._layer_id = {m: i for i, m in enumerate(self.layers)}
         batch = example_inputs.shape[0] if torch.is_tensor(example_inputs) else 1
@@ -198,6 +201,9 @@ class PruningGraph:
         self._layer_macs = np.array([float(layer_macs.get(m) or 0.0) / batch for m in self.layers])
         self._layer_params = np.array([float(sum(p.numel() for p in m.parameters(recurse=False)))
                                        for m in self.layers])
+        # the bias's share of a conv's or linear's count, which only its output side scales
+        self._bias_macs = np.array([_bias_share(m, batch) for m in self.layers])
+        self._bias_params = np.array([_bias_share(m, 1) for m in self.layers])
 
     def _make_group(self, tp_group) -> Group | None:
         root_module = tp_group[0].dep.target.module
@@ -273,24 +279,101 @@ class PruningGraph:
             else:
                 self._out_size[i] = self._in_size[i] = m.weight.numel() if m.weight is not None else 1
                 self._single_axis[i] = True
-        # MACs of the unparametrised ops (activations, pooling, adds) scale with the
-        # feature maps they touch; BN MACs measure those maps, so the rest shrinks
-        # with the BN share kept (a constant rest is off by ~8% on MobileNetV3).
-        self._bn_macs = np.where([isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.layers],
-                                 self._layer_macs, 0.0)
-        self._rest_macs = max(self.base_macs - float(self._layer_macs.sum()), 0.0)
-        removed_all = self.channels.astype(float)
-        self.macs_share = self._cost_of(np.diag(removed_all), self._layer_macs) / max(self.base_macs, 1.0)
-        self.params_share = self._cost_of(np.diag(removed_all), self._layer_params) / max(self.base_params, 1.0)
+        self._trace_weightless()
+        removed_all = np.diag(self.channels.astype(float))
+        self.macs_share = (self._cost_of(removed_all, self._layer_macs, self._bias_macs)
+                           + self._weightless_cost(removed_all)) / max(self.base_macs, 1.0)
+        self.params_share = (self._cost_of(removed_all, self._layer_params, self._bias_params)
+                             / max(self.base_params, 1.0))
 
-    def _cost_of(self, removed: np.ndarray, layer_cost: np.ndarray) -> np.ndarray:
-        """Cost removed by each row of ``removed`` (rows: plans, cols: groups)."""
+    def _trace_weightless(self) -> None:
+        """The counter's weightless layers (ReLU, pooling, upsampling modules: their
+        MACs are the elements of a feature map), one row per call: its MACs and how
+        many of its channels one removed root channel of each group takes away,
+        followed from the parametrised layers' outputs through element-wise ops and
+        concatenations on one forward pass (a map reached through anything else,
+        e.g. a reshape, keeps its cost)."""
+        counted = tuple(t for t in tp.utils.op_counter.MODULES_MAPPING if not issubclass(t, _PARAM_TYPES))
+        coef: dict[int, np.ndarray] = {}      # id(feature map) -> channels lost per removed root channel
+        keep = []                             # the maps stay alive so their ids stay unique
+        rows: list[tuple[float, float, np.ndarray]] = []
+        n_groups = len(self.groups)
+
+        def known(t):
+            return coef.get(id(t)) if torch.is_tensor(t) and t.dim() >= 2 else None
+
+        class Follow(TorchFunctionMode):
+            def __torch_function__(mode, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if torch.is_tensor(out) and out.dim() >= 2:
+                    flat = [a for a in args if torch.is_tensor(a)] + \
+                        [t for a in args if isinstance(a, (list, tuple)) for t in a if torch.is_tensor(t)]
+                    found = None
+                    if func in (torch.cat, torch.concat) and (kwargs or {}).get("dim", args[1] if len(args) > 1
+                                                                                 else 0) in (1, -3):
+                        parts = [known(t) for t in args[0]]
+                        found = None if any(p is None for p in parts) else sum(parts)
+                    else:
+                        for t in flat:
+                            if t.dim() == out.dim() and t.shape[1] == out.shape[1] and known(t) is not None:
+                                found = known(t)
+                                break
+                    if found is not None:
+                        coef[id(out)] = found
+                        keep.append(out)
+                return out
+
+        def layer_out(module, inputs, output):
+            i = self._layer_id[module]
+            if torch.is_tensor(output) and output.dim() >= 2 and output.shape[1] == self._out_size[i]:
+                coef[id(output)] = self._out_coef[:, i].copy()
+                keep.append(output)
+
+        def weightless(module, inputs, output):
+            x = inputs[0] if inputs else None
+            module.__flops__ = 0
+            tp.utils.op_counter.MODULES_MAPPING[type(module)](module, inputs, output)
+            macs = float(module.__flops__) / batch
+            del module.__flops__
+            c = known(x)
+            if c is not None and macs:
+                rows.append((macs, float(x.shape[1]), c))
+            if torch.is_tensor(output) and c is not None and output.dim() == x.dim() \
+                    and output.shape[1] == x.shape[1]:
+                coef[id(output)] = c
+                keep.append(output)
+
+        batch = self.example_inputs.shape[0] if torch.is_tensor(self.example_inputs) else 1
+        hooks = [m.register_forward_hook(layer_out) for m in self.layers]
+        hooks += [m.register_forward_hook(weightless) for m in self.model.modules() if type(m) in counted]
+        try:
+            with inspection_mode(self.model), torch.no_grad(), Follow():
+                self.model(self.example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        self._free_macs = np.array([r[0] for r in rows])
+        self._free_size = np.array([r[1] for r in rows])
+        self._free_coef = np.array([r[2] for r in rows]).reshape(len(rows), n_groups)
+
+    def _weightless_cost(self, removed: np.ndarray) -> np.ndarray:
+        removed = np.atleast_2d(removed)
+        if not len(self._free_macs):
+            return np.zeros(len(removed))
+        frac = np.clip((removed @ self._free_coef.T) / self._free_size, 0, 1)
+        return (frac * self._free_macs).sum(axis=1)
+
+    def _cost_of(self, removed: np.ndarray, layer_cost: np.ndarray, bias_share=None) -> np.ndarray:
+        """Cost of the parametrised layers removed by each row of ``removed`` (rows:
+        plans, cols: groups): weights scale with both sides (one, for single-axis
+        layers), a bias (``bias_share`` of the layer's cost) with the output side."""
         removed = np.atleast_2d(removed)
         out_frac = np.clip((removed @ self._out_coef) / self._out_size, 0, 1)
         in_frac = np.clip((removed @ self._in_coef) / self._in_size, 0, 1)
         kept = np.where(self._single_axis, 1 - np.maximum(out_frac, in_frac),
                         (1 - out_frac) * (1 - in_frac))
-        return ((1 - kept) * layer_cost).sum(axis=1)
+        bias = np.zeros(len(self.layers)) if bias_share is None else np.where(self._single_axis, 0.0, bias_share)
+        return ((1 - kept) * (1 - bias) * layer_cost + out_frac * bias * layer_cost).sum(axis=1)
 
     # ------------------------------------------------------------------ device
     @property
@@ -438,17 +521,16 @@ class PruningGraph:
             counts = _align_to_units(counts, self.units, capacity, d, int(counts.sum()))
         return counts
 
-    def cost(self, plan, already_removed=None) -> tuple[float, float]:
-        """(MACs, params) of the model after removing ``plan`` (closed form)."""
+    def cost(self, plan, already_removed=None) -> tuple[int, int]:
+        """(MACs, params) of the model after removing ``plan``, in closed form: exact
+        integers, equal to torch-pruning's count on the physically pruned model."""
         removed = np.asarray(plan, dtype=float)
         if already_removed is not None:
             removed = removed + np.asarray(already_removed, dtype=float)
-        macs = self.base_macs - self._cost_of(removed, self._layer_macs)[0]
-        bn_total = float(self._bn_macs.sum())
-        if bn_total > 0:
-            macs -= self._rest_macs * self._cost_of(removed, self._bn_macs)[0] / bn_total
-        params = self.base_params - self._cost_of(removed, self._layer_params)[0]
-        return float(macs), float(params)
+        macs = (self.base_macs - self._cost_of(removed, self._layer_macs, self._bias_macs)[0]
+                - self._weightless_cost(removed)[0])
+        params = self.base_params - self._cost_of(removed, self._layer_params, self._bias_params)[0]
+        return int(round(macs)), int(round(params))
 
     def pruned_indices(self, plan) -> list[list[int]]:
         """Root channel indices each group loses (its least important ones)."""
@@ -564,6 +646,19 @@ class PruningGraph:
                        for name, is_out, idx in dg.pruning_history())
         setattr(small, HISTORY_ATTR, history)
         return small
+
+
+def _bias_share(module: nn.Module, batch: int) -> float:
+    """The share of a conv's or linear's MACs (and parameters: the same ratio) that
+    its bias takes: one per output element against the kernel's ``in/groups * k``
+    (the counter counts a linear's bias once per batch, its weights once per sample:
+    ``batch`` 1 gives the parameters' share)."""
+    if getattr(module, "bias", None) is None or not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return 0.0
+    if isinstance(module, nn.Linear):
+        return 1.0 / (batch * module.in_features + 1)
+    per_output = module.in_channels // module.groups * int(np.prod(module.kernel_size))
+    return 1.0 / (per_output + 1)
 
 
 def model_device(model: nn.Module) -> torch.device:

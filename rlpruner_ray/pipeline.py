@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from . import checkpoint as ckpt
 from . import console
 from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset, load_dataset
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, RLPrunerError, StepFailed, one_line
 from .graph import PruningGraph, group_widths
 from .measure import compare_latency, latency_ms, macs_params
 from .models import build_model, check_model_name, model_spec
@@ -120,11 +122,11 @@ def _check_reachable(config: CompressConfig, graph: PruningGraph, original: dict
 
 # ---------------------------------------------------------------------- pieces
 def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int, device: str,
-                   finetune: bool = False) -> TrainSettings:
+                   finetune: bool = False, label: str = "") -> TrainSettings:
     batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
     return TrainSettings(epochs=epochs, batch_size=batch, lr=lr, seed=seed, device=device,
                          max_batches_per_epoch=config.max_batches_per_epoch, precision=config.precision,
-                         channels_last=config.channels_last)
+                         channels_last=config.channels_last, label=label)
 
 
 def training_progress(config: CompressConfig, data: Dataset, epochs: int, label: str, *, finetune: bool = False):
@@ -169,7 +171,8 @@ def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, de
     bar, counted = training_progress(config, data, config.train_epochs, "base training")
     with bar:
         result = train_base(model, counted, train_settings(config, epochs=config.train_epochs,
-                                                           lr=config.train_lr, seed=config.seed, device=device))
+                                                           lr=config.train_lr, seed=config.seed, device=device,
+                                                           label="base training"))
     ckpt.save_pruned(model.cpu(), run.base, meta={"val_top1": result.best_val_top1, "epochs": result.epochs})
     return model
 
@@ -206,18 +209,53 @@ def measure_pair(base, pruned, data: Dataset, device: str) -> tuple[dict, dict]:
     measured = {"base": measure_model(base, data, device, test=True),
                 "pruned": measure_model(pruned, data, device, test=True)}
     shape = tuple(data.example_inputs(1).shape[1:])
-    settings = [("cpu_b1", "cpu", 1, 30), ("cpu_b64", "cpu", 64, 7)]
+    # (label, device, batch, at least these rounds, and repeated for at least these
+    # seconds): batch-1 passes take a millisecond or two, and their median, and the
+    # pruned/base ratio, settle only after hundreds of rounds on a busy machine
+    settings = [("cpu_b1", "cpu", 1, 30, 3.0), ("cpu_b64", "cpu", 64, 7, 0.0)]
     if torch.cuda.is_available():
-        settings.append(("gpu_b64", "cuda", 64, 20))
-    for label, where, batch, rounds in settings:
+        settings.append(("gpu_b64", "cuda", 64, 20, 1.0))
+    for label, where, batch, rounds, seconds in settings:
         timed = compare_latency({"base": base, "pruned": pruned}, shape, batch_size=batch, device=where,
-                                rounds=rounds)
+                                rounds=rounds, warmup=10 if batch == 1 else 3, min_seconds=seconds)
         for name, t in timed.items():
             measured[name][f"latency_ms_{label}"] = t["median"]
             measured[name][f"latency_ms_{label}_quartiles"] = [t["q1"], t["q3"]]
+        # the pruned model's time over the base's, paired within each round
+        measured["pruned"][f"latency_ratio_{label}"] = timed["pruned"]["ratio"]
     for model in (base, pruned):
         model.to(device)
     return measured["base"], measured["pruned"]
+
+
+def check_model(config: CompressConfig, data: Dataset, probe=None, source=None) -> None:
+    """Refusals that need the model, before any work: it fits the data, the graph
+    can be built, the target is reachable within the floors, and Torch-Pruning's
+    pruner handles it when ``--algo`` is one of its baselines. ``probe``: the base
+    model loaded from the file ``source`` (else an untrained model of the same
+    structure is built)."""
+    if probe is not None:
+        _check_fits(probe, data, source)
+    else:
+        probe = build_model(config.model, data.num_classes, data.in_channels)
+    graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
+                         min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    _check_reachable(config, graph, {"macs": graph.base_macs, "params": graph.base_params})
+    if config.algo in ("tp-uniform", "tp-global"):
+        from .search.tp_baselines import check_tp_supported
+        check_tp_supported(graph, global_pruning=config.algo == "tp-global")
+
+
+def _step_failed(run: RunFolder, config: CompressConfig, label: str, exc: Exception) -> StepFailed:
+    """An unexpected error inside a step as one StepFailed line naming the step and
+    the model, with its traceback appended to the run's log.txt; the steps finished
+    before it keep their checkpoints (``--resume`` goes on from there)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with open(run.log, "a", encoding="utf-8") as f:
+        f.write(f"{label} of model {config.model} failed:\n{traceback.format_exc()}\n")
+    return StepFailed(f"{label} of model {config.model} failed: {one_line(exc)[:300]} (traceback in "
+                      f"{run.log}; finished steps are kept: rerun with --resume)")
 
 
 # ---------------------------------------------------------------------- the loop
@@ -233,19 +271,11 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         log.info("the run in %s is already finished; its results are unchanged", run.root)
         return ckpt.load_json(run.summary)
     started = time.perf_counter()
-    data = _load_data(config)
+    # everything that can be refused is checked before the first byte is written, and
+    # what needs no data before the data is loaded (a refusal is the only line printed)
+    checkpoint = config.base_checkpoint or (run.base if config.resume and run.base.exists() else None)
+    probe = ckpt.load_pruned(checkpoint, allow_import=config.model) if checkpoint is not None else None
     device = config.resolved_device()
-
-    # everything that can be refused is checked before the first byte is written
-    if config.base_checkpoint or (config.resume and run.base.exists()):
-        probe = ckpt.load_pruned(config.base_checkpoint or run.base, allow_import=config.model)
-        _check_fits(probe, data, config.base_checkpoint or run.base)
-    else:
-        probe = build_model(config.model, data.num_classes, data.in_channels)
-    probe_graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
-                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
-    _check_reachable(config, probe_graph, {"macs": probe_graph.base_macs, "params": probe_graph.base_params})
-    del probe, probe_graph
     from .cluster_offer import check_request
     from .runtime import init_ray, local_offer, shutdown_ray
     from .search.base import planned_bundles
@@ -257,6 +287,9 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     # when the evaluation pool starts
     check_request(planned_bundles(config), f"algorithm {config.algo}", offered=None if
                   (config.ray_address or not own_ray) else local_offer())
+    data = _load_data(config)
+    check_model(config, data, probe, checkpoint)
+    del probe
 
     if config.overwrite and run.root.exists():
         for p in [run.steps, run.history, run.base, run.curves, run.log, *[run.root / f for f in RESULT_FILES]]:
@@ -341,6 +374,9 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                               extras={k: context.get(k) for k in ("num_filters", "cost_target")})
             with searching:
                 chosen = algo.search(ctx, evaluator)
+            for skip in ctx.skipped:
+                log.warning("step %d/%d: the %s candidate is skipped: %s", number, config.num_steps,
+                            skip["candidate"], skip["reason"])
             search_s = time.perf_counter() - t0
 
             small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
@@ -350,7 +386,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             with bar:
                 ft = finetune_kd(small, teacher, counted,
                                  train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                seed=config.seed + step + 1, device=device, finetune=True),
+                                                seed=config.seed + step + 1, device=device, finetune=True,
+                                                label=f"{label} fine-tuning"),
                                  temperature=config.kd_temperature, alpha=config.kd_alpha)
             after = evaluate(small, data, "val", device=device)["top1"]
             if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
@@ -368,6 +405,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
                 "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
                 "counts": chosen.counts.tolist(),
+                "skipped": list(ctx.skipped),
             }
             if pool is not None:
                 record.update(pool.scoring_choice())
@@ -388,6 +426,10 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             model = small
             if on_step is not None:
                 on_step(record, run)
+    except (RLPrunerError, KeyboardInterrupt):
+        raise
+    except Exception as exc:    # the step under way is the one after the last recorded
+        raise _step_failed(run, config, f"step {len(steps) + 1}/{config.num_steps}", exc) from exc
     finally:
         curves.close()
         if pool is not None:
@@ -431,6 +473,8 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, *
                        "params": 1 - pruned_m["params"] / base_m["params"],
                        "macs_speedup": base_m["macs"] / pruned_m["macs"]},
         "steps": steps,
+        # optional candidates left out, and why (each step's record has its own)
+        "skipped": [{"step": s["step"], **k} for s in steps for k in s.get("skipped", [])],
         "evaluations": int(sum(s["evaluations"] for s in steps)),
         "groups": groups, "channels_before": original["channels"], "channels_after": channels_after,
         "scoring_exactness": exactness,
@@ -496,17 +540,18 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     run = RunFolder(config.out_dir)
     if (run.model.exists() or run.summary.exists()) and not config.overwrite:
         raise ConfigError(f"{run.root} already holds results; pass --overwrite to replace them")
-    data = _load_data(config)
+    # the file's and Torch-Pruning's refusals come before the data's lines and before training
+    given = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model) if config.base_checkpoint else None
     device = config.resolved_device()
-    if config.base_checkpoint:
-        base = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model)
-        _check_fits(base, data, config.base_checkpoint)
+    data = _load_data(config)
+    check_model(config, data, given, config.base_checkpoint)
+    if given is not None:
+        base = given
     else:
         base = load_or_train_base(config, data, run, device)
     base = base.to(device).eval()
     graph = build_graph(config, base, data, device)
     original = {"macs": graph.base_macs, "params": graph.base_params}
-    _check_reachable(config, graph, original)
     rng = np.random.default_rng(config.seed)
     from .scoring import plan_for_step
     if config.target == "filters":
@@ -525,7 +570,8 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
     before = evaluate(small, data, "val", device=device)["top1"]
     finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                  seed=config.seed, device=device, finetune=True),
+                                                  seed=config.seed, device=device, finetune=True,
+                                                  label="fine-tuning"),
                 temperature=config.kd_temperature, alpha=config.kd_alpha)
     base_m, pruned_m = measure_pair(base, small, data, device)
     run.root.mkdir(parents=True, exist_ok=True)

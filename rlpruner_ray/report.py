@@ -14,7 +14,9 @@ from .checkpoint import atomic_write_bytes
 HISTORY_SCHEMA = pa.schema([
     ("step", pa.int32()), ("iteration", pa.int32()), ("evaluation", pa.int32()),
     ("algo", pa.string()), ("source", pa.string()),
-    ("reward", pa.float64()), ("accuracy", pa.float64()), ("macs", pa.float64()), ("params", pa.float64()),
+    # MACs and params of the candidate's plan: exact counts (the closed form equals the
+    # count on the physically pruned model, so the chosen row matches summary.json)
+    ("reward", pa.float64()), ("accuracy", pa.float64()), ("macs", pa.int64()), ("params", pa.int64()),
     ("filters_removed", pa.int64()), ("chosen", pa.bool_()), ("seconds", pa.float64()),
     ("distribution", pa.list_(pa.float32())), ("counts", pa.list_(pa.int32())),
     ("learner_stats", pa.map_(pa.string(), pa.float64())),
@@ -63,9 +65,20 @@ class HistoryWriter:
 
 def write_report(summary: dict, path) -> None:
     """report.png: accuracy and MACs per step, channels per group before/after."""
+    import matplotlib.pyplot as plt
+    fig = report_figure(summary)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def report_figure(summary: dict):
+    """The figure of :func:`write_report` (the caller closes it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = summary["steps"]
     x = [s["step"] for s in steps]           # numbered from 1; 0 is the base model
@@ -82,6 +95,8 @@ def write_report(summary: dict, path) -> None:
     ax.plot([0] + x, [1.0] + [1 - s["sparsity"] for s in steps], "^-", label="filters")
     ax.set(xlabel="pruning step", ylabel="fraction of the base model", title="Size per step", ylim=(0, 1.05))
     ax.legend(fontsize=8)
+    for ax in axes[:2]:     # steps are whole numbers (matplotlib would tick 0.2, 0.4 ... for one step)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax = axes[2]
     before = summary["channels_before"]
     after = summary["channels_after"]
@@ -97,10 +112,7 @@ def write_report(summary: dict, path) -> None:
                  f"test top-1 {summary['base']['test_top1']:.3f} → {summary['pruned']['test_top1']:.3f}, "
                  f"MACs −{100 * summary['reductions']['macs']:.1f}%", fontsize=11)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return fig
 
 
 class LearningCurves:

@@ -163,6 +163,15 @@ def shuffle_nodes(dg: tp.DependencyGraph) -> set:
     return found
 
 
+def split_nodes(dg: tp.DependencyGraph) -> set:
+    """The graph nodes of every split along the channels (``torch.split``,
+    ``torch.chunk``, ``Tensor.split``): the sizes of the parts are written in the
+    model's code (or worked out from the tensor), so they do not follow a pruning
+    that removes different numbers of channels from each part; no group that
+    crosses one may be pruned (the layers after the split still prune)."""
+    return {node for node in dg.module2node.values() if node.type == tp.ops.OPTYPE.SPLIT}
+
+
 def _op_name(node) -> str:
     """The autograd function name torch-pruning kept for an element-wise op node."""
     if not isinstance(node.module, tp.ops._ElementWiseOp):

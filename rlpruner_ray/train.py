@@ -38,6 +38,7 @@ class TrainSettings:
     max_batches_per_epoch: int | None = None  # for quick runs and tests
     precision: str = "fp32"                   # "bf16": autocast forward and loss (no grad scaler needed)
     channels_last: bool = False               # channels-last weights and images (faster convs on GPUs)
+    label: str = ""                           # what the epoch lines belong to ("step 1/5 fine-tuning")
 
 
 @dataclass
@@ -229,8 +230,9 @@ def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_top1": val["top1"],
                "val_loss": val["loss"], "seconds": time.perf_counter() - began}
         history.append(row)
-        log.info("epoch %d/%d lr %.5f train_loss %.4f val_top1 %.4f val_loss %.4f (%.1fs)", epoch,
-                 settings.epochs, lr, train_loss, val["top1"], val["loss"], row["seconds"])
+        log.info("%sepoch %d/%d lr %.5f train_loss %.4f val_top1 %.4f val_loss %.4f (%.1fs)",
+                 f"{settings.label}: " if settings.label else "", epoch, settings.epochs, lr, train_loss,
+                 val["top1"], val["loss"], row["seconds"])
         if val["top1"] > best_top1:  # strict: ties keep the earlier (or the original) weights
             best_state, best_epoch, best_top1 = _snapshot(model), epoch, val["top1"]
         if on_epoch is not None:

@@ -7,8 +7,12 @@ Each model is built untrained at the smallest input it accepts, traced, planned
 at a random distribution (30% of its channels) and checked: the scored model
 equals the physically pruned one (1e-4), the output shape is unchanged, MACs and
 params fall, every group has its planned width, the model file round-trips with
-``weights_only=True``. Refused models get their one-line reason. Exit code 1 if
-any model FAILED (neither conforms nor is refused).
+``weights_only=True``. Refused models get their one-line reason. Models named
+with ``--models`` that conform also run end to end: the default ``rlpruner
+compress`` with small budgets on the embedded digits data (base training, the
+search with its starting candidates, KD fine-tuning, the report). Exit code 1 if
+any model FAILED (neither conforms nor is refused, or conforms but its compress
+run fails).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import argparse
 import csv
 import gc
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from rlpruner_ray.conformance import SHARE, check_model, torchvision_names  # noqa: E402
+from rlpruner_ray.conformance import SHARE, check_model, end_to_end, torchvision_names  # noqa: E402
 
-COLUMNS = ["model", "status", "input", "groups", "prunable_channels", "masked_vs_physical", "exact_path",
-           "macs_reduction", "params_reduction", "seconds", "reason"]
+TABLE = ["model", "status", "input", "groups", "prunable_channels", "masked_vs_physical", "exact_path",
+         "macs_reduction", "params_reduction", "seconds"]
+COLUMNS = TABLE + ["reason", "end_to_end", "end_to_end_reason"]
 
 
 def _cell(value) -> str:
@@ -64,10 +70,15 @@ def render(rows: list[dict], total_seconds: float) -> str:
         "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r[c]) for c in COLUMNS[:-1]) + " |")
+        lines.append("| " + " | ".join(_cell(r[c]) for c in TABLE) + " |")
     if refused or failed:
         lines += ["", "## Refused or failed", ""]
         lines += [f"- `{r['model']}` ({r['status']}): {r['reason']}" for r in refused + failed]
+    ran = [r for r in rows if r.get("end_to_end")]
+    if ran:
+        lines += ["", "## End to end: the default `rlpruner compress`, small budgets, digits", ""]
+        lines += [f"- `{r['model']}`: {r['end_to_end']}" + (f" ({r['end_to_end_reason']})"
+                                                          if r.get("end_to_end_reason") else "") for r in ran]
     return "\n".join(lines) + "\n"
 
 
@@ -81,17 +92,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else torchvision_names()
     rows, start = [], time.perf_counter()
-    for name in names:
-        row = check_model(name.strip())
-        rows.append(row)
-        gc.collect()
-        print(f"{row['model']:32s} {row['status']:8s} {row['seconds']:7.1f}s {row['reason'][:90]}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rlpruner-conformance-") as work:
+        for i, name in enumerate(names):
+            row = check_model(name.strip())
+            if args.models and row["status"] == "ok":
+                row.update(end_to_end(row["model"], Path(work) / f"run{i}"))
+            rows.append(row)
+            gc.collect()
+            print(f"{row['model']:32s} {row['status']:8s} {row['seconds']:7.1f}s {row['reason'][:90]}"
+                  + (f" compress: {row['end_to_end']} {row['end_to_end_reason'][:60]}" if row.get("end_to_end")
+                     else ""), flush=True)
     Path(args.out).write_text(render(rows, time.perf_counter() - start))
     with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    return 1 if any(r["status"] not in ("ok", "refused") for r in rows) else 0
+    return 1 if any(r["status"] not in ("ok", "refused") or r.get("end_to_end") == "FAILED" for r in rows) else 0
 
 
 if __name__ == "__main__":

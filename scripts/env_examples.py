@@ -78,12 +78,21 @@ def sb3_ppo(env: gym.Env, episodes: int) -> None:
     print(f"PPO's deterministic action: reward {env.step(action)[1]:.4f}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("loop", choices=("random", "reinforce", "sb3"))
-    parser.add_argument("--episodes", type=int, default=32)
-    parser.add_argument("--sparsity", type=float, default=0.2)
-    args = parser.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    # the whole docstring: its first line alone stops mid-sentence
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("loop", choices=("random", "reinforce", "sb3"),
+                        help="random: random actions, best kept; reinforce: a policy gradient in torch; "
+                             "sb3: stable-baselines3's PPO")
+    parser.add_argument("--episodes", type=int, default=32,
+                        help="episodes to run, each one pruning step scored on the validation split (default: 32)")
+    parser.add_argument("--sparsity", type=float, default=0.2,
+                        help="fraction of the model's filters each episode removes (default: 0.2)")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.loop == "sb3":
         _stable_baselines3_ppo()            # refuse before the environment is made
     torch.manual_seed(0)

@@ -189,3 +189,46 @@ def test_compress_output_files_and_conventions(tmp_path, base_checkpoint):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stderr
     assert {p: (out / p).read_bytes() for p in before} == before
+
+
+def test_latency_repeats_until_its_time_is_spent_in_even_rounds():
+    import time as _time
+
+    class Sleeper(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            _time.sleep(self.seconds)
+            return x
+
+    timed = compare_latency({"base": Sleeper(0.002), "pruned": Sleeper(0.001)}, (1, 2, 2), rounds=4, warmup=2,
+                            min_seconds=0.1)
+    n = len(timed["base"]["times"])
+    assert n == len(timed["pruned"]["times"]) and n > 4 and n % 2 == 0   # 0.1 s of ~3 ms rounds
+    assert sum(timed["base"]["times"]) + sum(timed["pruned"]["times"]) >= 100.0
+    assert "ratio" in timed["pruned"] and "ratio" not in timed["base"]
+    capped = compare_latency({"m": Sleeper(0.0)}, (1, 2, 2), rounds=2, warmup=0, min_seconds=60, max_rounds=6)
+    assert len(capped["m"]["times"]) == 6
+
+
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_report_ticks_whole_steps(num_steps):
+    import matplotlib.pyplot as plt
+    from rlpruner_ray.report import report_figure
+    steps = [{"step": k, "val_top1": 0.9, "val_top1_before_finetune": 0.5, "chosen_accuracy": 0.4,
+              "macs_reduction": 0.1 * k, "params_reduction": 0.1 * k, "sparsity": 0.1 * k}
+             for k in range(1, num_steps + 1)]
+    summary = {"steps": steps, "base": {"val_top1": 0.95, "test_top1": 0.94}, "pruned": {"test_top1": 0.9},
+               "reductions": {"macs": 0.3}, "channels_before": {"a": 8}, "channels_after": {"a": 4},
+               "groups": ["a"], "config": {"model": "m", "dataset": "d", "algo": "rlpruner", "target": "filters",
+                                           "sparsity": 0.5}}
+    fig = report_figure(summary)
+    try:
+        for ax in fig.axes[:2]:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import ModelError
+from ..errors import ModelError, one_line
 from .densenet import densenet121
 from .googlenet import googlenet
 from .mobilenetv3 import mobilenetv3_large, mobilenetv3_small
@@ -51,11 +51,6 @@ _TV_NO_AUX = {"googlenet", "inception_v3"}
 def list_models() -> list[str]:
     """Zoo names accepted by :func:`build_model` (without ``tv:`` / factory forms)."""
     return sorted(_ZOO)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _check_sizes(num_classes: Any, in_channels: Any) -> None:
@@ -96,7 +91,7 @@ def _torchvision_key(tv_name: str, label: str) -> str:
     try:
         import torchvision
     except ImportError as exc:  # pragma: no cover - torchvision is a dependency
-        raise ModelError(f"model {label!r} needs torchvision, which cannot be imported: {_one_line(exc)}") from exc
+        raise ModelError(f"model {label!r} needs torchvision, which cannot be imported: {one_line(exc)}") from exc
     key = tv_name.strip().lower()
     if key not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(
@@ -116,7 +111,7 @@ def _build_torchvision(tv_name: str, num_classes: int, in_channels: int, label: 
     try:
         model = torchvision.models.get_model(key, **kwargs)
     except Exception as exc:
-        raise ModelError(f"torchvision model {label!r} failed to build: {_one_line(exc)}") from exc
+        raise ModelError(f"torchvision model {label!r} failed to build: {one_line(exc)}") from exc
     if in_channels != 3:
         _replace_first_conv(model, in_channels, label)
     return model
@@ -130,7 +125,7 @@ def _resolve_factory(path: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ModelError(f"cannot import module {module_name!r} of factory {path!r}: {_one_line(exc)}") from exc
+        raise ModelError(f"cannot import module {module_name!r} of factory {path!r}: {one_line(exc)}") from exc
     obj: Any = module
     for part in attr_path.split("."):
         try:
@@ -147,7 +142,7 @@ def _build_factory(path: str, num_classes: int, in_channels: int) -> nn.Module:
     try:
         model = obj(num_classes=num_classes, in_channels=in_channels)
     except Exception as exc:
-        raise ModelError(f"factory {path!r} raised {_one_line(exc)}") from exc
+        raise ModelError(f"factory {path!r} raised {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory {path!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -22,11 +22,12 @@ class Candidate:
     counts: np.ndarray
     reward: float
     accuracy: float
-    macs: float
-    params: float
+    macs: int                     # exact counts of the plan (PruningGraph.cost)
+    params: int
     iteration: int
     index: int                    # evaluation number within the step
-    source: str = "sample"        # "sample" or e.g. "policy" (RLlib's deterministic action)
+    source: str = "sample"        # "sample" (the search's own), "policy" (RLlib's deterministic action),
+                                  # or the starting candidate it is: "uniform", "global", "tp-global"
     learner_stats: dict | None = None   # RLlib's learner statistics of the iteration
     indices: list | None = None   # explicit root channels per group to prune instead of
                                   # the importance order's first ``counts`` (Torch-Pruning's)
@@ -54,20 +55,22 @@ class Evaluator:
     def remaining(self) -> int:
         return self.budget - self.used
 
-    def __call__(self, distributions, iteration: int, source: str = "sample") -> list[Candidate]:
-        """Score distributions (or :func:`exact_plan` items) and record them."""
+    def __call__(self, distributions, iteration: int, source: str | list[str] = "sample") -> list[Candidate]:
+        """Score distributions (or :func:`exact_plan` items) and record them;
+        ``source`` names them in history (one name for all, or one per item)."""
         items = [d if isinstance(d, dict) else np.asarray(d, dtype=np.float64)
                  for d in distributions][: self.remaining]
         if not items:
             raise BudgetExhausted("evaluation budget used up")
+        sources = [source] * len(items) if isinstance(source, str) else list(source)[: len(items)]
         started = time.perf_counter()
         results = self.score_fn(items)
         seconds = (time.perf_counter() - started) / len(items)
         out = []
-        for d, r in zip(items, results):
+        for d, r, name in zip(items, results, sources):
             if isinstance(d, dict):
                 d = d["counts"] / max(d["counts"].sum(), 1)
-            out.append(self.record(candidate_from(d, r, iteration, source), seconds))
+            out.append(self.record(candidate_from(d, r, iteration, name), seconds))
         return out
 
     def record(self, c: Candidate, seconds: float = 0.0) -> Candidate:
@@ -100,8 +103,8 @@ def candidate_from(distribution, result: dict, iteration: int, source: str = "sa
                    learner_stats: dict | None = None) -> Candidate:
     """A Candidate from an environment's result dict (index set when recorded)."""
     return Candidate(np.asarray(distribution, dtype=np.float64), np.asarray(result["counts"]),
-                     float(result["reward"]), float(result["accuracy"]), float(result["macs"]),
-                     float(result["params"]), iteration, -1, source, learner_stats)
+                     float(result["reward"]), float(result["accuracy"]), int(result["macs"]),
+                     int(result["params"]), iteration, -1, source, learner_stats)
 
 
 @dataclass
@@ -112,6 +115,9 @@ class StepContext:
     rng: np.random.Generator      # seeded from (seed, step): resumable, reproducible
     reference_accuracy: float | None = None   # the previous step's chosen accuracy (drop guard)
     extras: dict = field(default_factory=dict)
+    # optional candidates the search could not build, {"candidate": name, "reason": one line}:
+    # the pipeline logs them and keeps them in the step's record
+    skipped: list = field(default_factory=list)
 
     @property
     def initial(self) -> np.ndarray:

@@ -82,7 +82,8 @@ class RLPrunerSearch(SearchAlgorithm):
         reserve = int(c.guard_reserve * evaluate.remaining) if armed else 0
         state = {"buffer": [], "best": -math.inf, "iteration": 0}
         if c.include_baselines:
-            self._iterate(state, evaluate, baseline_distributions(ctx, c))
+            starts = baseline_distributions(ctx, c)
+            self._iterate(state, evaluate, list(starts.values()), source=list(starts))
         self._run(ctx, evaluate, state, evaluate.remaining - reserve)
         chosen = self._choose(ctx, state["buffer"])
         tripped = None
@@ -105,9 +106,9 @@ class RLPrunerSearch(SearchAlgorithm):
             n = min(self.config.samples_per_iteration, evaluate.remaining - stop_at)
             self._iterate(state, evaluate, sample_around(self.pd, n, ctx.rng, self.config))
 
-    def _iterate(self, state: dict, evaluate: Evaluator, samples: list) -> None:
+    def _iterate(self, state: dict, evaluate: Evaluator, samples: list, source="sample") -> None:
         c = self.config
-        results = evaluate(samples, state["iteration"])
+        results = evaluate(samples, state["iteration"], source)
         state["iteration"] += 1
         state["buffer"] = sorted(state["buffer"] + results, key=lambda r: -r.reward)[: c.buffer_size]
         best = max(results, key=lambda r: r.reward)
@@ -131,18 +132,23 @@ class RLPrunerSearch(SearchAlgorithm):
         self.pd = None if state.get("pd") is None else np.asarray(state["pd"], dtype=np.float64)
 
 
-def baseline_distributions(ctx: StepContext, config) -> list:
+def baseline_distributions(ctx: StepContext, config) -> dict:
     """The uniform, global-threshold and Torch-Pruning global distributions of this
-    step, scored as the first iteration's candidates: the search then starts no
-    worse (by its reward) than any of them. Torch-Pruning's plan is scored as its
-    per-group counts in the run's importance order, like every other candidate;
-    it is left out where Torch-Pruning cannot reach the step's target."""
-    from ..errors import PlanError
+    step by name (``history.parquet``'s ``source``), scored as the first iteration's
+    candidates: the search then starts no worse (by its reward) than any of them.
+    Torch-Pruning's plan is scored as its per-group counts in the run's importance
+    order, like every other candidate. It is optional: where Torch-Pruning cannot
+    reach the step's target, or its pruner fails on the model (a third-party
+    library meeting a structure it does not handle), it is left out and the reason
+    goes to ``ctx.skipped`` (the log and the step's record)."""
+    from ..errors import one_line
     from .baselines import global_plan
     from .tp_baselines import tp_plan
-    items = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))]
+    items = {"uniform": ctx.initial,
+             "global": exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))}
     try:
-        items.append(exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0]))
-    except PlanError:
-        pass
+        items["tp-global"] = exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0])
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional candidate only skips it
+        ctx.skipped.append({"candidate": "tp-global", "reason": one_line(exc)})
     return items
+

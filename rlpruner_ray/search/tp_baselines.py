@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..errors import PlanError
+from ..errors import ConfigError, PlanError, one_line
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
 
 RATIO_TOLERANCE = 1e-4
@@ -86,6 +86,19 @@ def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, lis
         else:
             lo = mid
     return best
+
+
+def check_tp_supported(graph, global_pruning: bool) -> None:
+    """Refuse, before any work, a model Torch-Pruning's pruner fails on (a structure
+    the third-party library does not handle): ``--algo tp-uniform`` / ``tp-global``
+    could do nothing else with it. One interactive step at half the channels is
+    enough to meet such a failure; nothing is pruned."""
+    try:
+        tp_channels(graph, 0.5, global_pruning)
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises, in its words
+        name = "tp-global" if global_pruning else "tp-uniform"
+        raise ConfigError(f"--algo {name}: Torch-Pruning's pruner fails on this model ({one_line(exc)[:200]}); "
+                          "choose another --algo (rlpruner, global, uniform, ...)") from None
 
 
 class _TorchPruningSearch(SearchAlgorithm):

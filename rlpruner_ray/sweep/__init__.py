@@ -41,6 +41,10 @@ __all__ = ["add_subcommand", "run_subcommand", "SweepPlan", "plan_from_args", "l
            "report_command", "trial_name", "trial_bundles", "local_dir_for", "SWEEP_FILE", "ROWS_FILE",
            "FAIL_ENV"]
 
+# each command's own output folder when --out-dir is left out (not compress's runs/default:
+# a sweep there would sit among a compress run's files)
+DEFAULT_OUT_DIRS = {"sweep": "runs/sweep", "compare": "runs/compare"}
+
 _CONFIG_GROUPS = ["model", "data", "train", "target", "search", "rlpruner", "rllib", "workers", "finetune", "run"]
 
 
@@ -53,7 +57,8 @@ def add_subcommand(sub, name: str, add_fields) -> None:
     if name == "sweep":
         p = sub.add_parser("sweep", help="Ray Tune sweep of compress runs over sparsity, algorithm, reward, "
                            "criterion and seed (one trial per grid point)")
-        add_fields(p, _CONFIG_GROUPS, skip=("sparsity", "algo", "reward", "criterion", "seed", "resume"))
+        add_fields(p, _CONFIG_GROUPS, skip=("sparsity", "algo", "reward", "criterion", "seed", "resume"),
+                   overrides=_out_dir_help(name))
         p.add_argument("--sparsity", dest="grid_sparsity", type=float, nargs="+", metavar="S",
                        default=argparse.SUPPRESS, help="target sparsities, one trial each (default 0.5)")
         p.add_argument("--algo", dest="grid_algo", nargs="+", metavar="ALGO", default=argparse.SUPPRESS,
@@ -66,7 +71,7 @@ def add_subcommand(sub, name: str, add_fields) -> None:
     elif name == "compare":
         p = sub.add_parser("compare", help="compare search algorithms over seeds at one sparsity (Ray Tune "
                            "trials): best reward per evaluation, test accuracy, MACs, wall time")
-        add_fields(p, _CONFIG_GROUPS, skip=("algo", "seed", "resume"))
+        add_fields(p, _CONFIG_GROUPS, skip=("algo", "seed", "resume"), overrides=_out_dir_help(name))
         p.add_argument("--algo", dest="grid_algo", nargs="+", metavar="ALGO", default=argparse.SUPPRESS,
                        help=f"algorithms to compare (default {' '.join(COMPARE_ALGOS)})")
         default_seeds = 3
@@ -86,7 +91,12 @@ def add_subcommand(sub, name: str, add_fields) -> None:
                    help="retries of a failed trial, each from its last checkpoint (default 2)")
     p.add_argument("--resume", dest="resume_dir", default=argparse.SUPPRESS, metavar="DIR",
                    help="continue the interrupted sweep in DIR with its saved settings")
-    p.set_defaults(sweep_kind=name, default_seed_count=default_seeds)
+    p.set_defaults(sweep_kind=name, default_seed_count=default_seeds, default_out_dir=DEFAULT_OUT_DIRS[name])
+
+
+def _out_dir_help(name: str) -> dict:
+    return {"out_dir": {"help": f"output folder of the {name}: trial folders, tables, plots "
+                                f"(default: {DEFAULT_OUT_DIRS[name]})"}}
 
 
 def run_subcommand(args, make_config) -> int:

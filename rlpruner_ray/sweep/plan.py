@@ -74,8 +74,6 @@ class SweepPlan:
 def plan_from_args(args, make_config) -> SweepPlan:
     """Validate the whole grid up front (one line on the first bad value)."""
     kind = args.sweep_kind
-    if not hasattr(args, "out_dir"):
-        raise ConfigError(f"rlpruner {kind} needs --out-dir (or --resume DIR)")
     grid: dict = {}
     if kind == "sweep":
         grid["sparsity"] = _dedupe(getattr(args, "grid_sparsity", [0.5]))
@@ -107,7 +105,7 @@ def plan_from_args(args, make_config) -> SweepPlan:
     from ..search.base import check_algorithm
     for point in grid_points(grid):
         check_algorithm(base_cfg.replace(**point))    # range checks of every grid value, known algorithm
-    out = resolve_location(args.out_dir)
+    out = resolve_location(getattr(args, "out_dir", args.default_out_dir))
     storage = getattr(args, "storage_path", None)
     if storage is None:
         storage, name = out, EXPERIMENT

@@ -46,7 +46,7 @@ def _summary():
 
 def _history_table(n=3):
     return pa.Table.from_pylist([{"step": 0, "iteration": 0, "evaluation": i, "algo": "x", "source": "sample",
-                                  "reward": 0.5, "accuracy": 0.5, "macs": 1.0, "params": 1.0,
+                                  "reward": 0.5, "accuracy": 0.5, "macs": 1, "params": 1,
                                   "filters_removed": 3, "chosen": i == 0, "seconds": 0.0,
                                   "distribution": [0.5, 0.5], "counts": [1, 2], "learner_stats": None}
                                  for i in range(n)], HISTORY_SCHEMA)
