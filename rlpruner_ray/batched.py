@@ -210,7 +210,7 @@ class _CandidateNorm:
       always for a BN without running statistics;
     * afterwards, each candidate's accumulated statistics.
 
-    Statistics are taken in fp32 (as the fused kernels do under autocast)."""
+    Statistics are taken in fp32 at least (as the fused kernels do under autocast)."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, k: int):
         self.bn, self.k = bn, k
@@ -233,21 +233,22 @@ class _CandidateNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn, k = self.bn, self.k
         shaped = x.reshape(k, x.shape[0] // k, *x.shape[1:])          # (K, N, C, ...)
+        dtype = torch.promote_types(x.dtype, torch.float32)             # fp32 at least (float64 stays)
         if self.calibrating or not self.tracks:
             dims = (1, *range(3, shaped.dim()))
-            var, mean = torch.var_mean(shaped.float(), dim=dims, correction=0)
+            var, mean = torch.var_mean(shaped.to(dtype), dim=dims, correction=0)
             if self.calibrating and self.tracks:
                 self._accumulate(mean, var, shaped.numel() // (k * shaped.shape[2]))
         elif self.mean is not None:
             mean, var = self.mean, self.var
         else:       # no calibration batch reached it: reset statistics, as on the single path
-            mean = torch.zeros(k, shaped.shape[2], device=x.device)
+            mean = torch.zeros(k, shaped.shape[2], device=x.device, dtype=dtype)
             var = torch.ones_like(mean)
         view = (k, 1, shaped.shape[2], *([1] * (shaped.dim() - 3)))
         scale = torch.rsqrt(var + bn.eps)
         if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        shift = bn.bias.float().expand_as(mean) if bn.bias is not None else torch.zeros_like(mean)
+            scale = scale * bn.weight.to(dtype)
+        shift = bn.bias.to(dtype).expand_as(mean) if bn.bias is not None else torch.zeros_like(mean)
         # (x - mean) * scale + bias, as BN computes it: folding the mean into the
         # shift would cancel digits on channels whose mean dwarfs their spread
         y = torch.addcmul(shift.view(view), shaped - mean.view(view), scale.view(view))

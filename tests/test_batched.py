@@ -111,7 +111,12 @@ def _tv_names():
 @pytest.mark.parametrize("name", _tv_names())
 def test_batched_recalibration_equals_single_on_torchvision_batchnorm_classifiers(name):
     """The conformance list's BatchNorm classifiers (the others: nothing per candidate
-    to check; refused ones: test_conformance), on the groups masking handles."""
+    to check; refused ones: test_conformance), on the groups masking handles, in
+    float64: untrained, with random statistics and 1x1 feature maps at the smallest
+    input, some (MnasNet, EfficientNet) are so ill-conditioned that fp32
+    recalibration is 3e-4 off the float64 result on either path, batched or single;
+    in float64 the comparison tests the method, not the rounding. (The zoo test
+    above runs in fp32.)"""
     from rlpruner_ray.conformance import randomise_normalisation, smallest_input
     from rlpruner_ray.errors import ModelError
     torch.manual_seed(0)
@@ -119,7 +124,8 @@ def test_batched_recalibration_equals_single_on_torchvision_batchnorm_classifier
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         pytest.skip("no BatchNorm")
     randomise_normalisation(model)
-    x = smallest_input(model)
+    x = smallest_input(model).double()
+    model.double()
     try:
         graph = PruningGraph(model, x)
     except ModelError as exc:
@@ -130,10 +136,7 @@ def test_batched_recalibration_equals_single_on_torchvision_batchnorm_classifier
     plans = [graph.plan(rng.dirichlet(np.ones(graph.num_groups)), graph.max_removable // d) * exact
              for d in (2, 4)]
     gen = torch.Generator().manual_seed(1)
-    # 32 images: on a 1x1 feature map (ResNet-18's last stage at 32x32) 2 images give
-    # variances so ill-conditioned that fp32 recalibration is 1e-2 off float64 on
-    # either path; with 16, both paths are within 1e-5 of it
-    calibration = [torch.randn(32, *x.shape[1:], generator=gen) for _ in range(2)]
+    calibration = [torch.randn(4, *x.shape[1:], generator=gen, dtype=torch.float64) for _ in range(2)]
     assert CandidateMasks(graph).check_exact(x, plans, calibration=calibration) <= TOLERANCE
 
 
