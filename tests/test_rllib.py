@@ -207,7 +207,7 @@ def test_unsupported_algorithm_and_unmeetable_resources_fail_fast(tmp_path):
     for extra, needle in [(["--algo", "dqn"], "continuous"),
                           (["--algo", "ppo", "--rl-num-learners", "4"], "CPU"),
                           (["--algo", "appo", "--gpus-per-worker", "0.5"], "GPU"),
-                          (["--algo", "ppo", "--evaluations-per-step", "2"], "evaluations_per_step")]:
+                          (["--algo", "ppo", "--evaluations-per-step", "2"], "--evaluations-per-step")]:
         start = time.time()
         r = _cli(["compress", "--out-dir", str(out), *extra])
         assert r.returncode == 2, (extra, r.stderr)
