@@ -29,6 +29,7 @@ import time
 import gymnasium as gym
 import numpy as np
 
+from rlpruner_ray.compute import SCORED_KEYS
 from rlpruner_ray.data import load_dataset
 from rlpruner_ray.scoring import StepScorer
 from rlpruner_ray.model_store import CLOSED, SPENT
@@ -196,7 +197,7 @@ class LayerPruningEnv(gym.Env):
         out = []
         for i, (distribution, result) in enumerate(zip(distributions, results)):
             if tickets[i] is not None:
-                row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version")}
+                row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version", *SCORED_KEYS)}
                 row.update(counts=result["counts"].tolist(), distribution=distribution.tolist(),
                            seconds=seconds, pid=os.getpid(), channels=self.scorer.graph.channels.tolist())
                 self._store_actor().record.remote(tickets[i], row)

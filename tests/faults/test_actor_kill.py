@@ -26,7 +26,7 @@ IN_FLIGHT = threading.Event()   # set while a batch is out on the actors
 
 def _search(pool, published, folder, *, on_call=None):
     """One rlpruner step of BUDGET evaluations through ``pool``, history streamed to ``folder``."""
-    history = HistoryWriter(folder, algo="rlpruner")
+    history = HistoryWriter(folder, algo="rlpruner", base_macs=10**6)
     calls = {"n": 0}
 
     def score(distributions):
