@@ -198,7 +198,8 @@ def test_merge_takes_only_the_sections_the_other_run_measured(tmp_path):
     bench.save()
     again = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
     again.carry_over({3})
-    assert again.state["carried"] == {"sections": ["1"], "date": "old", "command": "bench old"}
+    assert again.state["carried"] == {"sections": ["1"], "date": "old", "command": "bench old",
+                                     "version_mismatches": []}
     assert [m["sections"] for m in again.state["merged"]] == [["4"]]
     assert again.state["merged"][0]["command"] == "bench fidelity"
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--merge", str(side), "--rows", str(main)],
