@@ -317,6 +317,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                    if state["teacher"] is not None else base)
         teacher_acc = state["teacher_acc"]
         spent_before = float(state.get("wall_seconds", 0.0))
+        # (a run of a version without compute records is refused earlier: its config.json
+        # lacks selection_fraction, so --resume finds different settings)
         ledger = compute.Ledger(state["compute"])
         log.info("resuming after step %d of %d", done[-1], config.num_steps)
     if teacher_acc is None:
