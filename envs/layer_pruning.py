@@ -202,8 +202,11 @@ class LayerPruningEnv(gym.Env):
                            seconds=seconds, pid=os.getpid(), channels=self.scorer.graph.channels.tolist())
                 self._store_actor().record.remote(tickets[i], row)
             t = episodes[i][0] + 1
+            # (compute and timings go to the run's records through the store, not into the
+            # step's info: an env steps the same way for the same action)
+            info = {k: v for k, v in result.items() if k not in SCORED_KEYS}
             out.append((t, result["counts"], float(result["reward"]), t >= self.horizon,
-                        dict(result, distribution=distribution)))
+                        dict(info, distribution=distribution)))
         if len(out) < n:
             # no ticket for these: unscored, worth the step's mean reward (advantage near 0): the
             # mean recorded so far when the budget is spent, else the mean of what was just scored
