@@ -123,6 +123,29 @@ def test_scorer_counts_masked_candidates_at_the_base_models_full_size(digits16, 
     assert again["macs_executed"] == (reward_images + bn_images) * per_image
 
 
+def test_batched_scoring_charges_each_candidate_its_share_of_the_pass(digits16, quick_resnet8):
+    from envs import LayerPruningEnv
+    from rlpruner_ray.config import CompressConfig
+    from rlpruner_ray.pipeline import build_graph
+    from rlpruner_ray.search.workers import env_settings, make_payload
+    model = copy.deepcopy(quick_resnet8)
+    config = CompressConfig(reward_samples=144, bn_recalibration_batches=0, scoring="batched",
+                            candidates_per_pass=2, image_size=16)
+    graph = build_graph(config, model, digits16, "cpu")
+    context = {"step": 0, "num_steps": 1, "original": graph.sizes(), "num_filters": graph.total_channels // 4}
+    env = LayerPruningEnv({**env_settings(config), "payload": make_payload(model, graph, context, version=0)})
+    assert env.scorer.path == "batched"
+    per_image = int(round(graph.base_macs))
+    rng = np.random.default_rng(0)
+    plans = [env.plan_distribution(rng.dirichlet(np.ones(graph.num_groups))) for _ in range(3)]
+    results = env.evaluate_plans(plans)          # a pass of 2 candidates, then one of 1
+    # set-up before the first: the base model's reference pass (144 images) and the
+    # exactness check of the batched path (2 plans x 4 images, batched and masked)
+    assert results[0]["macs_executed"] == (144 + 2 * 4 * 2 + 144) * per_image
+    assert [r["macs_executed"] for r in results[1:]] == [144 * per_image] * 2
+    assert all(r["bn_recalibration_macs"] == 0 for r in results)
+
+
 # ---------------------------------------------------------------------- a whole run
 @pytest.mark.slow
 def test_compress_summary_adds_up_and_only_the_end_reads_the_test_halves(tmp_path, monkeypatch):
