@@ -29,6 +29,7 @@ import time
 import gymnasium as gym
 import numpy as np
 
+from rlpruner_ray.compute import SCORED_KEYS
 from rlpruner_ray.data import load_dataset
 from rlpruner_ray.scoring import StepScorer
 from rlpruner_ray.model_store import CLOSED, SPENT
@@ -196,13 +197,16 @@ class LayerPruningEnv(gym.Env):
         out = []
         for i, (distribution, result) in enumerate(zip(distributions, results)):
             if tickets[i] is not None:
-                row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version")}
+                row = {k: result[k] for k in ("reward", "accuracy", "macs", "params", "version", *SCORED_KEYS)}
                 row.update(counts=result["counts"].tolist(), distribution=distribution.tolist(),
                            seconds=seconds, pid=os.getpid(), channels=self.scorer.graph.channels.tolist())
                 self._store_actor().record.remote(tickets[i], row)
             t = episodes[i][0] + 1
+            # (compute and timings go to the run's records through the store, not into the
+            # step's info: an env steps the same way for the same action)
+            info = {k: v for k, v in result.items() if k not in SCORED_KEYS}
             out.append((t, result["counts"], float(result["reward"]), t >= self.horizon,
-                        dict(result, distribution=distribution)))
+                        dict(info, distribution=distribution)))
         if len(out) < n:
             # no ticket for these: unscored, worth the step's mean reward (advantage near 0): the
             # mean recorded so far when the budget is spent, else the mean of what was just scored

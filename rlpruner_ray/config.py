@@ -49,6 +49,12 @@ class CompressConfig:
     split_seed: int | None = _f(None, "seed of the train/validation split (default: --seed); fix it to "
                                 "compare seeds on one base model without validating on its training rows",
                                 "data", lo=0, nullable=True)
+    selection_fraction: float = _f(0.0, "split the test images (stratified, the same halves for every seed) "
+                                   "into a selection part of this fraction, for choosing between variants, "
+                                   "and a final part; a run reads each once, at its end, and reports "
+                                   "test_top1 on the final part and selection_top1 (0: no split, test_top1 "
+                                   "on the whole test split; benchmarks: 0.5)", "data", lo=0.0, hi=1.0,
+                                   hi_open=True)
     base_checkpoint: str | None = _f(None, "start from this trained model file instead of training",
                                      "model", nullable=True)
     # ---- base training

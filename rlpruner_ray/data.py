@@ -9,6 +9,7 @@ more than the small networks we train.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -25,9 +26,13 @@ from .errors import ConfigError, DataError
 log = logging.getLogger("rlpruner_ray")
 
 SPLITS = ("train", "val", "test")
+# Parts of the test split, present when a selection fraction is asked for.
+TEST_PARTS = ("selection", "final")
 # The held-out test split must not move when the user changes --seed, otherwise
-# accuracies from different runs would be measured on different images.
+# accuracies from different runs would be measured on different images; nor may
+# its selection/final halves.
 _TEST_SEED = 20240611
+_SELECTION_SEED = 20261207
 _TEST_FRACTION = 0.2
 _DIGITS_SIZE = 16
 _IMAGEFOLDER_SIZE = 32
@@ -65,6 +70,9 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     flip: bool
+    # The test split's selection and final parts (``with_selection``), else None.
+    selection: Split | None = None
+    final: Split | None = None
     # Copies of the splits on an accelerator, made once so each batch is a
     # device-side gather instead of a host-to-device copy.
     _device_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -76,9 +84,39 @@ class Dataset:
         return state
 
     def split(self, name: str) -> Split:
+        if name in TEST_PARTS:
+            if self.selection is None:
+                raise DataError(f"split {name!r} exists only when the test split is divided "
+                                "(selection_fraction > 0)")
+            return getattr(self, name)
         if name not in SPLITS:
-            raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+            raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLITS + TEST_PARTS)}")
         return getattr(self, name)
+
+    @property
+    def final_split(self) -> str:
+        """The split a run's final test accuracy is measured on: the final part when the
+        test split is divided, else the whole of it."""
+        return "test" if self.selection is None else "final"
+
+    def with_selection(self, fraction: float) -> "Dataset":
+        """This dataset with its test split divided into a ``selection`` part (``fraction``
+        of every class) and a ``final`` part (the rest). The halves depend only on the
+        test labels and a fixed seed, never on a run's seed, so every run and seed
+        sees the same ones. ``fraction`` 0 returns the dataset undivided."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise ConfigError(f"selection_fraction must be in [0, 1), got {fraction!r}")
+        if fraction == 0:
+            return self
+        final, selection = _stratified_split(self.test.labels.numpy(), fraction, _SELECTION_SEED)
+        if len(final) == 0 or len(selection) == 0:
+            raise DataError(f"selection_fraction={fraction} of {len(self.test)} test images leaves an empty "
+                            f"{'selection' if len(selection) == 0 else 'final'} part")
+        divided = copy.copy(self)
+        divided._device_cache = {}
+        divided.selection = Split(self.test.images[selection], self.test.labels[selection])
+        divided.final = Split(self.test.images[final], self.test.labels[final])
+        return divided
 
     def example_inputs(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.in_channels, self.image_size, self.image_size)

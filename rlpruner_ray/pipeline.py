@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import compute
 from . import console
 from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset, load_dataset
@@ -150,10 +151,14 @@ def training_progress(config: CompressConfig, data: Dataset, epochs: int, label:
     return bar, view
 
 
-def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, device: str):
-    """The base model: a given checkpoint, the run's cached one, or trained now."""
+def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, device: str,
+                       ledger: compute.Ledger | None = None):
+    """The base model: a given checkpoint, the run's cached one, or trained now (its
+    compute charged to ``ledger``; a resumed run gets back what training its own base cost)."""
     source = config.base_checkpoint or (run.base if run.base.exists() else None)
     if source is not None:
+        if ledger is not None and config.resume and not config.base_checkpoint:
+            ledger.restore(ckpt.read_model_record(source)["meta"].get("compute"))
         model = ckpt.load_pruned(source, allow_import=config.model)
         spec = getattr(model, ckpt.SPEC_ATTR)
         if spec["num_classes"] != data.num_classes or spec["in_channels"] != data.in_channels:
@@ -172,8 +177,12 @@ def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, de
     with bar:
         result = train_base(model, counted, train_settings(config, epochs=config.train_epochs,
                                                            lr=config.train_lr, seed=config.seed, device=device,
-                                                           label="base training"))
-    ckpt.save_pruned(model.cpu(), run.base, meta={"val_top1": result.best_val_top1, "epochs": result.epochs})
+                                                           label="base training"),
+                            ledger=ledger)
+    meta = {"val_top1": result.best_val_top1, "epochs": result.epochs}
+    if ledger is not None:
+        meta["compute"] = ledger.state_dict()
+    ckpt.save_pruned(model.cpu(), run.base, meta=meta)
     return model
 
 
@@ -183,31 +192,40 @@ def calibration_batch(config: CompressConfig, data: Dataset, device: str):
     return x, y
 
 
-def build_graph(config: CompressConfig, model, data: Dataset, device: str) -> PruningGraph:
+def build_graph(config: CompressConfig, model, data: Dataset, device: str,
+                ledger: compute.Ledger | None = None) -> PruningGraph:
     graph = PruningGraph(model, data.example_inputs(1).to(device), exclude=config.exclude,
                          min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
     x, y = calibration_batch(config, data, device)
-    graph.compute_scores(config.criterion, x, y, seed=config.seed)
+    with (ledger or compute.Ledger()).timed("importance"), \
+            compute.counting_forwards(model, int(round(graph.base_macs))) as forward:
+        graph.compute_scores(config.criterion, x, y, seed=config.seed)
+    if ledger is not None:      # a criterion that runs the model (taylor) takes gradients of that pass
+        ledger.add("importance", forward[0] * (1 + compute.BACKWARD_FACTOR))
     return graph
 
 
-def measure_model(model, data: Dataset, device: str, *, test: bool) -> dict:
+def measure_model(model, data: Dataset, device: str, *, test: bool, ledger: compute.Ledger | None = None) -> dict:
     example = data.example_inputs(1)
     macs, params = macs_params(model.cpu(), example)
     out = {"macs": macs, "params": params,
-           "val_top1": evaluate(model, data, "val", device=device)["top1"]}
-    if test:
-        t = evaluate(model, data, "test", device=device)
+           "val_top1": evaluate(model, data, "val", device=device, ledger=ledger)["top1"]}
+    if test:      # a run's one read of the test images: the final part when divided, else all
+        t = evaluate(model, data, data.final_split, device=device, ledger=ledger)
         out.update(test_top1=t["top1"], test_top5=t["top5"])
+        if data.selection is not None:
+            out["selection_top1"] = evaluate(model, data, "selection", device=device, ledger=ledger)["top1"]
     model.to(device)
     return out
 
 
-def measure_pair(base, pruned, data: Dataset, device: str) -> tuple[dict, dict]:
+def measure_pair(base, pruned, data: Dataset, device: str,
+                 ledger: compute.Ledger | None = None) -> tuple[dict, dict]:
     """Base and pruned model on val and test, and their latencies timed in
     alternation, so a busy machine slows both alike (median and quartiles)."""
-    measured = {"base": measure_model(base, data, device, test=True),
-                "pruned": measure_model(pruned, data, device, test=True)}
+    ledger = ledger or compute.Ledger()
+    measured = {"base": measure_model(base, data, device, test=True, ledger=ledger),
+                "pruned": measure_model(pruned, data, device, test=True, ledger=ledger)}
     shape = tuple(data.example_inputs(1).shape[1:])
     # (label, device, batch, at least these rounds, and repeated for at least these
     # seconds): batch-1 passes take a millisecond or two, and their median, and the
@@ -215,9 +233,14 @@ def measure_pair(base, pruned, data: Dataset, device: str) -> tuple[dict, dict]:
     settings = [("cpu_b1", "cpu", 1, 30, 3.0), ("cpu_b64", "cpu", 64, 7, 0.0)]
     if torch.cuda.is_available():
         settings.append(("gpu_b64", "cuda", 64, 20, 1.0))
+    example = data.example_inputs(1)
+    sizes = {m: compute.model_macs(m, example) for m in (base, pruned)}
     for label, where, batch, rounds, seconds in settings:
-        timed = compare_latency({"base": base, "pruned": pruned}, shape, batch_size=batch, device=where,
-                                rounds=rounds, warmup=10 if batch == 1 else 3, min_seconds=seconds)
+        with ledger.timed("latency_timing"), compute.counting_forwards(base, sizes[base]) as a, \
+                compute.counting_forwards(pruned, sizes[pruned]) as b:
+            timed = compare_latency({"base": base, "pruned": pruned}, shape, batch_size=batch, device=where,
+                                    rounds=rounds, warmup=10 if batch == 1 else 3, min_seconds=seconds)
+        ledger.add("latency_timing", a[0] + b[0])
         for name, t in timed.items():
             measured[name][f"latency_ms_{label}"] = t["median"]
             measured[name][f"latency_ms_{label}_quartiles"] = [t["q1"], t["q3"]]
@@ -300,7 +323,10 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         ckpt.remove_stale_temps(run.root, run.steps, run.history)
     ckpt.atomic_write_json(run.config, config.to_dict())
 
-    base = load_or_train_base(config, data, run, device).to(device).eval()
+    # the compute this run executes; a resumed run continues the counts of its last
+    # checkpoint (like its wall time, work a kill threw away is not counted)
+    ledger = compute.Ledger()
+    base = load_or_train_base(config, data, run, device, ledger).to(device).eval()
     base_graph = PruningGraph(base, data.example_inputs(1).to(device), exclude=config.exclude,
                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
     original = base_graph.sizes()
@@ -324,9 +350,12 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                    if state["teacher"] is not None else base)
         teacher_acc = state["teacher_acc"]
         spent_before = float(state.get("wall_seconds", 0.0))
+        # (a run of a version without compute records is refused earlier: its config.json
+        # lacks selection_fraction, so --resume finds different settings)
+        ledger = compute.Ledger(state["compute"])
         log.info("resuming after step %d of %d", done[-1], config.num_steps)
     if teacher_acc is None:
-        teacher_acc = evaluate(base, data, "val", device=device)["top1"]
+        teacher_acc = evaluate(base, data, "val", device=device, ledger=ledger)["top1"]
     base_top1 = teacher_acc if not steps else None   # the drop guard's reference at step 0
     curves = LearningCurves(run.curves)
     if not steps:
@@ -337,11 +366,11 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     from .search.workers import EvaluationPool
     store, store_name = start_store()
     algo = pool = None
-    history = HistoryWriter(run.history, algo=config.algo)
+    history = HistoryWriter(run.history, algo=config.algo, base_macs=original_macs(original))
     try:
         start = len(steps)
         if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
-            graph = build_graph(config, model, data, device)
+            graph = build_graph(config, model, data, device, ledger)
             context = _context(config, start, targets, original, model, graph)
             ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
             algo = make_algorithm(config, store_name=store_name)
@@ -353,7 +382,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         for step in range(start, config.num_steps):
             t0 = time.perf_counter()
             if step > start:
-                graph = build_graph(config, model, data, device)
+                graph = build_graph(config, model, data, device, ledger)
                 context = _context(config, step, targets, original, model, graph)
                 ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
                 algo.on_new_base(step)
@@ -372,15 +401,17 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
                               reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
                               extras={k: context.get(k) for k in ("num_filters", "cost_target")})
+            searched = time.perf_counter()
             with searching:
                 chosen = algo.search(ctx, evaluator)
             for skip in ctx.skipped:
                 log.warning("step %d/%d: the %s candidate is skipped: %s", number, config.num_steps,
                             skip["candidate"], skip["reason"])
             search_s = time.perf_counter() - t0
+            charge_search(ledger, evaluator.candidates, time.perf_counter() - searched)
 
             small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
-            before = evaluate(small, data, "val", device=device)["top1"]
+            before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
             bar, counted = training_progress(config, data, config.finetune_epochs, f"{label} fine-tuning",
                                              finetune=True)
             with bar:
@@ -388,8 +419,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                                  train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
                                                 seed=config.seed + step + 1, device=device, finetune=True,
                                                 label=f"{label} fine-tuning"),
-                                 temperature=config.kd_temperature, alpha=config.kd_alpha)
-            after = evaluate(small, data, "val", device=device)["top1"]
+                                 temperature=config.kd_temperature, alpha=config.kd_alpha, ledger=ledger)
+            after = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
             if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
                 teacher, teacher_acc = small, after
             macs, params = macs_params(small, data.example_inputs(1).to(device))
@@ -402,6 +433,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy, "chosen_source": chosen.source,
                 "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
                 "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": ft.best_epoch,
+                "finetune_batches": ft.batches,
+                "macs_executed": sum(c.macs_executed for c in evaluator.candidates),
                 "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
                 "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
                 "counts": chosen.counts.tolist(),
@@ -418,7 +451,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             ckpt.save_tensors(run.step_file(number), {
                 "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
                 "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc,
-                "wall_seconds": spent_before + time.perf_counter() - started})
+                "wall_seconds": spent_before + time.perf_counter() - started, "compute": ledger.state_dict()})
             log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
                      "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
                      evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
@@ -442,7 +475,26 @@ def compress(config: CompressConfig, on_step=None) -> dict:
 
     return finish(config, run, data, base, model, steps, original, device,
                   wall_seconds=lambda: spent_before + time.perf_counter() - started,
-                  exactness=base_graph.exactness())
+                  exactness=base_graph.exactness(), ledger=ledger)
+
+
+def original_macs(original: dict) -> int:
+    """MACs of one image through the original base model: the unit of forward-equivalents."""
+    return int(round(original["macs"]))
+
+
+def charge_search(ledger: compute.Ledger, candidates, seconds: float) -> None:
+    """A step's search on the ledger: each candidate's scoring passes as its worker
+    counted them, BN recalibration apart. The workers run in parallel, so their
+    seconds overlap: the driver's wall time of the search is split between search and
+    recalibration in the share the workers measured."""
+    bn_macs = sum(c.bn_recalibration_macs for c in candidates)
+    ledger.add("search", sum(c.macs_executed for c in candidates) - bn_macs)
+    ledger.add("bn_recalibration", bn_macs)
+    worker_s = sum(c.worker_s for c in candidates)
+    bn_share = sum(c.bn_recalibration_s for c in candidates) / worker_s if worker_s > 0 else 0.0
+    ledger.add("search", seconds=seconds * (1 - bn_share))
+    ledger.add("bn_recalibration", seconds=seconds * bn_share)
 
 
 def _context(config, step, targets, original, model, graph) -> dict:
@@ -458,13 +510,14 @@ def _context(config, step, targets, original, model, graph) -> dict:
 
 
 def finish(config, run: RunFolder, data, base, model, steps, original, device, *, wall_seconds,
-           exactness: dict) -> dict:
+           exactness: dict, ledger: compute.Ledger) -> dict:
     """Final report: the one and only evaluation on the test split. Groups are
     listed in the layers' order in the model (the graph's order) everywhere."""
-    base_m, pruned_m = measure_pair(base, model, data, device)
+    base_m, pruned_m = measure_pair(base, model, data, device, ledger)
     ckpt.save_pruned(model.cpu(), run.model, meta={"config": config.to_dict()})
     groups = list(original["channels"])
     channels_after = group_widths(model, groups)
+    wall = wall_seconds()
     summary = {
         "config": config.to_dict(),
         "base": base_m, "pruned": pruned_m,
@@ -478,7 +531,8 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, *
         "evaluations": int(sum(s["evaluations"] for s in steps)),
         "groups": groups, "channels_before": original["channels"], "channels_after": channels_after,
         "scoring_exactness": exactness,
-        "wall_seconds": wall_seconds(),
+        "wall_seconds": wall,
+        "compute": ledger.summary(original_macs(original), wall),
         "files": {"history": "history.parquet", "model": "pruned_model.pt", "report": "report.png"},
     }
     HistoryWriter.combine(run.history, run.root / "history.parquet")
@@ -495,8 +549,9 @@ def _load_data(config: CompressConfig) -> Dataset:
     """The dataset, after the model name is known to be good (a refusal comes
     before any line about loading data)."""
     check_model_name(config.model)
-    return load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
+    data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
                         download=config.download, image_size=config.image_size)
+    return data.with_selection(config.selection_fraction)
 
 
 def train_command(config: CompressConfig) -> dict:
@@ -542,15 +597,17 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
         raise ConfigError(f"{run.root} already holds results; pass --overwrite to replace them")
     # the file's and Torch-Pruning's refusals come before the data's lines and before training
     given = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model) if config.base_checkpoint else None
+    started = time.perf_counter()
+    ledger = compute.Ledger()
     device = config.resolved_device()
     data = _load_data(config)
     check_model(config, data, given, config.base_checkpoint)
     if given is not None:
         base = given
     else:
-        base = load_or_train_base(config, data, run, device)
+        base = load_or_train_base(config, data, run, device, ledger)
     base = base.to(device).eval()
-    graph = build_graph(config, base, data, device)
+    graph = build_graph(config, base, data, device, ledger)
     original = {"macs": graph.base_macs, "params": graph.base_params}
     rng = np.random.default_rng(config.seed)
     from .scoring import plan_for_step
@@ -568,12 +625,12 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
                         if config.algo == "random" else graph.initial_distribution())
         counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
     small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
-    before = evaluate(small, data, "val", device=device)["top1"]
-    finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                  seed=config.seed, device=device, finetune=True,
-                                                  label="fine-tuning"),
-                temperature=config.kd_temperature, alpha=config.kd_alpha)
-    base_m, pruned_m = measure_pair(base, small, data, device)
+    before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
+    ft = finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                                       seed=config.seed, device=device, finetune=True,
+                                                       label="fine-tuning"),
+                     temperature=config.kd_temperature, alpha=config.kd_alpha, ledger=ledger)
+    base_m, pruned_m = measure_pair(base, small, data, device, ledger)
     run.root.mkdir(parents=True, exist_ok=True)
     ckpt.save_pruned(small.cpu(), run.model, meta={"config": config.to_dict()})
     if export:
@@ -583,6 +640,8 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
                "reductions": {"filters": float(counts.sum() / graph.total_channels),
                               "macs": 1 - pruned_m["macs"] / base_m["macs"],
                               "params": 1 - pruned_m["params"] / base_m["params"]},
-               "model_file": str(run.model)}
+               "finetune_batches": ft.batches, "model_file": str(run.model)}
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["compute"] = ledger.summary(original_macs(graph.sizes()), summary["wall_seconds"])
     ckpt.atomic_write_json(run.summary, summary)
     return summary

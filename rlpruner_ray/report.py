@@ -20,6 +20,8 @@ HISTORY_SCHEMA = pa.schema([
     ("filters_removed", pa.int64()), ("chosen", pa.bool_()), ("seconds", pa.float64()),
     ("distribution", pa.list_(pa.float32())), ("counts", pa.list_(pa.int32())),
     ("learner_stats", pa.map_(pa.string(), pa.float64())),
+    # what scoring the candidate executed (``compute``), also in original-base forward passes
+    ("macs_executed", pa.int64()), ("forward_equivalents", pa.float64()),
 ])
 
 
@@ -33,9 +35,11 @@ class HistoryWriter:
     """Collects one step's candidates and writes them as ``history/step_NNN.parquet``
     when the step ends (before its checkpoint, so a resumed step rewrites it)."""
 
-    def __init__(self, folder, algo: str):
+    def __init__(self, folder, algo: str, *, base_macs: int):
+        """``base_macs``: MACs of one image through the original base model."""
         self.folder = Path(folder)
         self.algo = algo
+        self.base_macs = base_macs
         self.rows: list[dict] = []
 
     def add(self, c, seconds: float = 0.0) -> None:
@@ -46,6 +50,7 @@ class HistoryWriter:
             "distribution": np.asarray(c.distribution, np.float32).tolist(),
             "counts": np.asarray(c.counts, np.int32).tolist(),
             "learner_stats": None if c.learner_stats is None else list(c.learner_stats.items()),
+            "macs_executed": int(c.macs_executed), "forward_equivalents": c.macs_executed / self.base_macs,
         })
 
     def flush(self, step: int, chosen_index: int) -> None:

@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from . import compute
 from .batched import CandidateMasks, recalibrated, repeat_rows
 from .checkpoint import load_pruned
 from .config import SCORING
@@ -133,6 +134,7 @@ class StepScorer:
         self.path: str | None = None          # "single" or "batched", fixed on the first base model
         self.per_pass = 1                     # candidates per forward pass on the batched path
         self.choice: dict = {}                # how the path was chosen (recorded in the run's summary)
+        self.pending_macs = 0                 # passes of a new base model's set-up, charged to the next candidate
 
     # ------------------------------------------------------------------ base model
     def load(self, payload: dict) -> None:
@@ -153,9 +155,14 @@ class StepScorer:
         self.context = payload["context"]
         self.version = payload["version"]
         self.masks = CandidateMasks(graph)
-        self.base_log_probs = self._base_log_probs()
-        if self.path is None:
-            self._choose_path()
+        self.image_macs = int(round(graph.base_macs))     # what a masked candidate costs per image
+        # the base model's reference pass (and, once, the timing of both paths) is real
+        # work of the search: counted here and charged to the next candidate scored
+        with compute.counting_forwards(model, self.image_macs) as setup:
+            self.base_log_probs = self._base_log_probs()
+            if self.path is None:
+                self._choose_path()
+        self.pending_macs += setup[0]
 
     def _choose_path(self) -> None:
         """Fix the scoring path (and K) once, from the settings or by timing both."""
@@ -233,6 +240,9 @@ class StepScorer:
             measured = self._batched_passes(plans)
         else:
             measured = [self._masked_measure(p) for p in plans]
+        if measured:
+            measured[0]["macs_executed"] += self.pending_macs
+            self.pending_macs = 0
         original = self.context["original"]
         out = []
         for counts, m in zip(plans, measured):
@@ -242,9 +252,20 @@ class StepScorer:
         return out
 
     def _masked_measure(self, counts) -> dict:
+        """One candidate's measures, and the compute its passes executed: at the base
+        model's full size when masked (zeroed channels still cost), at the pruned
+        copy's size otherwise; BN recalibration's share counted apart."""
+        started = time.perf_counter()
+        bn_macs, bn_s = [0], 0.0
         # masked in place where that is exact, else (LayerNorm over channels ...) a pruned copy
-        with self.graph.scored(counts) as model, recalibrated(model, self.bn_batches, self._autocast) as model:
-            return self._measure(model, 1)[0]
+        with self.graph.scored(counts) as model:
+            per_image = self.image_macs if model is self.model else int(round(self.graph.cost(counts)[0]))
+            with compute.counting_forwards(model, per_image) as passes, \
+                    recalibrated(model, self.bn_batches, self._autocast) as model:
+                bn_macs, bn_s = passes[0], (time.perf_counter() - started if self.bn_batches else 0.0)
+                measured = self._measure(model, 1)[0]
+        return {**measured, "macs_executed": passes[0], "bn_recalibration_macs": bn_macs,
+                "bn_recalibration_s": bn_s, "worker_s": time.perf_counter() - started}
 
     def _batched_passes(self, plans: list) -> list[dict]:
         """``plans`` measured ``per_pass`` at a time. A pass that runs out of device
@@ -269,8 +290,19 @@ class StepScorer:
         return measured
 
     def _batched_measure(self, plans: list) -> list[dict]:
-        with self.masks.applied(plans, self.bn_batches, self._autocast) as model:
-            return self._measure(model, len(plans))
+        """K candidates in one pass over the reward images repeated K times (after
+        one pass per calibration batch, also K times, when BN statistics are
+        re-estimated): each candidate's share is exactly 1/K of the passes (full
+        size: masks make nothing cheaper)."""
+        started = time.perf_counter()
+        k = len(plans)
+        with compute.counting_forwards(self.model, self.image_macs) as passes, \
+                self.masks.applied(plans, self.bn_batches, self._autocast) as model:
+            bn_macs, bn_s = passes[0] // k, (time.perf_counter() - started) / k if self.bn_batches else 0.0
+            measured = self._measure(model, k)
+        share, seconds = passes[0] // k, (time.perf_counter() - started) / k
+        return [{**m, "macs_executed": share, "bn_recalibration_macs": bn_macs, "bn_recalibration_s": bn_s,
+                 "worker_s": seconds} for m in measured]
 
     def _autocast(self):
         return autocast(self.device, self.precision)

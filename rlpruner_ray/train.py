@@ -7,6 +7,7 @@ test accuracy reported later is an unbiased estimate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compute
 from .data import Dataset
 from .errors import ConfigError
 
@@ -46,6 +48,7 @@ class TrainResult:
     best_epoch: int
     best_val_top1: float
     epochs: list[dict] = field(default_factory=list)
+    batches: int = 0              # optimiser steps taken (what the compute ledger charged)
 
 
 def _is_int(v) -> bool:
@@ -105,8 +108,18 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_fraction: float, m
 
 
 def evaluate(model: nn.Module, data: Dataset, split: str = "val", *, batch_size: int = 512, device="cpu",
-             limit: int | None = None) -> dict:
-    """Top-1/top-5 accuracy (fractions in [0, 1]) and mean cross-entropy on one split."""
+             limit: int | None = None, ledger: compute.Ledger | None = None) -> dict:
+    """Top-1/top-5 accuracy (fractions in [0, 1]) and mean cross-entropy on one split;
+    its forward passes are charged to ``ledger``'s evaluation stage when given."""
+    if ledger is None:
+        return _evaluate(model, data, split, batch_size, device, limit)
+    with ledger.timed("evaluation"):
+        result = _evaluate(model, data, split, batch_size, device, limit)
+        ledger.forward("evaluation", compute.model_macs(model, data.example_inputs(1)), result["n"])
+    return result
+
+
+def _evaluate(model: nn.Module, data: Dataset, split: str, batch_size: int, device, limit) -> dict:
     was_training = model.training
     # Moving here (a no-op when already there) saves every caller from doing it first.
     model.to(device)
@@ -134,23 +147,31 @@ def evaluate(model: nn.Module, data: Dataset, split: str = "val", *, batch_size:
 
 
 def train_base(model: nn.Module, data: Dataset, settings: TrainSettings, *,
-               on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train with SGD and cross-entropy; the best epoch on val is loaded back into `model`."""
+               on_epoch: Callable[[dict], None] | None = None,
+               ledger: compute.Ledger | None = None) -> TrainResult:
+    """Train with SGD and cross-entropy; the best epoch on val is loaded back into `model`.
+    Training batches are charged to ``ledger``'s base_training stage, val passes to evaluation."""
     device = _check_settings(settings)
 
     def loss_fn(x, y):
         return F.cross_entropy(model(x), y)
 
-    return _fit(model, data, settings, device, loss_fn, on_epoch, keep_start=False)
+    charge = None
+    if ledger is not None:
+        per_image = compute.model_macs(model, data.example_inputs(1))
+        charge = ("base_training", lambda rows: compute.train_batch_macs(per_image, rows))
+    return _fit(model, data, settings, device, loss_fn, on_epoch, keep_start=False, ledger=ledger, charge=charge)
 
 
 def finetune_kd(student: nn.Module, teacher: nn.Module, data: Dataset, settings: TrainSettings, *,
                 temperature: float = 2.0, alpha: float = 0.25,
-                on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+                on_epoch: Callable[[dict], None] | None = None,
+                ledger: compute.Ledger | None = None) -> TrainResult:
     """Fine-tune `student` towards `teacher`'s softened outputs plus a share `alpha` of hard-label CE.
 
     The untrained student counts as epoch 0: fine-tuning never returns weights
-    that score worse on val than the ones it was given.
+    that score worse on val than the ones it was given. KD batches are charged to
+    ``ledger``'s fine_tune stage (``compute.kd_batch_macs``), val passes to evaluation.
     """
     device = _check_settings(settings)
     if not _is_num(temperature) or temperature <= 0:
@@ -169,14 +190,26 @@ def finetune_kd(student: nn.Module, teacher: nn.Module, data: Dataset, settings:
         # T^2 keeps the soft-target gradients on the same scale as the hard-label ones.
         return (1 - alpha) * t * t * kd + alpha * F.cross_entropy(logits, y)
 
+    charge = None
+    if ledger is not None:
+        example = data.example_inputs(1)
+        student_macs, teacher_macs = compute.model_macs(student, example), compute.model_macs(teacher, example)
+        charge = ("fine_tune", lambda rows: compute.kd_batch_macs(student_macs, teacher_macs, rows))
     try:
-        return _fit(student, data, settings, device, loss_fn, on_epoch, keep_start=True)
+        return _fit(student, data, settings, device, loss_fn, on_epoch, keep_start=True, ledger=ledger,
+                    charge=charge)
     finally:
         teacher.train(teacher_was_training)
 
 
 def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch.device, loss_fn,
-         on_epoch, *, keep_start: bool) -> TrainResult:
+         on_epoch, *, keep_start: bool, ledger: compute.Ledger | None = None, charge=None) -> TrainResult:
+    """``charge``: (stage, MACs of a batch of n images) for ``ledger``."""
+    with ledger.timed(charge[0]) if ledger is not None else contextlib.nullcontext():
+        return _fit_loop(model, data, settings, device, loss_fn, on_epoch, keep_start, ledger, charge)
+
+
+def _fit_loop(model, data, settings, device, loss_fn, on_epoch, keep_start, ledger, charge) -> TrainResult:
     from .scoring import autocast, to_memory_format
     model.to(device)
     if settings.channels_last:
@@ -184,12 +217,12 @@ def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch
     torch.manual_seed(settings.seed)  # covers anything random inside the model (e.g. dropout)
     shuffle_gen = torch.Generator().manual_seed(settings.seed)
     if settings.epochs == 0:
-        start = evaluate(model, data, "val", device=device)
+        start = evaluate(model, data, "val", device=device, ledger=ledger)
         return TrainResult(0, start["top1"], [])
 
     best_state, best_epoch, best_top1 = None, 0, -1.0
     if keep_start:
-        best_top1 = evaluate(model, data, "val", device=device)["top1"]
+        best_top1 = evaluate(model, data, "val", device=device, ledger=ledger)["top1"]
         best_state = _snapshot(model)
 
     n_train = len(data.train)
@@ -225,8 +258,10 @@ def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             step += 1
+            if ledger is not None:
+                ledger.add(charge[0], charge[1](len(y)))
         train_loss = loss_sum.item() / max(seen, 1)
-        val = evaluate(model, data, "val", device=device)
+        val = evaluate(model, data, "val", device=device, ledger=ledger)
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_top1": val["top1"],
                "val_loss": val["loss"], "seconds": time.perf_counter() - began}
         history.append(row)
@@ -245,7 +280,7 @@ def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch
         model.load_state_dict(best_state)
     if settings.channels_last:         # hand back the usual layout (saving, export, pruning)
         model.to(memory_format=torch.contiguous_format)
-    return TrainResult(best_epoch, best_top1, history)
+    return TrainResult(best_epoch, best_top1, history, batches=step)
 
 
 def _snapshot(model: nn.Module) -> dict:

@@ -32,7 +32,9 @@ The real data and base model are read from ``../shared`` next to the checkout
 one module per section. Every heavy piece runs in a subprocess of this script
 (``--task``), which isolates Ray and memory. Timings are medians of interleaved repeats and are
 quoted as ratios measured in the same process, because the machine is noisy.
-Progress goes to stderr.
+Progress goes to stderr. The machine table records every package constraints.txt
+pins; a run whose installed versions differ is refused before it writes anything
+(``--allow-version-mismatch`` runs it anyway, and the report says so at its top).
 """
 from __future__ import annotations
 

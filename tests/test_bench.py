@@ -190,7 +190,8 @@ def test_merge_takes_only_the_sections_the_other_run_measured(tmp_path):
     bench.save()
     again = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
     again.carry_over({3})
-    assert again.state["carried"] == {"sections": ["1"], "date": "old", "command": "bench old"}
+    assert again.state["carried"] == {"sections": ["1"], "date": "old", "command": "bench old",
+                                     "version_mismatches": []}
     assert [m["sections"] for m in again.state["merged"]] == [["4"]]
     assert again.state["merged"][0]["command"] == "bench fidelity"
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--merge", str(side), "--rows", str(main)],
@@ -358,3 +359,70 @@ def test_fidelity_report_judges_the_default_reward_against_the_target():
     assert "target >= 0.6 **met**" in text and "**met**" in summary[0]
     text, summary = report(0.45)
     assert "target >= 0.6 **missed**" in text and "**missed**" in summary[0]
+
+
+# ---------------------------------------------------------------------- pinned versions
+def test_versions_are_read_from_constraints_and_a_mismatch_is_found(tmp_path):
+    common = _package("common")
+    pins = tmp_path / "constraints.txt"
+    pins.write_text("# pinned\ntorch==0.0.1\n\nnumpy==1.0 ; python_version >= '3'\nray[tune]==2.0  # extras\n")
+    assert common.pinned_versions(pins) == {"torch": "0.0.1", "numpy": "1.0", "ray": "2.0"}
+    found = common.version_mismatches({"torch": "0.0.1", "numpy": "1.0", "gone": "3"},
+                                      {"torch": "2.14.1+cpu", "numpy": "1.0", "gone": None})
+    assert found == [{"package": "torch", "pinned": "0.0.1", "installed": "2.14.1+cpu"},
+                     {"package": "gone", "pinned": "3", "installed": None}]
+    assert common.version_mismatches({"torch": "2.14.1"}, {"torch": "2.14.1+cpu"}) == []   # a local tag
+    assert common.describe_mismatches(found) == ("torch 2.14.1+cpu (constraints.txt: 0.0.1), "
+                                                 "gone not installed (constraints.txt: 3)")
+    pins.write_text("torch>=2\n")
+    with pytest.raises(ValueError, match="expected name==version"):
+        common.pinned_versions(pins)
+    # the checkout's own constraints.txt names every package the machine table records
+    assert set(common.machine()["packages"]) == set(common.pinned_versions())
+
+
+def _fake_pins(tmp_path, monkeypatch, common):
+    """constraints.txt pinning a torch version that is not installed."""
+    pins = tmp_path / "constraints.txt"
+    pins.write_text(common.CONSTRAINTS.read_text().replace("torch==", "torch==0.0.1.dev0+was-"))
+    monkeypatch.setattr(common, "CONSTRAINTS", pins)
+    installed = common.installed_versions(["torch"])["torch"]
+    return f"torch {installed} (constraints.txt: 0.0.1.dev0+was-"
+
+
+def test_bench_refuses_other_versions_before_writing_anything(tmp_path, monkeypatch, capsys):
+    common, cli = _package("common"), _package("cli")
+    expected = _fake_pins(tmp_path, monkeypatch, common)
+    out, rows, work = tmp_path / "B.md", tmp_path / "rows.parquet", tmp_path / "work"
+    code = cli.main(["--quick", "--out", str(out), "--rows", str(rows), "--work-dir", str(work)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("bench: installed versions differ from constraints.txt: ")
+    assert expected in err and "--allow-version-mismatch" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not rows.exists() and not work.exists()
+
+
+def test_bench_with_allowed_mismatch_says_so_at_the_top_of_the_report(tmp_path, monkeypatch):
+    common, cli, report = _package("common"), _package("cli"), _package("report")
+    expected = _fake_pins(tmp_path, monkeypatch, common)
+
+    def measure(self, k):        # the check is what is tested, not a section's figures
+        raise RuntimeError("not measured in this test")
+
+    monkeypatch.setattr(report.Bench, "measure", measure)
+    out, rows = tmp_path / "B.md", tmp_path / "rows.parquet"
+    code = cli.main(["--quick", "--sections", "2", "--allow-version-mismatch", "--out", str(out),
+                     "--rows", str(rows), "--work-dir", str(tmp_path / "work")])
+    assert code == 1                                           # the one section "failed" (above)
+    text = out.read_text()
+    first = text.split("\n\n")[1]
+    assert first.startswith("> **WARNING: NOT THE PINNED VERSIONS.**") and expected in first
+    assert "| scikit-learn |" in text and "| torch-pruning |" in text     # every pinned package recorded
+    state = json.loads(rows.with_name("rows_state.json").read_text())
+    assert [m["package"] for m in state["version_mismatches"]] == ["torch"]
+    # sections carried over or merged in from such a run keep the warning; pinned runs have none
+    found = state["version_mismatches"]
+    carried = report._version_warning({"carried": {"date": "then", "version_mismatches": found}})
+    assert "carried-over sections (then)" in carried[0] and expected in carried[0]
+    merged = report._version_warning({"merged": [{"sections": ["4"], "date": "x", "version_mismatches": found}]})
+    assert "merged section(s) 4 (x)" in merged[0]
+    assert report._version_warning({"version_mismatches": [], "carried": {"date": "then"}}) == []

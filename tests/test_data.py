@@ -359,3 +359,44 @@ def test_split_seed_keeps_the_validation_rows_across_run_seeds():
     assert env_settings(fixed[1])["dataset"]["seed"] == 0
     moved = _load_data(CompressConfig(seed=2))
     assert not torch.equal(a.val.images, moved.val.images)            # default: the split follows --seed
+
+
+# ------------------------------------------------------------------ selection and final halves of test
+
+def test_selection_and_final_halves_cover_test_disjoint_stratified_and_fixed(tmp_path):
+    labels = np.arange(40) % 4
+    folder = write_npz(tmp_path / "ds", (id_images(200), np.arange(200) % 4), (id_images(40, offset=1000), labels))
+    halves = [load_dataset(f"npz:{folder}", seed=seed).with_selection(0.5) for seed in (0, 3)]
+    data = halves[0]
+    selection, final, test = ids_of(data.selection), ids_of(data.final), ids_of(data.test)
+    assert len(selection) == len(data.selection) == 20 and len(final) == len(data.final) == 20
+    assert selection.isdisjoint(final) and selection | final == test == set(range(1000, 1040))
+    # stratified: every class split exactly in half (10 test images each)
+    assert torch.bincount(data.selection.labels).tolist() == [5, 5, 5, 5]
+    assert torch.bincount(data.final.labels).tolist() == [5, 5, 5, 5]
+    # the same halves whatever the run's seed
+    other = halves[1]
+    assert torch.equal(other.selection.images, data.selection.images)
+    assert torch.equal(other.final.images, data.final.images)
+    assert data.final_split == "final"
+    # batches of a half are its images, in order
+    x, y = next(data.batches("selection", 100))
+    assert torch.equal(y, data.selection.labels) and len(x) == 20
+
+
+def test_no_selection_keeps_the_test_split_whole(digits):
+    same = digits.with_selection(0)
+    assert same is digits and digits.selection is None and digits.final_split == "test"
+    with pytest.raises(DataError, match="selection_fraction > 0"):
+        digits.split("selection")
+    with pytest.raises(ConfigError, match="selection_fraction"):
+        digits.with_selection(1.0)
+
+
+def test_digits_halves_are_stratified(digits):
+    data = digits.with_selection(0.5)
+    assert len(data.selection) + len(data.final) == len(digits.test) == 359
+    per_class = torch.bincount(digits.test.labels, minlength=10).double() * 0.5
+    assert torch.all((torch.bincount(data.selection.labels, minlength=10).double() - per_class).abs() <= 1.0)
+    # the undivided dataset is unchanged (the halves live on a copy)
+    assert digits.selection is None

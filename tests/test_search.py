@@ -15,12 +15,16 @@ import pytest
 import torch
 
 from envs import LayerPruningEnv
+from rlpruner_ray.compute import SCORED_KEYS
 from rlpruner_ray.config import CompressConfig
 from rlpruner_ray.errors import ConfigError
 from rlpruner_ray.pipeline import build_graph
 from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, make_algorithm, plans_for
 from rlpruner_ray.search.rlpruner import epsilon_at
 from rlpruner_ray.search.workers import env_settings, make_payload
+
+# what a fake scorer's results say about compute (the real scorer counts it; tests/test_compute.py)
+NO_COMPUTE = dict.fromkeys(SCORED_KEYS, 0)
 
 NATIVE = ("rlpruner", "random", "uniform", "global", "tp-uniform", "tp-global")
 
@@ -188,7 +192,7 @@ def sensitive_problem(graph, *, penalty=10.0, accuracy=None):
             r = 1.0 - 5.0 * d[SENSITIVE] - penalty * float(np.sum((d - init) ** 2))
             acc = r if accuracy is None else accuracy(d)
             out.append({"reward": r, "accuracy": acc, "macs": 1.0, "params": 1.0,
-                        "counts": np.round(d * 40).astype(np.int64)})
+                        "counts": np.round(d * 40).astype(np.int64), **NO_COMPUTE})
         return out
 
     score.calls = calls
@@ -291,7 +295,7 @@ def test_rlpruner_restarts_from_initial_when_the_group_count_changes():
     def score(ds):
         seen.extend(ds)
         return [{"reward": 0.0, "accuracy": 0.0, "macs": 1.0, "params": 1.0,
-                 "counts": np.zeros(5, np.int64)} for _ in ds]
+                 "counts": np.zeros(5, np.int64), **NO_COMPUTE} for _ in ds]
 
     run_search("rlpruner", other, score, budget=5, seed=0, search=search)
     assert all(len(d) == 5 for d in seen)

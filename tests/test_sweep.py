@@ -152,9 +152,15 @@ def test_compare_algorithms_over_seeds(tmp_path):
     assert (out / "sweep.json").is_file() and (out / "tune").is_dir()
     table = pq.read_table(out / "comparison.parquet")
     for col in ("algo", "seed", "step", "evaluation", "evaluations_spent", "reward", "best_reward",
-                "accuracy", "macs", "params", "wall_seconds", "step_val_top1", "test_top1"):
+                "accuracy", "macs", "params", "wall_seconds", "step_val_top1", "test_top1",
+                "compute_forward_equivalents", "wall_s"):
         assert col in table.column_names, col
     rows = table.to_pylist()
+    # every trial's totals from its summary's compute record (the same on each of its rows)
+    for trial in {x["trial"] for x in rows}:
+        totals = {(x["compute_forward_equivalents"], x["wall_s"]) for x in rows if x["trial"] == trial}
+        (fe, wall), = totals
+        assert fe > 0 and wall > 0
     assert {(x["algo"], x["seed"]) for x in rows} == {("uniform", 0), ("uniform", 1), ("random", 0), ("random", 1)}
     for algo, seed in {(x["algo"], x["seed"]) for x in rows}:
         mine = [x for x in rows if x["algo"] == algo and x["seed"] == seed]

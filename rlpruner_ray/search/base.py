@@ -31,6 +31,11 @@ class Candidate:
     learner_stats: dict | None = None   # RLlib's learner statistics of the iteration
     indices: list | None = None   # explicit root channels per group to prune instead of
                                   # the importance order's first ``counts`` (Torch-Pruning's)
+    # compute its scoring executed (``compute.SCORED_KEYS``, from ``scoring.StepScorer``)
+    macs_executed: int = 0
+    bn_recalibration_macs: int = 0
+    worker_s: float = 0.0
+    bn_recalibration_s: float = 0.0
 
 
 class BudgetExhausted(RuntimeError):
@@ -104,7 +109,10 @@ def candidate_from(distribution, result: dict, iteration: int, source: str = "sa
     """A Candidate from an environment's result dict (index set when recorded)."""
     return Candidate(np.asarray(distribution, dtype=np.float64), np.asarray(result["counts"]),
                      float(result["reward"]), float(result["accuracy"]), int(result["macs"]),
-                     int(result["params"]), iteration, -1, source, learner_stats)
+                     int(result["params"]), iteration, -1, source, learner_stats,
+                     macs_executed=int(result["macs_executed"]),
+                     bn_recalibration_macs=int(result["bn_recalibration_macs"]),
+                     worker_s=float(result["worker_s"]), bn_recalibration_s=float(result["bn_recalibration_s"]))
 
 
 @dataclass

@@ -65,7 +65,8 @@ def comparison_table(rows: list[dict]):
                         ("evaluation", pa.int32()), ("evaluations_spent", pa.int64()), ("reward", pa.float64()),
                         ("best_reward", pa.float64()), ("accuracy", pa.float64()), ("macs", pa.float64()),
                         ("params", pa.float64()), ("chosen", pa.bool_()), ("wall_seconds", pa.float64()),
-                        ("step_val_top1", pa.float64()), ("step_macs", pa.float64()), ("test_top1", pa.float64())])
+                        ("step_val_top1", pa.float64()), ("step_macs", pa.float64()), ("test_top1", pa.float64()),
+                        ("compute_forward_equivalents", pa.float64()), ("wall_s", pa.float64())])
     return pa.Table.from_pylist(rows, schema)
 
 
@@ -105,7 +106,10 @@ def comparison_rows(plan: SweepPlan, rows: list[dict]) -> list[dict]:
                             "best_reward": best, "accuracy": c["accuracy"], "macs": c["macs"],
                             "params": c["params"], "chosen": c["chosen"], "wall_seconds": wall,
                             "step_val_top1": info.get("val_top1"), "step_macs": info.get("macs"),
-                            "test_top1": final.get(name, {}).get("test_top1")})
+                            "test_top1": final.get(name, {}).get("test_top1"),
+                            # the trial's totals, like test_top1 (compute.Ledger's summary)
+                            "compute_forward_equivalents": final.get(name, {}).get("compute_forward_equivalents"),
+                            "wall_s": final.get(name, {}).get("wall_s")})
     return out
 
 

@@ -194,7 +194,12 @@ def _final_row(summary: dict) -> dict:
             "final_filters_sparsity": r["filters"], "latency_ms_cpu_b1": p.get("latency_ms_cpu_b1"),
             "base_test_top1": b["test_top1"], "base_val_top1": b["val_top1"], "base_macs": b["macs"],
             "base_params": b["params"], "base_latency_ms_cpu_b1": b.get("latency_ms_cpu_b1"),
-            "total_evaluations": summary["evaluations"], "wall_seconds": summary["wall_seconds"]}
+            "total_evaluations": summary["evaluations"], "wall_seconds": summary["wall_seconds"],
+            # what the trial executed (compute.Ledger) and its wall time, for comparisons at equal compute
+            "compute_macs": summary["compute"]["macs"],
+            "compute_forward_equivalents": summary["compute"]["forward_equivalents"],
+            "wall_s": summary["compute"]["wall_s"],
+            "selection_top1": p.get("selection_top1")}
 
 
 def _metrics(row: dict) -> dict:

@@ -9,7 +9,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import METHODS, ROOT, TASKS, VARIANTS, log, machine, task_main
+from .common import (METHODS, ROOT, TASKS, VARIANTS, describe_mismatches, log, machine, task_main,
+                     version_mismatches)
 from .report import RUN_LAST, SECTIONS, Bench
 
 
@@ -38,6 +39,10 @@ def parse_args(argv=None, description: str = ""):
                         "its pairs computed again")
     p.add_argument("--reuse-runs", action="store_true",
                    help="keep section-3 runs whose summary.json has the same settings instead of rerunning them")
+    p.add_argument("--allow-version-mismatch", action="store_true",
+                   help="run although installed package versions differ from constraints.txt (the report then "
+                        "says so at its top); without it such a run is refused, since its figures would not be "
+                        "the ones a user who installs with constraints.txt reproduces")
     p.add_argument("--task", choices=sorted(TASKS), help=argparse.SUPPRESS)
     p.add_argument("--task-in", help=argparse.SUPPRESS)
     p.add_argument("--task-out", help=argparse.SUPPRESS)
@@ -63,6 +68,14 @@ def main(argv=None, description: str = "") -> int:
             bench.save()
         bench.write()
         return 0
+    # the figures must be what users reproduce: refused, before anything is written,
+    # on versions other than the pinned ones unless asked for (and then reported loudly)
+    mismatches = version_mismatches()
+    if mismatches and not args.allow_version_mismatch:
+        print(f"bench: installed versions differ from constraints.txt: {describe_mismatches(mismatches)}; "
+              "install them with pip install -c constraints.txt -e . or pass --allow-version-mismatch",
+              file=sys.stderr)
+        return 2
     started = time.perf_counter()
     wanted = set(args.sections)
     if wanted & {5, 6}:
@@ -73,7 +86,7 @@ def main(argv=None, description: str = "") -> int:
         return 2
     bench.work.mkdir(parents=True, exist_ok=True)
     st = bench.state
-    st.update(profile=bench.profile, load_start=os.getloadavg()[0], machine=machine(),
+    st.update(profile=bench.profile, load_start=os.getloadavg()[0], machine=machine(), version_mismatches=mismatches,
               command="python scripts/bench.py" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv)))
     bench.carry_over(wanted)
     # the fidelity study (two hours on 2 cores) goes last, and the rows, state and report

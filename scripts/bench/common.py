@@ -19,6 +19,8 @@ SCRIPT = ROOT / "scripts" / "bench.py"              # tasks run through it (--ta
 SHARED = ROOT.parent / "shared"
 CIFAR_DEFAULT = SHARED / "data" / "cifar10"
 SHARED_BASE = SHARED / "models" / "cifar10-resnet20.pt"
+# the exact versions users install (pip install -c constraints.txt): the benchmark runs on them
+CONSTRAINTS = ROOT / "constraints.txt"
 METHODS = ("rlpruner", "ppo", "random", "uniform", "global", "tp-uniform", "tp-global")
 ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all their fine-tuning after one step
 # section-3 methods that are an algorithm with other settings: name -> (algo, config changes);
@@ -286,6 +288,50 @@ def _getter(rows):
     return lambda item, variant, metric: index.get((item, variant, metric), float("nan"))
 
 
+def pinned_versions(path: Path | None = None) -> dict[str, str]:
+    """Package name -> exact version, from constraints.txt (``name==version`` lines;
+    comments, blank lines and environment markers after ``;`` ignored)."""
+    path = Path(path or CONSTRAINTS)
+    pins = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not name.strip() or not version.strip():
+            raise ValueError(f"{path}:{number}: expected name==version, got {line!r}")
+        pins[name.split("[", 1)[0].strip()] = version.strip()
+    return pins
+
+
+def installed_versions(names) -> dict[str, str | None]:
+    """The installed version of each package (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def version_mismatches(pinned: dict[str, str] | None = None,
+                       installed: dict[str, str | None] | None = None) -> list[dict]:
+    """Every package whose installed version is not the one constraints.txt pins
+    (a ``+local`` tag such as torch's ``+cpu`` counts as the same version)."""
+    pinned = pinned_versions() if pinned is None else pinned
+    installed = installed_versions(pinned) if installed is None else installed
+    return [{"package": name, "pinned": want, "installed": installed.get(name)}
+            for name, want in pinned.items()
+            if (installed.get(name) or "").split("+", 1)[0] != want.split("+", 1)[0]]
+
+
+def describe_mismatches(mismatches: list[dict]) -> str:
+    return ", ".join(f"{m['package']} {m['installed'] or 'not installed'} (constraints.txt: {m['pinned']})"
+                     for m in mismatches)
+
+
 def machine() -> dict:
     import numpy
     import ray
@@ -307,6 +353,8 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory": memory, "os": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
             "torch_pruning": getattr(torch_pruning, "__version__", "?"), "numpy": numpy.__version__,
+            # every package constraints.txt pins, as installed here
+            "packages": installed_versions(pinned_versions()),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 

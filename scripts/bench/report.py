@@ -8,8 +8,8 @@ import traceback
 from pathlib import Path
 
 from . import cost, efficiency, fidelity, quality, scaling, speedup
-from .common import (CIFAR_DEFAULT, PROFILES, ROW_COLUMNS, SHARED_BASE, _json_default, _rel, log,
-                     make_synthetic_npz)
+from .common import (CIFAR_DEFAULT, PROFILES, ROW_COLUMNS, SHARED_BASE, _json_default, _rel, describe_mismatches,
+                     log, make_synthetic_npz)
 
 SECTIONS = {1: cost, 2: scaling, 3: quality, 4: fidelity, 5: speedup, 6: efficiency}
 RUN_LAST = (4,)          # measured after the others (it needs none of them and is the longest)
@@ -64,7 +64,8 @@ class Bench:
         previous = old.get("carried") if set(own) <= set((old.get("carried") or {}).get("sections", [])) else None
         self.state["carried"] = {"sections": sorted(own, key=int),
                                  "date": (previous or old["machine"])["date"],
-                                 "command": (previous or old)["command"]}
+                                 "command": (previous or old)["command"],
+                                 "version_mismatches": (previous or old).get("version_mismatches", [])}
 
     def state_path(self, rows: str | Path | None = None) -> Path:
         rows = Path(rows or self.args.rows)
@@ -96,7 +97,8 @@ class Bench:
             return
         self.state.setdefault("merged", []).append({"sections": taken, "command": other["command"],
                                                     "date": other["machine"]["date"],
-                                                    "seconds": other.get("total_seconds")})
+                                                    "seconds": other.get("total_seconds"),
+                                                    "version_mismatches": other.get("version_mismatches", [])})
 
     def _merge_runs(self, other: dict) -> None:
         """Section 3 of a run that measured only some methods joins ours run by run."""
@@ -107,7 +109,8 @@ class Bench:
         self.state.setdefault("merged", []).append({"sections": ["3"], "methods": methods,
                                                     "command": other["command"],
                                                     "date": other["machine"]["date"],
-                                                    "seconds": other.get("total_seconds")})
+                                                    "seconds": other.get("total_seconds"),
+                                                    "version_mismatches": other.get("version_mismatches", [])})
 
     def save(self) -> None:
         import pyarrow as pa
@@ -155,6 +158,7 @@ class Bench:
         out = [
             "# Benchmarks",
             "",
+            *_version_warning(st),
             f"Written by `scripts/bench.py` ({st['profile']} profile) on {m['date']}; total wall time "
             f"{total / 60:.1f} min.{first_run} Raw rows: `{_rel(Path(self.args.rows))}` (columns "
             f"{', '.join(ROW_COLUMNS)}); the state the report is rendered from: `{_rel(self.state_path())}` "
@@ -182,6 +186,8 @@ class Bench:
             f"| ray | {m['ray']} |",
             f"| torch-pruning | {m['torch_pruning']} |",
             f"| numpy | {m['numpy']} |",
+            *[f"| {name} | {version or 'not installed'} |" for name, version in m.get("packages", {}).items()
+              if name not in ("torch", "ray", "torch-pruning", "numpy")],
             f"| date (UTC) | {m['date']} |",
             f"| total wall time (s) | {total:.0f} |",
             "",
@@ -195,6 +201,23 @@ class Bench:
         Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(self.args.out).write_text("\n".join(out) + "\n")
         log(f"wrote {self.args.out} and {self.args.rows} ({len(self.rows)} rows)")
+
+
+def _version_warning(st: dict) -> list[str]:
+    """A loud first paragraph when this run, or a run whose sections it carries or
+    merged in, ran on other package versions than constraints.txt pins."""
+    runs = [("this run", st.get("version_mismatches"))]
+    if st.get("carried"):
+        runs.append((f"the run of the carried-over sections ({st['carried']['date']})",
+                     st["carried"].get("version_mismatches")))
+    runs += [(f"the run of the merged section(s) {', '.join(m['sections'])} ({m['date']})",
+              m.get("version_mismatches")) for m in st.get("merged", [])]
+    lines = [f"{who}: {describe_mismatches(found)}" for who, found in runs if found]
+    if not lines:
+        return []
+    return [f"> **WARNING: NOT THE PINNED VERSIONS.** These figures were measured with package versions other "
+            f"than `constraints.txt` pins (`--allow-version-mismatch`), so a user who installs with "
+            f"`pip install -c constraints.txt` may not reproduce them. {'; '.join(lines)}.", ""]
 
 
 def _carried(st: dict) -> str:

@@ -26,7 +26,7 @@ IN_FLIGHT = threading.Event()   # set while a batch is out on the actors
 
 def _search(pool, published, folder, *, on_call=None):
     """One rlpruner step of BUDGET evaluations through ``pool``, history streamed to ``folder``."""
-    history = HistoryWriter(folder, algo="rlpruner")
+    history = HistoryWriter(folder, algo="rlpruner", base_macs=10**6)
     calls = {"n": 0}
 
     def score(distributions):
@@ -80,7 +80,12 @@ def test_search_survives_a_killed_evaluation_actor(pool, published, tmp_path):
         np.testing.assert_array_equal(a.counts, b.counts)
         np.testing.assert_allclose(a.distribution, b.distribution)
     assert chosen.index == ref_chosen.index
-    assert table.drop(["seconds"]).equals(ref_table.drop(["seconds"]))
+    # (compute differs: an actor's set-up passes go to the first candidate it scores on a
+    # base model, and which actors set up anew here, the replacement, is not the same as
+    # in the reference run, where both were fresh)
+    compute = ["macs_executed", "forward_equivalents"]
+    assert table.drop(["seconds", *compute]).equals(ref_table.drop(["seconds", *compute]))
+    assert min(table.column("macs_executed").to_pylist()) > 0
 
     # the killed actor was replaced, on the current base model
     after = pool.describe()

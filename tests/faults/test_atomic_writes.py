@@ -143,7 +143,7 @@ def _candidate(i):
 
 
 def test_history_is_streamed_per_step_and_not_held(tmp_path):
-    writer = HistoryWriter(tmp_path, algo="rlpruner")
+    writer = HistoryWriter(tmp_path, algo="rlpruner", base_macs=10**6)
     for step in range(3):
         for i in range(5):
             writer.add(_candidate(i), 0.01)

@@ -29,7 +29,7 @@ def test_rss_flat_over_2000_evaluations(pool, published, tmp_path):
     import os
     pids = [os.getpid()] + [d["pid"] for d in pool.describe()]
     search = make_algorithm(published["config"])
-    history = HistoryWriter(tmp_path / "history", algo="rlpruner")
+    history = HistoryWriter(tmp_path / "history", algo="rlpruner", base_macs=10**6)
     after: dict[int, dict[int, int]] = {}
     for step in range(STEPS):
         evaluator = Evaluator(lambda ds: pool.evaluate(ds, 0), PER_STEP, on_candidate=history.add)
