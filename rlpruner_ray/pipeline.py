@@ -334,8 +334,10 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 curves.evaluation(spent + c.index + 1, c)
                 bar.update()
 
-            evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
-                                  on_candidate=on_candidate)
+            # an algorithm without evaluation actors (RLlib's) scores what it asks the
+            # evaluator for on the driver
+            score = (lambda ds, v=step: pool.evaluate(ds, v)) if pool is not None else algo.score
+            evaluator = Evaluator(score, config.evaluations_per_step, on_candidate=on_candidate)
             ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
                               reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
                               extras={k: context.get(k) for k in ("num_filters", "cost_target")})

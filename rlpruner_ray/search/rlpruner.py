@@ -69,6 +69,7 @@ def sample_around(pd: np.ndarray, n: int, rng: np.random.Generator, config) -> l
 @register
 class RLPrunerSearch(SearchAlgorithm):
     name = "rlpruner"
+    searches = True
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -81,8 +82,10 @@ class RLPrunerSearch(SearchAlgorithm):
         armed = c.drop_guard > 0 and ctx.reference_accuracy is not None
         reserve = int(c.guard_reserve * evaluate.remaining) if armed else 0
         state = {"buffer": [], "best": -math.inf, "iteration": 0}
-        if c.include_baselines:
-            self._iterate(state, evaluate, baseline_distributions(ctx, c))
+        start = self.starting_candidates(ctx, evaluate)
+        if start:                      # the first iteration: PD moves toward the best of them
+            state["iteration"] += 1
+            self._update(state, start)
         self._run(ctx, evaluate, state, evaluate.remaining - reserve)
         chosen = self._choose(ctx, state["buffer"])
         tripped = None
@@ -106,9 +109,14 @@ class RLPrunerSearch(SearchAlgorithm):
             self._iterate(state, evaluate, sample_around(self.pd, n, ctx.rng, self.config))
 
     def _iterate(self, state: dict, evaluate: Evaluator, samples: list) -> None:
-        c = self.config
         results = evaluate(samples, state["iteration"])
         state["iteration"] += 1
+        self._update(state, results)
+
+    def _update(self, state: dict, results: list[Candidate]) -> None:
+        """Keep the elite buffer, and move PD toward the iteration's best when it
+        beats the step's best so far (trust-region clipped)."""
+        c = self.config
         state["buffer"] = sorted(state["buffer"] + results, key=lambda r: -r.reward)[: c.buffer_size]
         best = max(results, key=lambda r: r.reward)
         if best.reward > state["best"]:
@@ -130,19 +138,3 @@ class RLPrunerSearch(SearchAlgorithm):
     def load_state_dict(self, state: dict) -> None:
         self.pd = None if state.get("pd") is None else np.asarray(state["pd"], dtype=np.float64)
 
-
-def baseline_distributions(ctx: StepContext, config) -> list:
-    """The uniform, global-threshold and Torch-Pruning global distributions of this
-    step, scored as the first iteration's candidates: the search then starts no
-    worse (by its reward) than any of them. Torch-Pruning's plan is scored as its
-    per-group counts in the run's importance order, like every other candidate;
-    it is left out where Torch-Pruning cannot reach the step's target."""
-    from ..errors import PlanError
-    from .baselines import global_plan
-    from .tp_baselines import tp_plan
-    items = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))]
-    try:
-        items.append(exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0]))
-    except PlanError:
-        pass
-    return items
