@@ -157,6 +157,12 @@ class CompressConfig:
     # ---- fine-tuning
     # 10 after the one default step: the five 10% steps' 2 each, in one go
     finetune_epochs: int = _f(10, "KD fine-tuning epochs after each step (paper: 20)", "finetune", lo=0)
+    # equal-compute comparisons give a one-shot method a stated number of extra KD
+    # batches, which epochs of a fixed size cannot hit exactly
+    finetune_batches: int | None = _f(None, "KD fine-tuning batches in total after each step, in as many epochs "
+                                      "as they need with the last one cut short (default: --finetune-epochs "
+                                      "whole epochs; set, it replaces --finetune-epochs)", "finetune",
+                                      lo=1, nullable=True)
     finetune_batch_size: int | None = _f(None, "KD fine-tuning batch size (default: --batch-size); larger "
                                          "batches keep a GPU busy", "finetune", lo=2, nullable=True)
     finetune_lr: float = _f(0.01, "KD fine-tuning peak learning rate (paper: 1e-3)", "finetune",
