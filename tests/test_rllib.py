@@ -260,13 +260,16 @@ def test_ppo_with_learning_rate_0_proposes_without_learning(rllib_setup):
     from rlpruner_ray.search.base import Evaluator, StepContext
     from rlpruner_ray.search.rllib import RLlibSearch
     setup = rllib_setup
-    version = ray.get(setup["store"].version.remote())
+    # the setup's own model and graph as this step's base (an earlier test may have published another)
+    version = ray.get(setup["store"].version.remote()) + 1
+    setup["publish"](setup["model"], setup["graph"], version)
     config = setup["config"].replace(evaluations_per_step=15, rl_lr=0.0, include_baselines=True, rl_batch_size=4)
     search = RLlibSearch(config, store_name=setup["name"])
     try:
         before = {k: v.clone() for k, v in search.algo.get_module().state_dict().items()}
         evaluator = Evaluator(search.score, 15)
-        search.search(StepContext(version, 3, setup["graph"], np.random.default_rng(0)), evaluator)
+        extras = {"num_filters": int(0.1 * setup["graph"].total_channels)}     # the published step's target
+        search.search(StepContext(version, 3, setup["graph"], np.random.default_rng(0), extras=extras), evaluator)
         assert search.iteration >= 2                                          # it did train
         after = search.algo.get_module().state_dict()
         assert all(torch.equal(after[k], before[k]) for k in before)
