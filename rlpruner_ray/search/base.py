@@ -245,17 +245,16 @@ def check_algorithm(config: CompressConfig) -> None:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(native_names())}") from None
     check_rllib_algorithm(name)
     budget = search_budget(config)
-    try:
-        batch_plan(config.replace(evaluations_per_step=max(1, budget)))
-    except ConfigError:
+    start = config.evaluations_per_step - budget
+    if start:       # the env runners get what the starting candidates leave: say so in the refusal
         from .rllib import env_runner_layout
         runners, envs = env_runner_layout(config)
-        start = config.evaluations_per_step - budget
-        need = max(1, runners) * envs + 1 + start
-        raise ConfigError(f"evaluations_per_step must be at least {need} for {name} with {max(1, runners) * envs} "
-                          f"environments: one round of samples, the policy's own action"
-                          + (f" and {start} baseline candidates (--no-include-baselines: {need - start})"
-                             if start else "")) from None
+        n_envs = max(1, runners) * envs
+        if budget < n_envs + 1:
+            raise ConfigError(f"evaluations_per_step must be at least {n_envs + 1 + start} for {name} with {n_envs} "
+                              f"environments: one round of samples, the policy's own action and {start} baseline "
+                              f"candidates (--no-include-baselines: {n_envs + 1})")
+    batch_plan(config.replace(evaluations_per_step=budget))
 
 
 def check_algorithm_name(name: str) -> None:
