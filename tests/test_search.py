@@ -495,6 +495,13 @@ def test_rllib_budget_check_counts_the_starting_candidates():
     check_algorithm(CompressConfig(algo="ppo", evaluations_per_step=3, num_workers=2, include_baselines=False))
 
 
+def test_rl_lr_0_is_the_null_baseline_and_a_negative_one_is_refused():
+    from rlpruner_ray.search.rllib import build_algorithm_config
+    assert build_algorithm_config(CompressConfig(algo="ppo", rl_lr=0.0), {}).lr == 0.0
+    with pytest.raises(ConfigError, match="rl_lr must be >= 0"):
+        CompressConfig(algo="ppo", rl_lr=-1e-4).validate()
+
+
 # ---------------------------------------------------------------------- CMA-ES
 def test_cmaes_starts_from_the_initial_distribution():
     graph = FakeGraph([8, 16, 24, 32])
