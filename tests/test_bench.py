@@ -500,7 +500,7 @@ def test_section_3_reports_both_footings_judges_targets_with_t_and_plots_curves(
     assert "rlpruner - tp-global +0.80 pts at equal KD (interval above 0: target met)" in text
     assert "rlpruner - tp-global@compute +0.60 pts at equal compute (interval spans 0: target MISSED)" in text
     assert "rlpruner - uniform +0.40 pts at equal KD (interval above 0: target MISSED)" in text
-    assert "| --criterion l1 | test split" in text
+    assert "| --criterion l1 | the test split" in text
     assert "rlpruner - rlpruner-paper +1.00 pts" in text          # the defaults, on the selection half
     assert "| tp-global@compute | 5 |" in text and "| 22 |" in text
     assert (tmp_path / "best_so_far.png").read_bytes()[:4] == b"\x89PNG"

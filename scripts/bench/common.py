@@ -99,12 +99,10 @@ SEARCHES = ("rlpruner", "random", "ppo", "ppo-lr0", "cmaes")
 # which split chose each of the project's defaults (BENCHMARKS.md section 3 reports it):
 # all six were chosen on the test split, before the selection split existed; the pair
 # rlpruner - rlpruner-paper on the selection half checks them together
-DEFAULT_CHOICES = (("one step of the whole sparsity", "test split (2026-12-06)"),
-                   ("--bn-recalibration-batches 4", "test split (2026-12-05)"),
-                   ("--include-baselines", "test split (2026-12-05)"),
-                   ("--epsilon 0", "test split (2026-12-05)"),
-                   ("--guard-keep-best", "test split (2026-12-06)"),
-                   ("--criterion l1", "test split (2026-12-06)"))
+_ON_TEST = "the test split (section 3 runs before 2026-12-07)"
+DEFAULT_CHOICES = tuple((what, _ON_TEST) for what in (
+    "one step of the whole sparsity", "--bn-recalibration-batches 4", "--include-baselines", "--epsilon 0",
+    "--guard-keep-best", "--criterion l1"))
 DEFAULTS_PAIR = ("rlpruner", "rlpruner-paper")
 # variants whose question is answered: still runnable with --methods, no longer in the
 # full profile (which must fit one background run of 100 minutes); name -> where
