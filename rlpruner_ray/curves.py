@@ -63,6 +63,8 @@ def write_best_so_far_plot(curves: dict[str, list], path, *, title: str = "") ->
             ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
         else:                        # a one-shot method: one evaluation, a point with its range
             ax.errorbar(x, median, yerr=[median - low, high - median], fmt="o", capsize=4, label=label)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # evaluations are counted
     ax.set(xlabel="evaluations in the step", ylabel="best reward so far",
            title=title or "Best reward so far: median, band min to max over seeds")
     ax.grid(alpha=0.3)
