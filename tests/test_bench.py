@@ -509,3 +509,6 @@ def test_section_3_reports_both_footings_judges_targets_with_t_and_plots_curves(
         for cells in body:
             assert len(cells) == len(header), cells
     assert any("target MISSED" in line for line in summary)
+    assert "earlier protocol**" not in text
+    del bench.P["protocol"]               # a state measured before the protocol said so
+    assert "**These runs were measured under the earlier protocol**" in quality.render(bench, st)[0]

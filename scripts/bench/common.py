@@ -121,6 +121,9 @@ RETIRED_VARIANTS = {"rlpruner-kl": _LOST, "rlpruner-1step": _LOST, "rlpruner-1st
                     "rlpruner-bn-base-greedy-keep": _L1, "rlpruner-1step-bn-base-greedy-keep": _L1,
                     "rlpruner-bn-base-greedy-keep-l1": _L1, "ppo-taylor": _L1, "global-taylor": _L1,
                     "uniform-taylor": _L1}
+# section 3's protocol: 2 since issue 27 (every search on one footing, equal compute, the
+# selection split); a state without it was measured under the earlier one
+PROTOCOL = 2
 ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
 PAPER_EVALS_PER_STEP = 100
 
@@ -160,7 +163,7 @@ PROFILES = {
                ["ppo-lr0", "random"], ["global", "tp-global"], ["global", "uniform"]],
         # a default is chosen on the selection half of the test split; the final half
         # (test_top1) is only reported
-        selection_fraction=0.5,
+        selection_fraction=0.5, protocol=PROTOCOL,
         rl_batch_size=20, bootstrap=10000,
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole
         # epoch; ground truth on every validation row the rewards do not use
@@ -183,7 +186,7 @@ PROFILES = {
         methods=["rlpruner", "cmaes", "uniform", "global", "tp-global", "tp-global@compute"],
         seeds=[0], paired_seeds=[0, 1], paired_methods=["rlpruner", "tp-global", "tp-global@compute"],
         pairs=[["rlpruner", "tp-global"], ["rlpruner", "tp-global@compute"]],
-        selection_fraction=0.5, rl_batch_size=2, bootstrap=500,
+        selection_fraction=0.5, protocol=PROTOCOL, rl_batch_size=2, bootstrap=500,
         fid_samples=6, fid_kd_epochs=1, fid_kd_batches=2, fid_kd_batch_size=32, fid_bn_batches=2,
         fid_reward_sizes=[32, 64], fid_eval_images=80, fid_processes=2,
         lat_repeats=1, lat_b64_repeats=2,

@@ -15,7 +15,7 @@ from pathlib import Path
 from rlpruner_ray.stats import PairedDifference, bootstrap_interval, paired_difference
 
 from .common import (AT_COMPUTE, COMPUTE_REFERENCE, DEFAULT_CHOICES, DEFAULTS_PAIR, ONE_SHOT, PAPER_RLPRUNER,
-                     PINNED_SEARCH, RETIRED_VARIANTS, SEARCHES, VARIANTS, _mean, _rel, _threads, log, matched_of, num,
+                     PINNED_SEARCH, PROTOCOL, RETIRED_VARIANTS, SEARCHES, VARIANTS, _mean, _rel, _threads, log, matched_of, num,
                      row, run_task, task)
 
 TITLE = "3. Quality at equal budgets"
@@ -501,6 +501,11 @@ def render(bench, st) -> tuple[str, list[str]]:
         data,
         "",
         f"Base model: {made}",
+        *([] if P.get("protocol", 1) >= PROTOCOL else [
+            "**These runs were measured under the earlier protocol** (before issue 27: ppo and random without BN "
+            "recalibration, starting candidates or the one-step schedule, no equal-compute runs, defaults chosen "
+            "on the test split); the description below is of the current protocol, which rerunning the section "
+            "applies."]),
         f"Every method: `--target macs --sparsity {P['sparsity']}`, `--reward-samples {P['reward_samples']}`, "
         f"{P['finetune_total_epochs']} KD fine-tuning epochs of {P['finetune_batches']} batches in total "
         f"({kd} KD batches, `--max-batches-per-epoch {P['finetune_batches']}`) unless a method says otherwise, "
