@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-ALGORITHMS_NATIVE = ("rlpruner", "random", "uniform", "global", "tp-uniform", "tp-global")
+ALGORITHMS_NATIVE = ("rlpruner", "random", "cmaes", "uniform", "global", "tp-uniform", "tp-global")
 CRITERIA = ("taylor", "l1", "l2", "fpgm", "random")
 REWARDS = ("acc", "flops", "params")
 REWARD_METRICS = ("top1", "kl", "loss")
@@ -105,8 +105,8 @@ class CompressConfig:
     action_scale: float = _f(3.0, "action a gives group weight initial*exp(scale*a)", "search",
                              lo=0, lo_open=True)
     # ---- search
-    algo: str = _f("rlpruner", "search algorithm: rlpruner, random, uniform, global, tp-uniform, tp-global "
-                   "(Torch-Pruning's pruner), or an RLlib algorithm (ppo, appo, sac, impala)", "search")
+    algo: str = _f("rlpruner", "search algorithm: rlpruner, random, cmaes (CMA-ES), uniform, global, tp-uniform, "
+                   "tp-global (Torch-Pruning's pruner), or an RLlib algorithm (ppo, appo, sac, impala)", "search")
     # 200 in one step: what the five 10% steps of 40 each spent before the one-step default
     evaluations_per_step: int = _f(200, "candidate evaluations per pruning step (paper: 100)", "search", lo=1)
     samples_per_iteration: int = _f(10, "rlpruner: samples per iteration (Q)", "rlpruner", lo=1)
@@ -116,9 +116,13 @@ class CompressConfig:
                          choices=NOISE_TYPES)
     multiplicative_noise: float = _f(0.3, "rlpruner: noise scale in log space (multiplicative noise)",
                                      "rlpruner", lo=0)
-    include_baselines: bool = _f(True, "rlpruner: score the uniform, global and Torch-Pruning global "
-                                 "distributions as the first iteration's candidates (counted in the budget; "
-                                 "--no-include-baselines for the paper's search)", "rlpruner")
+    # every search (rlpruner, random, cmaes, RLlib's) starts from the same candidates, so
+    # that a comparison of two searches measures the search alone
+    include_baselines: bool = _f(True, "every search: score the uniform, global and Torch-Pruning global "
+                                 "distributions as the first candidates (counted in the budget; "
+                                 "--no-include-baselines for the paper's search)", "search")
+    cmaes_sigma: float = _f(0.3, "cmaes: initial step size in log space (each group's share is the initial "
+                            "one times exp(x))", "search", lo=0, lo_open=True)
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
                             lo=0, hi=1, lo_open=True)
     clip: float = _f(0.25, "rlpruner: per-element ratio clip (PPO-style)", "rlpruner", lo=0, hi=1, lo_open=True)
@@ -143,7 +147,8 @@ class CompressConfig:
     rl_num_learners: int = _f(0, "RLlib learner actors (0 = learn on the driver)", "rllib", lo=0)
     rl_gpus_per_learner: float = _f(0.0, "GPUs per RLlib learner: a fraction of one GPU or a whole number",
                                  "rllib", lo=0)
-    rl_lr: float = _f(3e-4, "RLlib learning rate", "rllib", lo=0, lo_open=True)
+    rl_lr: float = _f(3e-4, "RLlib learning rate (0: the policy never changes, a null baseline with the same "
+                      "proposal and no learning)", "rllib", lo=0)
     rl_hidden: int = _f(64, "RLlib policy MLP width (two layers)", "rllib", lo=1)
     rl_batch_size: int = _f(20, "env steps per RLlib training iteration", "rllib", lo=1)
     # ---- workers
@@ -158,6 +163,12 @@ class CompressConfig:
     # ---- fine-tuning
     # 10 after the one default step: the five 10% steps' 2 each, in one go
     finetune_epochs: int = _f(10, "KD fine-tuning epochs after each step (paper: 20)", "finetune", lo=0)
+    # equal-compute comparisons give a one-shot method a stated number of extra KD
+    # batches, which epochs of a fixed size cannot hit exactly
+    finetune_batches: int | None = _f(None, "KD fine-tuning batches in total after each step, in as many epochs "
+                                      "as they need with the last one cut short (default: --finetune-epochs "
+                                      "whole epochs; set, it replaces --finetune-epochs)", "finetune",
+                                      lo=1, nullable=True)
     finetune_batch_size: int | None = _f(None, "KD fine-tuning batch size (default: --batch-size); larger "
                                          "batches keep a GPU busy", "finetune", lo=2, nullable=True)
     finetune_lr: float = _f(0.01, "KD fine-tuning peak learning rate (paper: 1e-3)", "finetune",

@@ -127,18 +127,32 @@ def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int,
     batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
     return TrainSettings(epochs=epochs, batch_size=batch, lr=lr, seed=seed, device=device,
                          max_batches_per_epoch=config.max_batches_per_epoch, precision=config.precision,
-                         channels_last=config.channels_last, label=label)
+                         channels_last=config.channels_last, label=label,
+                         max_batches=config.finetune_batches if finetune else None)
+
+
+def _batches_per_epoch(config: CompressConfig, data: Dataset, *, finetune: bool) -> int:
+    from .train import batches_per_epoch
+    batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
+    return batches_per_epoch(len(data.train), batch, config.max_batches_per_epoch)
+
+
+def finetune_epochs(config: CompressConfig, data: Dataset) -> int:
+    """Epochs of KD fine-tuning after a step: --finetune-epochs, or as many as
+    --finetune-batches needs (the last one cut short by ``TrainSettings.max_batches``)."""
+    if config.finetune_batches is None:
+        return config.finetune_epochs
+    return -(-config.finetune_batches // _batches_per_epoch(config, data, finetune=True))
 
 
 def training_progress(config: CompressConfig, data: Dataset, epochs: int, label: str, *, finetune: bool = False):
     """A progress display over the training batches of ``epochs`` epochs, and a view
     of ``data`` that advances it with every training batch it hands out (the
     training loop needs no hook for it)."""
-    batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
-    per_epoch = -(-len(data.train) // batch)
-    if config.max_batches_per_epoch is not None:
-        per_epoch = min(per_epoch, config.max_batches_per_epoch)
-    bar = console.Progress(epochs * per_epoch, label)
+    total = epochs * _batches_per_epoch(config, data, finetune=finetune)
+    if finetune and config.finetune_batches is not None:
+        total = min(total, config.finetune_batches)
+    bar = console.Progress(total, label)
     view = copy.copy(data)
 
     def batches(split, *args, **kwargs):
@@ -396,8 +410,10 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 curves.evaluation(spent + c.index + 1, c)
                 bar.update()
 
-            evaluator = Evaluator(lambda ds, v=step: pool.evaluate(ds, v), config.evaluations_per_step,
-                                  on_candidate=on_candidate)
+            # an algorithm without evaluation actors (RLlib's) scores what it asks the
+            # evaluator for on the driver
+            score = (lambda ds, v=step: pool.evaluate(ds, v)) if pool is not None else algo.score
+            evaluator = Evaluator(score, config.evaluations_per_step, on_candidate=on_candidate)
             ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
                               reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
                               extras={k: context.get(k) for k in ("num_filters", "cost_target")})
@@ -412,11 +428,11 @@ def compress(config: CompressConfig, on_step=None) -> dict:
 
             small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
             before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
-            bar, counted = training_progress(config, data, config.finetune_epochs, f"{label} fine-tuning",
-                                             finetune=True)
+            epochs = finetune_epochs(config, data)
+            bar, counted = training_progress(config, data, epochs, f"{label} fine-tuning", finetune=True)
             with bar:
                 ft = finetune_kd(small, teacher, counted,
-                                 train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
+                                 train_settings(config, epochs=epochs, lr=config.finetune_lr,
                                                 seed=config.seed + step + 1, device=device, finetune=True,
                                                 label=f"{label} fine-tuning"),
                                  temperature=config.kd_temperature, alpha=config.kd_alpha, ledger=ledger)
@@ -626,9 +642,9 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
         counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
     small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
     before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
-    ft = finetune_kd(small, base, data, train_settings(config, epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                                       seed=config.seed, device=device, finetune=True,
-                                                       label="fine-tuning"),
+    ft = finetune_kd(small, base, data, train_settings(config, epochs=finetune_epochs(config, data),
+                                                       lr=config.finetune_lr, seed=config.seed, device=device,
+                                                       finetune=True, label="fine-tuning"),
                      temperature=config.kd_temperature, alpha=config.kd_alpha, ledger=ledger)
     base_m, pruned_m = measure_pair(base, small, data, device, ledger)
     run.root.mkdir(parents=True, exist_ok=True)

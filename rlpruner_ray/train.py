@@ -38,6 +38,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "cpu"
     max_batches_per_epoch: int | None = None  # for quick runs and tests
+    max_batches: int | None = None            # in total: the last epoch stops there (an exact KD budget)
     precision: str = "fp32"                   # "bf16": autocast forward and loss (no grad scaler needed)
     channels_last: bool = False               # channels-last weights and images (faster convs on GPUs)
     label: str = ""                           # what the epoch lines belong to ("step 1/5 fine-tuning")
@@ -74,6 +75,8 @@ def _check_settings(s: TrainSettings) -> torch.device:
         raise ConfigError(f"weight_decay must be a number >= 0, got {s.weight_decay!r}")
     if not _is_num(s.warmup_fraction) or not 0 <= s.warmup_fraction < 1:
         raise ConfigError(f"warmup_fraction must be in [0, 1), got {s.warmup_fraction!r}")
+    if s.max_batches is not None and (not _is_int(s.max_batches) or s.max_batches < 1):
+        raise ConfigError(f"max_batches must be None or an integer >= 1, got {s.max_batches!r}")
     if s.max_batches_per_epoch is not None and (not _is_int(s.max_batches_per_epoch) or s.max_batches_per_epoch < 1):
         raise ConfigError(f"max_batches_per_epoch must be None or an integer >= 1, got {s.max_batches_per_epoch!r}")
     if not _is_int(s.seed):
@@ -202,6 +205,13 @@ def finetune_kd(student: nn.Module, teacher: nn.Module, data: Dataset, settings:
         teacher.train(teacher_was_training)
 
 
+def batches_per_epoch(n_train: int, batch_size: int, cap: int | None = None) -> int:
+    """Training batches an epoch runs. A final batch of one sample is skipped:
+    BatchNorm cannot normalise a single example."""
+    steps = n_train // batch_size + (1 if n_train % batch_size >= 2 else 0)
+    return steps if cap is None else min(steps, cap)
+
+
 def _fit(model: nn.Module, data: Dataset, settings: TrainSettings, device: torch.device, loss_fn,
          on_epoch, *, keep_start: bool, ledger: compute.Ledger | None = None, charge=None) -> TrainResult:
     """``charge``: (stage, MACs of a batch of n images) for ``ledger``."""
@@ -225,12 +235,10 @@ def _fit_loop(model, data, settings, device, loss_fn, on_epoch, keep_start, ledg
         best_top1 = evaluate(model, data, "val", device=device, ledger=ledger)["top1"]
         best_state = _snapshot(model)
 
-    n_train = len(data.train)
-    # A final batch of one sample is skipped: BatchNorm cannot normalise a single example.
-    steps_per_epoch = n_train // settings.batch_size + (1 if n_train % settings.batch_size >= 2 else 0)
-    if settings.max_batches_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, settings.max_batches_per_epoch)
+    steps_per_epoch = batches_per_epoch(len(data.train), settings.batch_size, settings.max_batches_per_epoch)
     total_steps = max(1, settings.epochs * steps_per_epoch)
+    if settings.max_batches is not None:
+        total_steps = min(total_steps, settings.max_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -247,6 +255,8 @@ def _fit_loop(model, data, settings, device, loss_fn, on_epoch, keep_start, ledg
         for x, y in batches:
             if len(y) < 2:
                 continue
+            if step >= total_steps:          # max_batches reached: the epoch ends here
+                break
             lr = lr_at(step, total_steps, settings.lr, settings.warmup_fraction, settings.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench.py"
 # columns that hold names rather than numbers
 TEXT_HEADERS = {"model", "method", "path", "what", "value", "reward", "spread over the candidates",
-                "ray overhead per evaluation", "target masked <= 1.2x", "target >= 1.7x"}
+                "ray overhead per evaluation", "target masked <= 1.2x", "target >= 1.7x", "footing", "chosen on"}
 NUMBER = re.compile(r"^-?\d+(\.\d+)?(e[+-]?\d+)?( ± (-?\d+(\.\d+)?|n/a))?[x%]?$")
 
 
@@ -317,7 +317,12 @@ def test_retired_variants_stay_runnable_and_leave_the_full_profile():
     full = common.PROFILES["full"]["methods"]
     assert set(common.RETIRED_VARIANTS) <= set(common.VARIANTS)          # --methods still runs them
     assert not set(common.RETIRED_VARIANTS) & set(full)
-    assert set(common.METHODS) <= set(full)
+    # every search, the one-shot methods at equal KD and at equal compute (tp-uniform: --methods)
+    assert {*common.SEARCHES, "uniform", "global", "tp-global", "tp-global@compute", "uniform@compute"} <= set(full)
+    assert common.PROFILES["full"]["seeds"] == common.PROFILES["full"]["paired_seeds"] == [0, 1, 2, 3, 4]
+    assert set(full) <= set(common.PROFILES["full"]["paired_methods"])
+    cli = _package("cli")
+    assert cli.parse_args(["--methods", "tp-uniform", "tp-uniform@compute", "ppo-lr0"]).methods
     # the project's default rlpruner settings (and the paper's) are measured by every full run
     assert {"rlpruner", "rlpruner-paper"} <= set(full)
 
@@ -426,3 +431,152 @@ def test_bench_with_allowed_mismatch_says_so_at_the_top_of_the_report(tmp_path, 
     merged = report._version_warning({"merged": [{"sections": ["4"], "date": "x", "version_mismatches": found}]})
     assert "merged section(s) 4 (x)" in merged[0]
     assert report._version_warning({"version_mismatches": [], "carried": {"date": "then"}}) == []
+
+
+def _bench(tmp_path, *extra):
+    report, cli = _package("report"), _package("cli")
+    return report.Bench(cli.parse_args(["--quick", "--rows", str(tmp_path / "rows.parquet"), "--out",
+                                        str(tmp_path / "B.md"), "--work-dir", str(tmp_path / "work"), *extra]))
+
+
+def test_every_search_runs_on_the_same_footing():
+    """Same reward (BN-recalibrated), schedule (one step), starting candidates and
+    budget for every search of the protocol; only the algorithm differs."""
+    import dataclasses
+    from rlpruner_ray.config import CompressConfig
+    quality, report, common = _package("quality"), _package("report"), _package("common")
+    bench = report.Bench(_package("cli").parse_args(["--work-dir", "/tmp/unused", "--data", "/tmp/unused"]))
+    configs = {m: quality.run_config(bench, m, 3, "base.pt") for m in common.SEARCHES}
+    same = ("bn_recalibration_batches", "include_baselines", "step_fraction", "evaluations_per_step",
+            "finetune_epochs", "max_batches_per_epoch", "reward_samples", "reward_metric", "criterion", "sparsity",
+            "target", "seed", "split_seed")
+    for name in same:
+        assert len({repr(c.get(name)) for c in configs.values()}) == 1, (name, {m: c.get(name) for m, c in
+                                                                             configs.items()})
+    first = configs["rlpruner"]
+    assert (first["bn_recalibration_batches"], first["include_baselines"], first["step_fraction"]) == (4, True, 0.5)
+    assert first["evaluations_per_step"] == bench.P["evals"] * quality.search_steps(bench.P)
+    assert {m: c["algo"] for m, c in configs.items()} == {"rlpruner": "rlpruner", "random": "random", "ppo": "ppo",
+                                                          "ppo-lr0": "ppo", "cmaes": "cmaes"}
+    assert configs["ppo-lr0"]["rl_lr"] == 0.0 and "rl_lr" not in configs["ppo"]
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    for m, c in configs.items():
+        CompressConfig(**{k: v for k, v in c.items() if k != "one_step"})      # every setting is valid
+        assert c.get("selection_fraction") == (0.5 if "selection_fraction" in fields else None)
+
+
+def _summary(top1, fe=None, kd_fe=None, selection=None):
+    s = {"base": {"test_top1": 0.85, "val_top1": 0.85, "macs": 4e7, "params": 2e5},
+         "pruned": {"test_top1": top1, "test_top5": 0.99, "val_top1": top1, "macs": 2e7, "params": 1e5},
+         "reductions": {"macs": 0.5, "params": 0.5}, "evaluations": 5, "wall_seconds": 10.0}
+    if fe is not None:
+        s["compute"] = {"macs": int(fe * 4e7), "forward_equivalents": fe, "wall_s": 10.0,
+                        "by_stage": {"fine_tune": {"forward_equivalents": kd_fe}}}
+    if selection is not None:
+        s["pruned"]["selection_top1"] = selection
+    return s
+
+
+def test_extra_kd_batches_spend_the_search_compute_beyond_the_one_shot_run():
+    quality = _package("quality")
+    # one KD batch of the one-shot run: 400 / 2 = 200 forward-equivalents; 4,000 more in the search
+    assert quality.extra_kd_batches(_summary(0.8, 5000.0, 900.0), _summary(0.8, 1000.0, 400.0), 2) == 20
+    assert quality.extra_kd_batches(_summary(0.8, 1030.0, 900.0), _summary(0.8, 1000.0, 400.0), 2) == 0
+    assert quality.extra_kd_batches(_summary(0.8, 500.0, 900.0), _summary(0.8, 1000.0, 400.0), 2) == 0
+    with pytest.raises(ValueError, match="no compute accounting"):
+        quality.extra_kd_batches(_summary(0.8), _summary(0.8, 1000.0, 400.0), 2)
+
+
+def test_equal_compute_runs_follow_the_runs_they_match(tmp_path, monkeypatch):
+    """measure(): the plain runs first, then each <one-shot>@compute run with the
+    extra KD batches read off the summaries those runs wrote; a missing reference
+    is a failed run with its reason, not a crash."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from rlpruner_ray.report import HISTORY_SCHEMA
+    quality = _package("quality")
+    bench = _bench(tmp_path, "--seeds", "0", "1")
+    bench.P["methods"] = ["rlpruner", "tp-global", "tp-global@compute", "uniform@compute"]
+    bench.P["paired_methods"] = list(bench.P["methods"])
+    batches = quality.kd_batches(bench.P)
+    calls = []
+
+    def fake_task(name, params, work):
+        assert name == "compress"
+        calls.append([c["out_dir"].rsplit("/", 1)[1] for c in params["configs"]])
+        out = []
+        for cfg in params["configs"]:
+            d = Path(cfg["out_dir"])
+            d.mkdir(parents=True, exist_ok=True)
+            search = cfg["algo"] == "rlpruner"
+            extra = (cfg.get("finetune_batches") or batches) - batches
+            s = _summary(0.80 + 0.01 * cfg["seed"] + (0.0 if search else 0.001 * extra),
+                         fe=5000.0 if search else 1000.0 + 200.0 * extra, kd_fe=200.0 * batches,
+                         selection=0.8)
+            (d / "summary.json").write_text(json.dumps(s))
+            rows = [{"step": 1, "iteration": 0, "evaluation": i, "algo": cfg["algo"], "source": "sample",
+                     "reward": r, "accuracy": 0.5, "macs": 1.0, "params": 1.0, "filters_removed": 1, "chosen": False,
+                     "seconds": 0.0, "distribution": [1.0], "counts": [1], "learner_stats": None}
+                    for i, r in enumerate([0.2, 0.1, 0.4] if search else [0.3])]
+            pq.write_table(pa.Table.from_pylist(rows, HISTORY_SCHEMA), d / "history.parquet")
+            out.append({"ok": True})
+        return {"runs": out}
+    monkeypatch.setattr(quality, "run_task", fake_task)
+    monkeypatch.setattr(quality, "base_model", lambda bench: {"file": "b.pt", "shared": True, "reused": True,
+                                                              "seconds": 0.0})
+    st = quality.measure(bench)
+    assert calls == [["rlpruner_s0", "rlpruner_s1", "tp-global_s0", "tp-global_s1"],
+                     ["tp-global@compute_s0", "tp-global@compute_s1"]]
+    matched = st["runs"]["tp-global@compute_s0"]
+    assert matched["matched"]["extra_kd_batches"] == 20 and matched["matched"]["kd_batches"] == batches + 20
+    cfg = json.loads(json.dumps(quality.matched_config(bench, "tp-global@compute", 0, "b.pt")[0]))
+    assert cfg["algo"] == "tp-global" and cfg["finetune_batches"] == batches + 20
+    assert not st["runs"]["uniform@compute_s0"]["ok"]
+    assert "needs the uniform run of seed 0" in st["runs"]["uniform@compute_s0"]["error"]
+    # equal compute: the one-shot run's compute now equals the search's
+    assert matched["summary"]["compute"]["forward_equivalents"] == 5000.0
+    assert st["runs"]["rlpruner_s1"]["curve"] == [0.2, 0.2, 0.4] and "curve" not in matched
+    pairs = st["paired"]
+    assert pairs["rlpruner - tp-global@compute"]["diffs"] == pytest.approx([-0.02, -0.02])
+    assert st["paired_selection"]["rlpruner - rlpruner-paper"]["seeds"] == []
+
+
+def test_section_3_reports_both_footings_judges_targets_with_t_and_plots_curves(tmp_path):
+    quality = _package("quality")
+    bench = _bench(tmp_path)
+    methods = ["rlpruner", "rlpruner-paper", "tp-global", "tp-global@compute", "uniform"]
+    bench.P.update(methods=methods, paired_methods=methods, seeds=[0, 1, 2, 3, 4], paired_seeds=[0, 1, 2, 3, 4],
+                   pairs=[["rlpruner", "tp-global"], ["rlpruner", "tp-global@compute"], ["rlpruner", "uniform"]])
+    # rlpruner - tp-global: +1 pt on every seed but one (mean +0.8, interval above 0): met;
+    # at equal compute +0.6 with a wide spread (interval spans 0): missed; uniform: +0.4 (below the margin)
+    top1 = {"rlpruner": [0.80, 0.81, 0.82, 0.83, 0.84], "tp-global": [0.79, 0.80, 0.81, 0.82, 0.84],
+            "tp-global@compute": [0.76, 0.82, 0.80, 0.84, 0.85]}
+    top1["uniform"] = [v - 0.004 for v in top1["rlpruner"]]
+    top1["rlpruner-paper"] = [v - 0.01 for v in top1["rlpruner"]]
+    runs = {}
+    for m, values in top1.items():
+        for seed, v in enumerate(values):
+            runs[f"{m}_s{seed}"] = {"method": m, "seed": seed, "ok": True, "dir": "d",
+                                    "summary": _summary(v, 1000.0, 100.0, selection=v + 0.01),
+                                    "curve": [0.1, 0.3, 0.3 + seed / 100] if m == "rlpruner" else [0.2]}
+            if m.endswith("@compute"):
+                runs[f"{m}_s{seed}"].update(matched={"kd_batches": 22, "extra_kd_batches": 20})
+    st = {"base": {"file": "b.pt", "shared": True}, "runs": runs, **quality.all_pairs(runs, bench.P)}
+    text, summary = quality.render(bench, st)
+    assert "| rlpruner - tp-global | equal KD | 5 |" in text
+    assert "| rlpruner - tp-global@compute | equal compute | 5 |" in text
+    assert "rlpruner - tp-global +0.80 pts at equal KD (interval above 0: target met)" in text
+    assert "rlpruner - tp-global@compute +0.60 pts at equal compute (interval spans 0: target MISSED)" in text
+    assert "rlpruner - uniform +0.40 pts at equal KD (interval above 0: target MISSED)" in text
+    assert "| --criterion l1 | the test split" in text
+    assert "rlpruner - rlpruner-paper +1.00 pts" in text          # the defaults, on the selection half
+    assert "| tp-global@compute | 5 |" in text and "| 22 |" in text
+    assert (tmp_path / "best_so_far.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![best reward so far](best_so_far.png)" in text
+    for header, body in _tables(text):
+        for cells in body:
+            assert len(cells) == len(header), cells
+    assert any("target MISSED" in line for line in summary)
+    assert "earlier protocol**" not in text
+    del bench.P["protocol"]               # a state measured before the protocol said so
+    assert "**These runs were measured under the earlier protocol**" in quality.render(bench, st)[0]

@@ -109,3 +109,22 @@ def test_existing_run_is_not_overwritten_and_resume_checks_settings(tmp_path):
     assert r.returncode == 2 and "nothing to resume" in r.stderr
     assert (out / "config.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+@pytest.mark.slow
+def test_cmaes_compress_end_to_end_with_the_shared_starting_candidates(tmp_path, base_checkpoint):
+    """A tiny `compress --algo cmaes` on digits: the budget exactly, the baseline
+    plans first under their own names, then CMA-ES's generations."""
+    out = tmp_path / "cmaes"
+    done = _cli(["compress", "--out-dir", str(out), "--base-checkpoint", str(base_checkpoint), "--algo", "cmaes",
+                 "--sparsity", "0.3", "--evaluations-per-step", "9", "--samples-per-iteration", "3",
+                 "--finetune-epochs", "1", "--max-batches-per-epoch", "2", "--num-workers", "2"])
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluations"] == 9 and len(summary["steps"]) == 1
+    rows = sorted(pq.read_table(out / "history.parquet").to_pylist(), key=lambda r: r["evaluation"])
+    assert [r["source"] for r in rows] == ["uniform", "global", "tp-global"] + ["sample"] * 6
+    assert [r["iteration"] for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(r["algo"] == "cmaes" for r in rows) and sum(r["chosen"] for r in rows) == 1
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["reward"] == max(r["reward"] for r in rows)

@@ -41,6 +41,9 @@ def test_full_compress_with_rllib(tmp_path, base_checkpoint, algo):
         assert sorted(row["evaluation"] for row in mine) == list(range(11))   # none lost or duplicated
         assert sum(row["chosen"] for row in mine) == 1
         assert [row["source"] for row in mine].count("policy") == 1          # the deterministic action
+        # the starting candidates every search shares, scored on the driver first
+        assert [row["source"] for row in sorted(mine, key=lambda r: r["evaluation"])[:3]] == [
+            "uniform", "global", "tp-global"]
         best = max(row["reward"] for row in mine)
         assert [row for row in mine if row["chosen"]][0]["reward"] == best
     assert all(row["algo"] == algo for row in rows)
@@ -59,8 +62,9 @@ def rllib_setup(tmp_path_factory, base_checkpoint, digits16):
     from rlpruner_ray.search.workers import make_payload, start_store
     out = tmp_path_factory.mktemp("rl")
     init_ray(None, out, num_cpus=2)
+    # (the ticket mechanics these tests exercise: no starting candidates on the driver)
     config = CompressConfig(algo="ppo", num_workers=2, evaluations_per_step=201, rl_batch_size=10,
-                            out_dir=str(out), image_size=16)
+                            out_dir=str(out), image_size=16, include_baselines=False)
     model = load_pruned(base_checkpoint)
     graph = build_graph(config, model, digits16, "cpu")
     original = graph.sizes()
@@ -244,3 +248,34 @@ def test_policy_checkpoint_restores_the_policy(rllib_setup, tmp_path):
         assert all(torch.equal(restored[k], trained[k]) for k in trained)
     finally:
         second.close()
+
+
+@pytest.mark.slow
+def test_ppo_with_learning_rate_0_proposes_without_learning(rllib_setup):
+    """The null baseline: the same proposal as PPO (samples of the initial policy),
+    and the policy's weights never change. Its starting candidates are scored on
+    the driver through the step's evaluator, inside the budget."""
+    import ray
+    import torch
+    from rlpruner_ray.search.base import Evaluator, StepContext
+    from rlpruner_ray.search.rllib import RLlibSearch
+    setup = rllib_setup
+    # the setup's own model and graph as this step's base (an earlier test may have published another)
+    version = ray.get(setup["store"].version.remote()) + 1
+    setup["publish"](setup["model"], setup["graph"], version)
+    config = setup["config"].replace(evaluations_per_step=15, rl_lr=0.0, include_baselines=True, rl_batch_size=4)
+    search = RLlibSearch(config, store_name=setup["name"])
+    try:
+        before = {k: v.clone() for k, v in search.algo.get_module().state_dict().items()}
+        evaluator = Evaluator(search.score, 15)
+        extras = {"num_filters": int(0.1 * setup["graph"].total_channels)}     # the published step's target
+        search.search(StepContext(version, 3, setup["graph"], np.random.default_rng(0), extras=extras), evaluator)
+        assert search.iteration >= 2                                          # it did train
+        after = search.algo.get_module().state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    finally:
+        search.close()
+    assert evaluator.used == 15
+    assert [c.source for c in evaluator.candidates[:3]] == ["uniform", "global", "tp-global"]
+    samples = [c.distribution for c in evaluator.candidates if c.source == "sample"]
+    assert len(samples) >= 4 and not np.allclose(samples[0], samples[1])    # it still explores

@@ -26,7 +26,8 @@ from rlpruner_ray.search.workers import env_settings, make_payload
 # what a fake scorer's results say about compute (the real scorer counts it; tests/test_compute.py)
 NO_COMPUTE = dict.fromkeys(SCORED_KEYS, 0)
 
-NATIVE = ("rlpruner", "random", "uniform", "global", "tp-uniform", "tp-global")
+NATIVE = ("rlpruner", "random", "cmaes", "uniform", "global", "tp-uniform", "tp-global")
+SEARCHES = ("rlpruner", "random", "cmaes")      # the native algorithms that spend the whole budget
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -86,7 +87,7 @@ def test_every_native_algorithm_respects_its_budget(real, algo, budget):
     search = make_algorithm(real["config"].replace(algo=algo))
     chosen = search.search(real_ctx(real), evaluator)
     assert counter.calls <= budget
-    if algo in ("rlpruner", "random"):
+    if algo in SEARCHES:
         assert counter.calls == budget
     else:
         assert counter.calls == 1
@@ -434,10 +435,11 @@ def test_multiplicative_noise_explores_small_groups_as_much_as_large_ones():
     assert spread["multiplicative"].max() / spread["multiplicative"].min() < 3
 
 
-def test_rlpruner_can_score_the_uniform_global_and_torch_pruning_distributions_first(real):
+@pytest.mark.parametrize("algo", SEARCHES)
+def test_every_search_scores_the_uniform_global_and_torch_pruning_plans_first(real, algo):
     counter = Counter(real["env"])
     evaluator = Evaluator(counter, 12)
-    search = make_algorithm(real["config"].replace(algo="rlpruner", include_baselines=True))
+    search = make_algorithm(real["config"].replace(algo=algo, include_baselines=True))
     search.search(real_ctx(real), evaluator)
     assert counter.calls == 12
     from rlpruner_ray.search.baselines import global_plan
@@ -446,20 +448,110 @@ def test_rlpruner_can_score_the_uniform_global_and_torch_pruning_distributions_f
     np.testing.assert_allclose(counter.distributions[0], real["graph"].initial_distribution())
     np.testing.assert_array_equal(evaluator.candidates[1].counts, global_plan(real["graph"], extras))
     np.testing.assert_array_equal(evaluator.candidates[2].counts, tp_plan(real["graph"], extras, True)[0])
+    # recorded under their own names, as iteration 0; then the search proper
+    assert [c.source for c in evaluator.candidates[:3]] == ["uniform", "global", "tp-global"]
     assert {c.iteration for c in evaluator.candidates[:3]} == {0}
-    assert min(c.iteration for c in evaluator.candidates[3:]) == 1     # then the search proper
+    assert min(c.iteration for c in evaluator.candidates[3:]) == 1
+    assert {c.source for c in evaluator.candidates[3:]} == {"sample"}
+
+
+@pytest.mark.parametrize("algo", SEARCHES)
+def test_no_include_baselines_starts_every_search_from_its_own_proposal(real, algo):
+    counter = Counter(real["env"])
+    evaluator = Evaluator(counter, 5)
+    make_algorithm(real["config"].replace(algo=algo, include_baselines=False)).search(real_ctx(real), evaluator)
+    assert {c.source for c in evaluator.candidates} == {"sample"} and evaluator.candidates[0].iteration == 0
+
+
+@pytest.mark.parametrize("algo", ["uniform", "global", "tp-global"])
+def test_one_shot_methods_score_only_their_own_plan_whatever_include_baselines_says(real, algo):
+    evaluator = Evaluator(Counter(real["env"]), 10)
+    make_algorithm(real["config"].replace(algo=algo, include_baselines=True)).search(real_ctx(real), evaluator)
+    assert evaluator.used == 1
 
 
 def test_the_torch_pruning_candidate_is_left_out_where_it_cannot_reach_the_target(real, monkeypatch):
     from rlpruner_ray.errors import PlanError
-    from rlpruner_ray.search import rlpruner, tp_baselines
+    from rlpruner_ray.search import baselines, tp_baselines
 
     def refuse(*args, **kwargs):
         raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
     monkeypatch.setattr(tp_baselines, "tp_plan", refuse)
     config = real["config"].replace(algo="rlpruner", include_baselines=True)
-    items = rlpruner.baseline_distributions(real_ctx(real), config)
-    assert len(items) == 2                  # uniform and global only
+    items = baselines.baseline_plans(real_ctx(real), config)
+    assert [name for name, _ in items] == ["uniform", "global"]
+
+
+def test_search_budget_leaves_the_starting_candidates_out_for_searches_only():
+    from rlpruner_ray.search.base import search_budget
+    for algo in ("rlpruner", "random", "cmaes", "ppo"):
+        assert search_budget(CompressConfig(algo=algo, evaluations_per_step=40)) == 37
+        assert search_budget(CompressConfig(algo=algo, evaluations_per_step=40, include_baselines=False)) == 40
+    assert search_budget(CompressConfig(algo="tp-global", evaluations_per_step=40)) == 40
+
+
+def test_rllib_budget_check_counts_the_starting_candidates():
+    from rlpruner_ray.search.base import check_algorithm
+    check_algorithm(CompressConfig(algo="ppo", evaluations_per_step=6, num_workers=2))
+    with pytest.raises(ConfigError, match="at least 6 for ppo with 2 environments.*3 baseline candidates "
+                                          r"\(--no-include-baselines: 3\)"):
+        check_algorithm(CompressConfig(algo="ppo", evaluations_per_step=5, num_workers=2))
+    check_algorithm(CompressConfig(algo="ppo", evaluations_per_step=3, num_workers=2, include_baselines=False))
+
+
+def test_rl_lr_0_is_the_null_baseline_and_a_negative_one_is_refused():
+    from rlpruner_ray.search.rllib import build_algorithm_config
+    assert build_algorithm_config(CompressConfig(algo="ppo", rl_lr=0.0), {}).lr == 0.0
+    with pytest.raises(ConfigError, match="rl_lr must be >= 0"):
+        CompressConfig(algo="ppo", rl_lr=-1e-4).validate()
+
+
+# ---------------------------------------------------------------------- CMA-ES
+def test_cmaes_starts_from_the_initial_distribution():
+    graph = FakeGraph([8, 16, 24, 32])
+    _, evaluator, _ = run_search("cmaes", graph, sensitive_problem(graph), budget=10, seed=0, cmaes_sigma=1e-9)
+    for c in evaluator.candidates:          # a vanishing step size: every point is the start
+        np.testing.assert_allclose(c.distribution, graph.initial_distribution(), rtol=1e-6)
+
+
+def test_cmaes_starts_from_the_best_starting_candidate(real):
+    evaluator = Evaluator(Counter(real["env"]), 8)
+    search = make_algorithm(real["config"].replace(algo="cmaes", include_baselines=True, cmaes_sigma=1e-9))
+    search.search(real_ctx(real), evaluator)
+    best = max(evaluator.candidates[:3], key=lambda c: c.reward)
+    for c in evaluator.candidates[3:]:
+        np.testing.assert_allclose(c.distribution, np.maximum(best.distribution, 1e-5)
+                                   / np.maximum(best.distribution, 1e-5).sum(), rtol=1e-6)
+
+
+def test_cmaes_finds_the_known_optimum_of_a_synthetic_reward():
+    """Reward -||d - target||^2 with a known target distribution: CMA-ES ends far
+    closer to it than where it started (the initial distribution)."""
+    graph = FakeGraph([16] * 6)
+    target = np.array([0.3, 0.05, 0.25, 0.1, 0.2, 0.1])
+
+    def score(distributions):
+        return [{"reward": -float(np.sum((np.asarray(d) - target) ** 2)), "accuracy": 0.5, "macs": 1.0,
+                 "params": 1.0, "counts": np.round(np.asarray(d) * 40).astype(np.int64)} for d in distributions]
+    start = -float(np.sum((graph.initial_distribution() - target) ** 2))
+    for seed in range(3):
+        _, evaluator, chosen = run_search("cmaes", graph, score, budget=200, seed=seed)
+        assert evaluator.used == 200 and chosen is evaluator.best
+        assert chosen.reward > start / 25, (seed, chosen.reward, start)       # 5x closer, at least
+        np.testing.assert_allclose(chosen.distribution, target, atol=0.03)
+
+
+def test_cmaes_counts_a_generation_cut_short_and_tells_only_whole_ones(monkeypatch):
+    import cma
+    told = []
+    original = cma.CMAEvolutionStrategy.tell
+    monkeypatch.setattr(cma.CMAEvolutionStrategy, "tell",
+                        lambda self, xs, f, *a, **k: (told.append(len(xs)), original(self, xs, f, *a, **k))[1])
+    graph = FakeGraph([8] * 5)
+    _, evaluator, _ = run_search("cmaes", graph, sensitive_problem(graph), budget=23, seed=0,
+                                 samples_per_iteration=10)
+    assert evaluator.used == 23 and told == [10, 10]
+    assert [c.iteration for c in evaluator.candidates] == [0] * 10 + [1] * 10 + [2] * 3
 
 
 # ---------------------------------------------------------------------- global threshold in every target mode

@@ -186,7 +186,7 @@ def test_evaluate_is_sane(trained, digits):
 @pytest.mark.parametrize("field, value", [
     ("epochs", -1), ("epochs", 1.5), ("batch_size", 0), ("lr", 0.0), ("lr", -0.1), ("lr", float("nan")),
     ("warmup_fraction", 1.0), ("warmup_fraction", -0.1), ("momentum", 1.0), ("weight_decay", -1.0),
-    ("min_lr", 1.0), ("max_batches_per_epoch", 0), ("device", "not-a-device"),
+    ("min_lr", 1.0), ("max_batches_per_epoch", 0), ("max_batches", 0), ("device", "not-a-device"),
 ])
 def test_bad_settings(digits, field, value):
     settings = TrainSettings(**{"epochs": 1, field: value})
@@ -239,3 +239,25 @@ def test_bf16_channels_last_training_runs_and_hands_back_a_plain_model(digits16)
     assert all(p.dtype == torch.float32 for p in model.parameters())          # autocast leaves weights fp32
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous()                                        # usual layout again
+
+
+def test_finetune_batches_sets_the_number_of_kd_batches_exactly(digits, monkeypatch):
+    """An equal-compute comparison asks for a stated number of KD batches: the
+    epochs it needs, the last one cut short."""
+    from rlpruner_ray.config import CompressConfig
+    from rlpruner_ray.pipeline import finetune_epochs, train_settings
+    steps = []
+    original = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (steps.append(1), original(self, *a, **k))[1])
+    config = CompressConfig(finetune_epochs=2, max_batches_per_epoch=4, finetune_batches=10, batch_size=32)
+    epochs = finetune_epochs(config, digits)
+    assert epochs == 3
+    result = finetune_kd(tiny_cnn(), tiny_cnn(), digits,
+                         train_settings(config, epochs=epochs, lr=0.01, seed=0, device="cpu", finetune=True))
+    assert len(steps) == 10 and len(result.epochs) == 3
+    steps.clear()
+    plain = config.replace(finetune_batches=None)        # unset: whole epochs of --finetune-epochs
+    assert finetune_epochs(plain, digits) == 2
+    finetune_kd(tiny_cnn(), tiny_cnn(), digits,
+                train_settings(plain, epochs=2, lr=0.01, seed=0, device="cpu", finetune=True))
+    assert len(steps) == 8

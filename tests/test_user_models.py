@@ -86,15 +86,15 @@ def test_starting_candidates_are_named_and_a_failing_one_is_skipped_with_its_rea
     from rlpruner_ray.graph import PruningGraph
     from rlpruner_ray.search.base import StepContext
     from rlpruner_ray.config import CompressConfig
-    from rlpruner_ray.search.rlpruner import baseline_distributions
+    from rlpruner_ray.search.baselines import baseline_plans
     from tests.user_models import mean_pooled, usernet2
     for factory, skipped in ((usernet2, ["tp-global"]), (mean_pooled, [])):
         graph = PruningGraph(factory(10, 1).eval(), torch.randn(1, 1, 12, 12))
         graph.compute_scores("l1")
         ctx = StepContext(0, 1, graph, np.random.default_rng(0),
                           extras={"num_filters": graph.max_removable // 2, "cost_target": None})
-        items = baseline_distributions(ctx, CompressConfig())
-        assert list(items) == [s for s in STARTS if s not in skipped]
+        items = baseline_plans(ctx, CompressConfig())
+        assert [source for source, _ in items] == [s for s in STARTS if s not in skipped]
         assert [s["candidate"] for s in ctx.skipped] == skipped
         assert all(s["reason"].startswith("IndexError: ") for s in ctx.skipped)
 

@@ -1,5 +1,5 @@
 """Search algorithms: one interface (``base``), the paper's algorithm
-(``rlpruner``), non-learned baselines (``baselines``), RLlib policies
+(``rlpruner``), non-learned baselines (``baselines``; CMA-ES: ``cmaes``), RLlib policies
 (``rllib``) and the Ray actors they evaluate on (``workers``)."""
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, make_algorithm
 

@@ -61,8 +61,8 @@ class Evaluator:
         return self.budget - self.used
 
     def __call__(self, distributions, iteration: int, source: str | list[str] = "sample") -> list[Candidate]:
-        """Score distributions (or :func:`exact_plan` items) and record them;
-        ``source`` names them in history (one name for all, or one per item)."""
+        """Score distributions (or :func:`exact_plan` items) and record them, all
+        under one ``source`` name or each under its own (a list, one per item)."""
         items = [d if isinstance(d, dict) else np.asarray(d, dtype=np.float64)
                  for d in distributions][: self.remaining]
         if not items:
@@ -134,16 +134,38 @@ class StepContext:
 
 class SearchAlgorithm(ABC):
     """Given the step's context and an evaluator with a budget, return the
-    candidate to apply. State that must survive a resume goes in ``state_dict``."""
+    candidate to apply. State that must survive a resume goes in ``state_dict``.
+
+    A search (``searches``: it spends the step's budget choosing among many
+    candidates, unlike the one-shot baselines) starts from the same candidates
+    whatever the algorithm, through :meth:`starting_candidates`, so that two
+    searches compared differ in the search alone."""
 
     name: ClassVar[str]
     uses_pool: ClassVar[bool] = True   # scores through the evaluation actors (RLlib brings its own)
+    searches: ClassVar[bool] = False
 
     def __init__(self, config: CompressConfig, **_):
         self.config = config
 
     @abstractmethod
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate: ...
+
+    def starting_candidates(self, ctx: StepContext, evaluate: Evaluator) -> list[Candidate]:
+        """With ``include_baselines``: the step's baseline plans (uniform, global
+        threshold, Torch-Pruning global), scored first as iteration 0 and recorded
+        under their own names, so every search starts no worse (by its reward)
+        than any of them. Counted in the budget like any candidate."""
+        if not (self.searches and self.config.include_baselines) or evaluate.remaining <= 0:
+            return []
+        from .baselines import baseline_plans
+        sources, items = zip(*baseline_plans(ctx, self.config))
+        return evaluate(list(items), 0, source=list(sources))
+
+    def score(self, items: list) -> list[dict]:
+        """Score items on the driver (an algorithm without evaluation actors:
+        ``uses_pool`` False) for the step's :class:`Evaluator`."""
+        raise NotImplementedError(f"{self.name} scores through the evaluation actors")
 
     def state_dict(self) -> dict:
         return {}
@@ -173,7 +195,19 @@ def register(cls: type[SearchAlgorithm]) -> type[SearchAlgorithm]:
 
 
 def _load_native() -> None:
-    from . import baselines, rlpruner, tp_baselines  # noqa: F401  (modules register their algorithms)
+    from . import baselines, cmaes, rlpruner, tp_baselines  # noqa: F401  (modules register their algorithms)
+
+
+def search_budget(config: CompressConfig) -> int:
+    """Evaluations per step left to the search proper after its starting candidates
+    (one per baseline plan; a plan that cannot be made leaves its evaluation to
+    the search)."""
+    from .baselines import BASELINE_SOURCES
+    _load_native()
+    cls = _REGISTRY.get(config.algo.lower())
+    searches = cls.searches if cls is not None else True      # RLlib algorithms search
+    start = len(BASELINE_SOURCES) if searches and config.include_baselines else 0
+    return config.evaluations_per_step - start
 
 
 def native_names() -> list[str]:
@@ -222,7 +256,17 @@ def check_algorithm(config: CompressConfig) -> None:
     except ImportError:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(native_names())}") from None
     check_rllib_algorithm(name)
-    batch_plan(config)
+    budget = search_budget(config)
+    start = config.evaluations_per_step - budget
+    if start:       # the env runners get what the starting candidates leave: say so in the refusal
+        from .rllib import env_runner_layout
+        runners, envs = env_runner_layout(config)
+        n_envs = max(1, runners) * envs
+        if budget < n_envs + 1:
+            raise ConfigError(f"evaluations_per_step must be at least {n_envs + 1 + start} for {name} with {n_envs} "
+                              f"environments: one round of samples, the policy's own action and {start} baseline "
+                              f"candidates (--no-include-baselines: {n_envs + 1})")
+    batch_plan(config.replace(evaluations_per_step=budget))
 
 
 def check_algorithm_name(name: str) -> None:

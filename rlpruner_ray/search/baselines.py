@@ -6,7 +6,8 @@
   one ranking of all channels by importance normalised within each group, and
   one threshold moved down that ranking until the step's target (filters, MACs
   or params) is met; no search, one evaluation.
-* ``random``: random search — the whole budget on distributions drawn from a
+* ``random``: random search — the whole budget (after the starting candidates
+  every search shares, :func:`baseline_plans`) on distributions drawn from a
   Dirichlet whose mean is the initial distribution; the best one wins.
 
 ``tp-uniform`` and ``tp-global`` (Torch-Pruning's own pruner) are in
@@ -77,13 +78,36 @@ def global_plan(graph, context: dict, *, step_fraction: float = 0.1) -> np.ndarr
     return global_counts(graph, max(lo, 1), order)
 
 
+# the source names of the baseline plans among a search's starting candidates, in order
+BASELINE_SOURCES = ("uniform", "global", "tp-global")
+
+
+def baseline_plans(ctx: StepContext, config) -> list[tuple[str, object]]:
+    """(source, item) of the uniform, global-threshold and Torch-Pruning global plans
+    of this step: the starting candidates of every search. Torch-Pruning's plan is
+    scored as its per-group counts in the run's importance order, like every other
+    candidate. It is optional: where Torch-Pruning cannot reach the step's target,
+    or its pruner fails on the model (a third-party library meeting a structure it
+    does not handle), it is left out and the reason goes to ``ctx.skipped`` (the
+    log, the step's record and summary.json)."""
+    from ..errors import one_line
+    from .tp_baselines import tp_plan
+    plans = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))]
+    try:
+        plans.append(exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0]))
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional candidate only skips it
+        ctx.skipped.append({"candidate": BASELINE_SOURCES[2], "reason": one_line(exc)})
+    return list(zip(BASELINE_SOURCES, plans))
+
+
 @register
 class RandomSearch(SearchAlgorithm):
     name = "random"
+    searches = True
 
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
         alpha = ctx.initial * len(ctx.initial) + 1e-3
-        iteration = 0
+        iteration = 1 if self.starting_candidates(ctx, evaluate) else 0
         while evaluate.remaining > 0:
             n = min(self.config.samples_per_iteration, evaluate.remaining)
             evaluate(list(ctx.rng.dirichlet(alpha, size=n)), iteration)

@@ -34,7 +34,7 @@ import ray
 
 from ..config import ALGORITHMS_NATIVE, CompressConfig
 from ..errors import ConfigError
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, candidate_from
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, candidate_from, plans_for, search_budget
 
 log = logging.getLogger("rlpruner_ray")
 
@@ -164,10 +164,12 @@ class RLlibSearch(SearchAlgorithm):
         runner_settings = env_settings(config, store=store_name, device=config.device)
         runner_settings["budgeted"] = True
         _register_env()
-        self.batch, self.tickets = batch_plan(config)
+        # the env runners share what the starting candidates (scored on the driver) leave
+        searched = config.replace(evaluations_per_step=search_budget(config))
+        self.batch, self.tickets = batch_plan(searched)
         # RLlib's own log folder goes under the run's folder, not ~/ray_results
         logdir = Path(config.out_dir).resolve() / "rllib"
-        algo_config = build_algorithm_config(config, runner_settings)
+        algo_config = build_algorithm_config(searched, runner_settings)
         self.algo = _in_folder(algo_config.algo_class, logdir)(config=algo_config)
         import envs
         # the policy's own actions are scored on the driver, on the run's device
@@ -176,8 +178,11 @@ class RLlibSearch(SearchAlgorithm):
         self.iteration = 0
 
     # ------------------------------------------------------------------ search
+    searches = True
+
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
         version = ctx.step
+        self.starting_candidates(ctx, evaluate)      # scored on the driver (``score``)
         tickets = min(self.tickets, evaluate.remaining - 1)
         ray.get(self.store.begin_step.remote(version, tickets, TICKET_TIMEOUT_S,
                                              release_when_spent=self.config.algo.lower() not in ASYNCHRONOUS))
@@ -204,6 +209,11 @@ class RLlibSearch(SearchAlgorithm):
             evaluate.record(candidate_from(distribution, result, self.iteration,
                                            "policy" if i == 0 else "policy-sample"))
         return max(evaluate.candidates, key=lambda c: c.reward)
+
+    def score(self, items: list) -> list[dict]:
+        """Starting candidates, scored by the driver's env on the step's base model."""
+        self.local_env.sync()
+        return self.local_env.evaluate_plans(plans_for(self.local_env, items))
 
     def _record(self, evaluate: Evaluator, row: dict, stats) -> None:
         evaluate.record(candidate_from(row["distribution"], row, self.iteration, "sample", stats),

@@ -42,7 +42,7 @@ import math
 
 import numpy as np
 
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, register
 
 
 def epsilon_at(step: int, num_steps: int, epsilon: float, decay_fraction: float) -> float:
@@ -69,6 +69,7 @@ def sample_around(pd: np.ndarray, n: int, rng: np.random.Generator, config) -> l
 @register
 class RLPrunerSearch(SearchAlgorithm):
     name = "rlpruner"
+    searches = True
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -81,9 +82,10 @@ class RLPrunerSearch(SearchAlgorithm):
         armed = c.drop_guard > 0 and ctx.reference_accuracy is not None
         reserve = int(c.guard_reserve * evaluate.remaining) if armed else 0
         state = {"buffer": [], "best": -math.inf, "iteration": 0}
-        if c.include_baselines:
-            starts = baseline_distributions(ctx, c)
-            self._iterate(state, evaluate, list(starts.values()), source=list(starts))
+        start = self.starting_candidates(ctx, evaluate)
+        if start:                      # the first iteration: PD moves toward the best of them
+            state["iteration"] += 1
+            self._update(state, start)
         self._run(ctx, evaluate, state, evaluate.remaining - reserve)
         chosen = self._choose(ctx, state["buffer"])
         tripped = None
@@ -106,10 +108,15 @@ class RLPrunerSearch(SearchAlgorithm):
             n = min(self.config.samples_per_iteration, evaluate.remaining - stop_at)
             self._iterate(state, evaluate, sample_around(self.pd, n, ctx.rng, self.config))
 
-    def _iterate(self, state: dict, evaluate: Evaluator, samples: list, source="sample") -> None:
-        c = self.config
-        results = evaluate(samples, state["iteration"], source)
+    def _iterate(self, state: dict, evaluate: Evaluator, samples: list) -> None:
+        results = evaluate(samples, state["iteration"])
         state["iteration"] += 1
+        self._update(state, results)
+
+    def _update(self, state: dict, results: list[Candidate]) -> None:
+        """Keep the elite buffer, and move PD toward the iteration's best when it
+        beats the step's best so far (trust-region clipped)."""
+        c = self.config
         state["buffer"] = sorted(state["buffer"] + results, key=lambda r: -r.reward)[: c.buffer_size]
         best = max(results, key=lambda r: r.reward)
         if best.reward > state["best"]:
@@ -130,25 +137,4 @@ class RLPrunerSearch(SearchAlgorithm):
 
     def load_state_dict(self, state: dict) -> None:
         self.pd = None if state.get("pd") is None else np.asarray(state["pd"], dtype=np.float64)
-
-
-def baseline_distributions(ctx: StepContext, config) -> dict:
-    """The uniform, global-threshold and Torch-Pruning global distributions of this
-    step by name (``history.parquet``'s ``source``), scored as the first iteration's
-    candidates: the search then starts no worse (by its reward) than any of them.
-    Torch-Pruning's plan is scored as its per-group counts in the run's importance
-    order, like every other candidate. It is optional: where Torch-Pruning cannot
-    reach the step's target, or its pruner fails on the model (a third-party
-    library meeting a structure it does not handle), it is left out and the reason
-    goes to ``ctx.skipped`` (the log and the step's record)."""
-    from ..errors import one_line
-    from .baselines import global_plan
-    from .tp_baselines import tp_plan
-    items = {"uniform": ctx.initial,
-             "global": exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))}
-    try:
-        items["tp-global"] = exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0])
-    except Exception as exc:  # noqa: BLE001 - any failure of the optional candidate only skips it
-        ctx.skipped.append({"candidate": "tp-global", "reason": one_line(exc)})
-    return items
 

@@ -9,7 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import (METHODS, ROOT, TASKS, VARIANTS, describe_mismatches, log, machine, task_main,
+from .common import (MATCHED, METHODS, ROOT, TASKS, VARIANTS, describe_mismatches, log, machine, task_main,
                      version_mismatches)
 from .report import RUN_LAST, SECTIONS, Bench
 
@@ -27,9 +27,12 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--sections", type=int, nargs="*", default=sorted(SECTIONS), choices=sorted(SECTIONS),
                    help="run only these sections (5 and 6 bring 3); the others are carried over from the "
                         "previous rows and state at --rows (same profile)")
-    p.add_argument("--seeds", type=int, nargs="*", help="override the profile's seeds for section 3")
-    p.add_argument("--methods", nargs="*", choices=[*METHODS, *VARIANTS],
-                   help="override the methods of section 3")
+    p.add_argument("--seeds", type=int, nargs="*", help="override the profile's seeds for section 3 (full "
+                                                        "profile: 0 1 2 3 4)")
+    p.add_argument("--methods", nargs="*", choices=list(dict.fromkeys([*METHODS, *VARIANTS, *MATCHED])),
+                   help="override the methods of section 3 (<one-shot>@compute: at equal compute with rlpruner, "
+                        "which needs rlpruner's and the one-shot method's runs of the same seeds, from this "
+                        "invocation or an earlier one with the same --work-dir)")
     p.add_argument("--report-only", action="store_true",
                    help="re-render --out from --rows and its _state.json, without measuring")
     p.add_argument("--merge", metavar="ROWS",

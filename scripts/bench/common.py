@@ -21,8 +21,25 @@ CIFAR_DEFAULT = SHARED / "data" / "cifar10"
 SHARED_BASE = SHARED / "models" / "cifar10-resnet20.pt"
 # the exact versions users install (pip install -c constraints.txt): the benchmark runs on them
 CONSTRAINTS = ROOT / "constraints.txt"
-METHODS = ("rlpruner", "ppo", "random", "uniform", "global", "tp-uniform", "tp-global")
+METHODS = ("rlpruner", "ppo", "ppo-lr0", "random", "cmaes", "uniform", "global", "tp-uniform", "tp-global")
 ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all their fine-tuning after one step
+# "<one-shot method>@compute": the one-shot method at equal compute with COMPUTE_REFERENCE
+# on the same seed, its extra compute spent as extra KD batches (quality.matched_config)
+AT_COMPUTE = "@compute"
+COMPUTE_REFERENCE = "rlpruner"
+MATCHED = tuple(f"{m}{AT_COMPUTE}" for m in ONE_SHOT)
+
+
+def matched_of(method: str) -> str | None:
+    """The one-shot method a ``<method>@compute`` name runs, else None."""
+    base, at, rest = method.partition("@")
+    return base if at and f"@{rest}" == AT_COMPUTE and base in ONE_SHOT else None
+
+
+# every search of the protocol on the same footing as the project's rlpruner: the same
+# reward (BN-recalibrated), schedule (one step with the whole budget) and starting
+# candidates (the baseline plans); only the search differs
+SEARCH_FOOTING = {"one_step": True, "bn_recalibration_batches": 4, "include_baselines": True}
 # section-3 methods that are an algorithm with other settings: name -> (algo, config changes);
 # one_step: a single pruning step with the whole evaluation budget of the multi-step
 # searches and all the KD epochs after it (the one-shot methods' schedule).
@@ -31,9 +48,13 @@ ONE_SHOT = ("uniform", "global", "tp-uniform", "tp-global")   # no search: all t
 # (PAPER_RLPRUNER) and their changes apply on top.
 # the project's rlpruner defaults (config.CompressConfig since 2026-12-06), pinned here
 # so a changed default can never pass for what these runs measured
-DEFAULT_RLPRUNER = {"one_step": True, "bn_recalibration_batches": 4, "include_baselines": True, "epsilon": 0.0,
-                    "guard_keep_best": True, "criterion": "l1"}
+DEFAULT_RLPRUNER = {**SEARCH_FOOTING, "epsilon": 0.0, "guard_keep_best": True, "criterion": "l1"}
 VARIANTS = {"rlpruner": ("rlpruner", DEFAULT_RLPRUNER),
+            "random": ("random", SEARCH_FOOTING),
+            "cmaes": ("cmaes", SEARCH_FOOTING),
+            "ppo": ("ppo", SEARCH_FOOTING),
+            # the null baseline of ppo: the same proposal (its initial policy), no learning
+            "ppo-lr0": ("ppo", {**SEARCH_FOOTING, "rl_lr": 0.0}),
             # the paper's search: epsilon-greedy choice, no baseline candidates, the
             # reference's drop guard, Taylor importance, 25% steps
             "rlpruner-paper": ("rlpruner", {}),
@@ -71,8 +92,20 @@ VARIANTS = {"rlpruner": ("rlpruner", DEFAULT_RLPRUNER),
             "ppo-taylor": ("ppo", {"criterion": "taylor"}),
             "global-taylor": ("global", {"criterion": "taylor"}),
             "uniform-taylor": ("uniform", {"criterion": "taylor"})}
-# what plain "rlpruner" starts from before its changes: the paper's search
+# the searches' settings before a method's changes: the paper's (no BN recalibration, no
+# starting candidates); plain "rlpruner" also starts from the paper's search
+PINNED_SEARCH = {"bn_recalibration_batches": 0, "include_baselines": False}
 PAPER_RLPRUNER = {"epsilon": 0.4, "include_baselines": False, "guard_keep_best": False, "criterion": "taylor"}
+# the searches of the protocol (one step, the same reward and starting candidates)
+SEARCHES = ("rlpruner", "random", "ppo", "ppo-lr0", "cmaes")
+# which split chose each of the project's defaults (BENCHMARKS.md section 3 reports it):
+# all six were chosen on the test split, before the selection split existed; the pair
+# rlpruner - rlpruner-paper on the selection half checks them together
+_ON_TEST = "the test split (section 3 runs before 2026-12-07)"
+DEFAULT_CHOICES = tuple((what, _ON_TEST) for what in (
+    "one step of the whole sparsity", "--bn-recalibration-batches 4", "--include-baselines", "--epsilon 0",
+    "--guard-keep-best", "--criterion l1"))
+DEFAULTS_PAIR = ("rlpruner", "rlpruner-paper")
 # variants whose question is answered: still runnable with --methods, no longer in the
 # full profile (which must fit one background run of 100 minutes); name -> where
 # BENCHMARKS.md section 3 has their figures and what they showed. Until 2026-12-06
@@ -90,6 +123,9 @@ RETIRED_VARIANTS = {"rlpruner-kl": _LOST, "rlpruner-1step": _LOST, "rlpruner-1st
                     "rlpruner-bn-base-greedy-keep": _L1, "rlpruner-1step-bn-base-greedy-keep": _L1,
                     "rlpruner-bn-base-greedy-keep-l1": _L1, "ppo-taylor": _L1, "global-taylor": _L1,
                     "uniform-taylor": _L1}
+# section 3's protocol: 2 since issue 27 (every search on one footing, equal compute, the
+# selection split); a state without it was measured under the earlier one
+PROTOCOL = 2
 ROW_COLUMNS = ("section", "item", "variant", "metric", "value", "unit", "repeat", "seed")
 PAPER_EVALS_PER_STEP = 100
 
@@ -113,15 +149,23 @@ PROFILES = {
         # variant says otherwise (pinned, so a changed default can never pass for what
         # these runs measured; l1 is the project's default criterion)
         reward_metric="top1", criterion="l1",
-        methods=["rlpruner", "rlpruner-paper", *METHODS[1:]], seeds=[0], paired_seeds=[0, 1, 2],
-        paired_methods=["rlpruner", "rlpruner-paper", "ppo", "random",
-                        *(v for v in VARIANTS if v not in ("rlpruner", "rlpruner-paper")),
-                        "uniform", "global", "tp-global"],
-        pairs=[["rlpruner", "tp-global"], ["rlpruner", "uniform"], ["rlpruner", "global"],
-               ["rlpruner", "rlpruner-paper"], ["rlpruner", "ppo"], ["rlpruner", "random"],
-               ["rlpruner-paper", "tp-global"], ["rlpruner-paper", "uniform"],
-               ["ppo", "random"], ["ppo", "rlpruner-paper"], ["ppo", "tp-global"],
-               ["global", "tp-global"], ["global", "uniform"]],
+        # the searches on one footing, the one-shot methods at equal KD and at equal
+        # compute (tp-uniform: --methods), 5 paired seeds
+        methods=[*SEARCHES, "rlpruner-paper", "uniform", "global", "tp-global",
+                 "uniform@compute", "global@compute", "tp-global@compute"],
+        seeds=[0, 1, 2, 3, 4], paired_seeds=[0, 1, 2, 3, 4],
+        paired_methods=[*SEARCHES, "rlpruner-paper", *(v for v in VARIANTS if v not in SEARCHES),
+                        *ONE_SHOT, *MATCHED],
+        # every headline pair twice: at equal KD and at equal compute
+        pairs=[["rlpruner", "tp-global"], ["rlpruner", "tp-global@compute"],
+               ["rlpruner", "uniform"], ["rlpruner", "uniform@compute"],
+               ["rlpruner", "global"], ["rlpruner", "global@compute"],
+               ["rlpruner", "rlpruner-paper"], ["rlpruner", "ppo"], ["rlpruner", "random"], ["rlpruner", "cmaes"],
+               ["ppo", "ppo-lr0"], ["ppo", "random"], ["ppo", "cmaes"], ["cmaes", "random"],
+               ["ppo-lr0", "random"], ["global", "tp-global"], ["global", "uniform"]],
+        # a default is chosen on the selection half of the test split; the final half
+        # (test_top1) is only reported
+        selection_fraction=0.5, protocol=PROTOCOL,
         rl_batch_size=20, bootstrap=10000,
         # 4: at least 60 candidates, each physically pruned and KD-fine-tuned for a whole
         # epoch; ground truth on every validation row the rewards do not use
@@ -136,12 +180,15 @@ PROFILES = {
         scale_ppo_evals=5, scale_ppo_batch=4,
         synth_train=800, synth_test=50,
         dataset="digits", model="resnet8", base="train", train_epochs=6, train_batches=12, train_lr=0.05,
-        sparsity=0.5, step_fraction=0.5, evals=3, reward_samples=64, reward_metric="top1", criterion="l1",
+        # 5 evaluations: the 3 starting candidates and 2 of the search's own
+        sparsity=0.5, step_fraction=0.5, evals=5, reward_samples=64, reward_metric="top1", criterion="l1",
         finetune_total_epochs=1, finetune_batches=2, finetune_lr=0.01, num_workers=2,
-        # one seed, and no ppo here: section 2 already runs `compress --algo ppo` twice
-        methods=["rlpruner", "random", "uniform", "global", "tp-global"], seeds=[0], paired_seeds=[0, 1],
-        paired_methods=["rlpruner", "tp-global"], pairs=[["rlpruner", "tp-global"]],
-        rl_batch_size=2, bootstrap=500,
+        # one seed, and no ppo here: section 2 already runs `compress --algo ppo` twice; cmaes
+        # stands for the non-learned searches (random: --methods), to keep the profile short
+        methods=["rlpruner", "cmaes", "uniform", "global", "tp-global", "tp-global@compute"],
+        seeds=[0], paired_seeds=[0, 1], paired_methods=["rlpruner", "tp-global", "tp-global@compute"],
+        pairs=[["rlpruner", "tp-global"], ["rlpruner", "tp-global@compute"]],
+        selection_fraction=0.5, protocol=PROTOCOL, rl_batch_size=2, bootstrap=500,
         fid_samples=6, fid_kd_epochs=1, fid_kd_batches=2, fid_kd_batch_size=32, fid_bn_batches=2,
         fid_reward_sizes=[32, 64], fid_eval_images=80, fid_processes=2,
         lat_repeats=1, lat_b64_repeats=2,

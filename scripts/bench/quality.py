@@ -12,14 +12,20 @@ import time
 import traceback
 from pathlib import Path
 
-from rlpruner_ray.stats import bootstrap_interval, paired_difference
+from rlpruner_ray.stats import PairedDifference, bootstrap_interval, paired_difference
 
-from .common import METHODS, ONE_SHOT, PAPER_RLPRUNER, RETIRED_VARIANTS, VARIANTS, _mean, _rel, _threads, log, num, row, run_task, task
+from .common import (AT_COMPUTE, COMPUTE_REFERENCE, DEFAULT_CHOICES, DEFAULTS_PAIR, ONE_SHOT, PAPER_RLPRUNER,
+                     PINNED_SEARCH, PROTOCOL, RETIRED_VARIANTS, SEARCHES, VARIANTS, _mean, _rel, _threads, log, matched_of, num,
+                     row, run_task, task)
 
 TITLE = "3. Quality at equal budgets"
 # the target: rlpruner (the project's defaults) >= 0.5 points above these, with the 90%
-# interval of the paired difference above 0
-TARGET_OPPONENTS = ("tp-global", "uniform")
+# interval of the paired difference above 0 (stats.PairedDifference.meets), at equal KD
+# and at equal compute
+TARGET_OPPONENTS = ("tp-global", "uniform", f"tp-global{AT_COMPUTE}", f"uniform{AT_COMPUTE}")
+TARGET_MARGIN = 0.005          # 0.5 points, as a fraction
+# the best-so-far curves of section 3, next to the rows file
+CURVES_FILE = "best_so_far.png"
 
 
 def _fingerprint_model(model) -> str:
@@ -168,8 +174,9 @@ def base_model(bench) -> dict:
 
 
 def variant(method: str) -> tuple[str, dict]:
-    """(algorithm, config changes) of a section-3 method name (a plain algorithm: no changes)."""
-    algo, changes = VARIANTS.get(method, (method, {}))
+    """(algorithm, config changes) of a section-3 method name (a plain algorithm: no
+    changes; ``<one-shot>@compute``: that method's)."""
+    algo, changes = VARIANTS.get(matched_of(method) or method, (matched_of(method) or method, {}))
     return algo, dict(changes)
 
 
@@ -183,7 +190,7 @@ def search_steps(P: dict) -> int:
 
 
 def num_steps(P: dict, method: str) -> int:
-    algo, changes = variant(method)
+    algo, changes = variant(method)       # (a <one-shot>@compute run: its one-shot method's)
     if algo in ONE_SHOT or changes.get("one_step"):
         return 1
     return search_steps(P)
@@ -209,7 +216,7 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
     if algo not in ONE_SHOT:
         # the settings of a search are pinned (the paper's where a default moved away
         # from it), so a changed default can never pass for what these runs measured
-        cfg.update(reward_metric=P["reward_metric"], bn_recalibration_batches=0)
+        cfg.update(reward_metric=P["reward_metric"], **PINNED_SEARCH)
         if algo == "rlpruner":
             cfg.update(PAPER_RLPRUNER)
     cfg.update(changes)
@@ -217,7 +224,48 @@ def run_config(bench, method: str, seed: int, base_file: str) -> dict:
         # the shared base trained on seed 0's split: other seeds must not move the
         # validation rows onto its training rows
         cfg["split_seed"] = 0
+    if P.get("selection_fraction") and "selection_fraction" in _config_fields():
+        cfg["selection_fraction"] = P["selection_fraction"]
     return cfg
+
+
+def kd_batches(P: dict) -> int:
+    """KD batches every run spends in total at equal KD (the cap binds: an epoch of
+    the protocol's data is longer than ``finetune_batches``)."""
+    return P["finetune_total_epochs"] * P["finetune_batches"]
+
+
+def extra_kd_batches(search: dict, one_shot: dict, batches: int) -> int:
+    """KD batches that spend the compute ``search`` (a summary) used beyond
+    ``one_shot``'s: the difference of their forward-equivalents divided by what
+    one KD batch of the one-shot run cost (its fine-tuning compute over its
+    ``batches``), rounded; 0 when the search used no more."""
+    for name, s in (("search", search), ("one-shot", one_shot)):
+        if "compute" not in s:
+            raise ValueError(f"the {name} run's summary.json has no compute accounting")
+    per_batch = one_shot["compute"]["by_stage"]["fine_tune"]["forward_equivalents"] / batches
+    extra = search["compute"]["forward_equivalents"] - one_shot["compute"]["forward_equivalents"]
+    return max(0, int(round(extra / per_batch)))
+
+
+def matched_config(bench, method: str, seed: int, base_file: str) -> tuple[dict, dict]:
+    """The run of ``<one-shot>@compute`` on ``seed``: the one-shot method's run with
+    the extra KD batches that bring its compute to that of COMPUTE_REFERENCE on
+    the same seed (both read from their summaries in the work folder, which an
+    earlier invocation may have written). Returns (config, what was matched)."""
+    one_shot = matched_of(method)
+    summaries = {}
+    for m in (COMPUTE_REFERENCE, one_shot):
+        path = Path(run_config(bench, m, seed, base_file)["out_dir"]) / "summary.json"
+        if not path.exists():
+            raise ValueError(f"{method} needs the {m} run of seed {seed} ({path} is missing)")
+        summaries[m] = json.loads(path.read_text())
+    own = kd_batches(bench.P)
+    extra = extra_kd_batches(summaries[COMPUTE_REFERENCE], summaries[one_shot], own)
+    cfg = run_config(bench, one_shot, seed, base_file)
+    cfg.update(finetune_batches=own + extra, out_dir=str(bench.work / "runs" / f"{method}_s{seed}"))
+    return cfg, {"reference": COMPUTE_REFERENCE, "kd_batches": own + extra, "extra_kd_batches": extra,
+                 "reference_forward_equivalents": summaries[COMPUTE_REFERENCE]["compute"]["forward_equivalents"]}
 
 
 def _config_fields() -> set:
@@ -234,37 +282,74 @@ def measure(bench):
     P = bench.P
     base = base_model(bench)
     runs = {}
-    native = [m for m in P["methods"] if algo_of(m) != "ppo"]
+    plain = [m for m in P["methods"] if not matched_of(m)]
+    native = [m for m in plain if algo_of(m) != "ppo"]
     groups = [(native, True)] if native else []
-    rllib = [m for m in P["methods"] if algo_of(m) == "ppo"]
+    rllib = [m for m in plain if algo_of(m) == "ppo"]
     if rllib:
         groups.append((rllib, False))      # each RLlib run starts (and stops) its own Ray
     for methods, shared in groups:
         named = [(m, s) for m in methods for s in seeds_of(P, m)]
-        configs = [run_config(bench, m, s, base["file"]) for m, s in named]
-        log(f"section 3: {len(configs)} runs of {', '.join(methods)}")
-        try:
-            # one Ray folder per benchmark process: two benchmarks may run side by side
-            res = run_task("compress", {"configs": configs, "shared_ray": shared, "driver_threads": 1,
-                                        "ray_dir": str(bench.work / f"s3_ray_{os.getpid()}"),
-                                        "reuse": bench.args.reuse_runs,
-                                        "memo": str(bench.work / "eval_memo.json")}, bench.work)
-            status = res["runs"]
-        except Exception as exc:     # noqa: BLE001
-            status = [{"ok": False, "error": str(exc), "out_dir": c["out_dir"]} for c in configs]
-        for (method, seed), cfg, st in zip(named, configs, status):
-            key = f"{method}_s{seed}"
-            runs[key] = {"method": method, "seed": seed, "dir": cfg["out_dir"], "ok": st["ok"],
-                         "error": st.get("error"), "steps": num_steps(P, method),
-                         "finetune_epochs": cfg["finetune_epochs"], "reused": bool(st.get("reused"))}
-            if st["ok"]:
-                s = json.loads((Path(cfg["out_dir"]) / "summary.json").read_text())
-                runs[key]["summary"] = {k: s[k] for k in ("base", "pruned", "reductions", "evaluations",
-                                                          "wall_seconds")}
-    paired = paired_differences(runs, P["pairs"], P["bootstrap"])
-    st = {"base": base, "runs": runs, "paired": paired}
+        _run_all(bench, [(m, s, run_config(bench, m, s, base["file"]), None) for m, s in named], shared, runs)
+    # at equal compute: after the runs whose compute they match (here or in an earlier invocation)
+    matched = []
+    for method in (m for m in P["methods"] if matched_of(m)):
+        for seed in seeds_of(P, method):
+            try:
+                cfg, info = matched_config(bench, method, seed, base["file"])
+            except ValueError as exc:
+                runs[f"{method}_s{seed}"] = {"method": method, "seed": seed, "ok": False, "error": str(exc),
+                                             "steps": 1}
+                continue
+            matched.append((method, seed, cfg, info))
+    if matched:
+        _run_all(bench, matched, True, runs)
+    for r in runs.values():
+        if r.get("summary") and not matched_of(r["method"]):
+            r["curve"] = history_curve(Path(r["dir"]) / "history.parquet")
+    st = {"base": base, "runs": runs, **all_pairs(runs, P)}
     bench.rows += section_rows(st)
     return st
+
+
+def _run_all(bench, named: list, shared: bool, runs: dict) -> None:
+    """Run (method, seed, config, matched info) in one task; record each in ``runs``."""
+    P = bench.P
+    configs = [cfg for _, _, cfg, _ in named]
+    log(f"section 3: {len(configs)} runs of {', '.join(dict.fromkeys(m for m, _, _, _ in named))}")
+    try:
+        # one Ray folder per benchmark process: two benchmarks may run side by side
+        res = run_task("compress", {"configs": configs, "shared_ray": shared, "driver_threads": 1,
+                                    "ray_dir": str(bench.work / f"s3_ray_{os.getpid()}"),
+                                    "reuse": bench.args.reuse_runs,
+                                    "memo": str(bench.work / "eval_memo.json")}, bench.work)
+        status = res["runs"]
+    except Exception as exc:     # noqa: BLE001
+        status = [{"ok": False, "error": str(exc), "out_dir": c["out_dir"]} for c in configs]
+    for (method, seed, cfg, info), st in zip(named, status):
+        key = f"{method}_s{seed}"
+        runs[key] = {"method": method, "seed": seed, "dir": cfg["out_dir"], "ok": st["ok"],
+                     "error": st.get("error"), "steps": num_steps(P, method),
+                     "finetune_epochs": cfg["finetune_epochs"], "reused": bool(st.get("reused"))}
+        if info:
+            runs[key]["matched"] = info
+        if st["ok"]:
+            s = json.loads((Path(cfg["out_dir"]) / "summary.json").read_text())
+            runs[key]["summary"] = {k: s[k] for k in ("base", "pruned", "reductions", "evaluations",
+                                                      "wall_seconds", "compute") if k in s}
+
+
+def history_curve(path: Path) -> list[float]:
+    from rlpruner_ray.curves import history_curve as curve
+    return curve(path) if path.exists() else []
+
+
+def all_pairs(runs: dict, P: dict) -> dict:
+    """Every pair of the profile on the final split (``test_top1``), and the
+    defaults' pair on the selection split where the runs have one."""
+    return {"paired": paired_differences(runs, P["pairs"], P["bootstrap"]),
+            "paired_selection": paired_differences(runs, [list(DEFAULTS_PAIR)], P["bootstrap"],
+                                                   metric="selection_top1")}
 
 
 def section_rows(st: dict) -> list[dict]:
@@ -274,19 +359,27 @@ def section_rows(st: dict) -> list[dict]:
         s, seed, method = r.get("summary"), r["seed"], r["method"]
         if not s:
             continue
-        for k in ("test_top1", "test_top5", "val_top1", "macs", "params"):
-            rows.append(row(3, method, "pruned", k, s["pruned"][k], seed=seed))
+        for k in ("test_top1", "test_top5", "val_top1", "selection_top1", "macs", "params"):
+            if k in s["pruned"]:
+                rows.append(row(3, method, "pruned", k, s["pruned"][k], seed=seed))
         rows.append(row(3, method, "pruned", "macs_reduction", s["reductions"]["macs"], seed=seed))
         rows.append(row(3, method, "pruned", "params_reduction", s["reductions"]["params"], seed=seed))
         rows.append(row(3, method, "run", "evaluations", s["evaluations"], seed=seed))
         rows.append(row(3, method, "run", "wall_seconds", s["wall_seconds"], "s", seed=seed))
+        if "compute" in s:
+            rows.append(row(3, method, "run", "forward_equivalents", s["compute"]["forward_equivalents"],
+                            seed=seed))
+        if r.get("matched"):
+            rows.append(row(3, method, "run", "kd_batches", r["matched"]["kd_batches"], seed=seed))
     first = next((r["summary"] for r in st["runs"].values() if r.get("summary")), None)
     if first:
         for k in ("test_top1", "val_top1", "macs", "params"):
             rows.append(row(3, "base", "base", k, first["base"][k]))
-    for name, d in st["paired"].items():
-        for k in ("mean", "low", "high"):
-            rows.append(row(3, name, "paired", f"test_top1_diff_{k}", d[k]))
+    for key, metric in (("paired", "test_top1"), ("paired_selection", "selection_top1")):
+        for name, d in st.get(key, {}).items():
+            if d["seeds"]:
+                for k in ("mean", "low", "high"):
+                    rows.append(row(3, name, "paired", f"{metric}_diff_{k}", d[k]))
     return rows
 
 
@@ -299,7 +392,7 @@ def merge_runs(mine: dict, P: dict, other: dict, other_P: dict) -> tuple[dict, l
         raise SystemExit("bench: the two runs of section 3 start from different base models; "
                          "their runs cannot be paired")
     for key in ("sparsity", "step_fraction", "evals", "reward_samples", "finetune_total_epochs",
-                "finetune_batches", "dataset", "model"):
+                "finetune_batches", "dataset", "model", "selection_fraction"):
         if P.get(key) != other_P.get(key):
             raise SystemExit(f"bench: the two runs of section 3 differ in {key} ({P.get(key)} vs "
                              f"{other_P.get(key)}); their runs cannot be compared")
@@ -310,16 +403,16 @@ def merge_runs(mine: dict, P: dict, other: dict, other_P: dict) -> tuple[dict, l
     P["paired_methods"] = [*P["paired_methods"],
                            *(m for m in other_P["paired_methods"] if m not in P["paired_methods"])]
     P["pairs"] = [*P["pairs"], *(p for p in other_P["pairs"] if p not in P["pairs"])]
-    return {"base": mine["base"], "runs": runs,
-            "paired": paired_differences(runs, P["pairs"], P["bootstrap"])}, taken
+    return {"base": mine["base"], "runs": runs, **all_pairs(runs, P)}, taken
 
 
-def paired_differences(runs: dict, pairs, resamples: int) -> dict:
-    """Per pair (a, b): test top-1 of a minus b on every seed both ran, their mean,
-    the 90% paired Student t interval of the mean (low, high) and, as a second
-    column, the percentile-bootstrap interval (seeds resampled)."""
-    top1 = {(r["method"], r["seed"]): r["summary"]["pruned"]["test_top1"] for r in runs.values()
-            if r.get("summary")}
+def paired_differences(runs: dict, pairs, resamples: int, metric: str = "test_top1") -> dict:
+    """Per pair (a, b): ``metric`` (of the pruned model) of a minus b on every seed
+    both ran, their mean, the 90% paired Student t interval of the mean (low,
+    high; the whole ``stats.PairedDifference`` in ``t``) and, as a second column,
+    the percentile-bootstrap interval (seeds resampled)."""
+    top1 = {(r["method"], r["seed"]): r["summary"]["pruned"][metric] for r in runs.values()
+            if r.get("summary") and metric in r["summary"]["pruned"]}
     out = {}
     for a, b in pairs:
         seeds = sorted(s for m, s in top1 if m == a and (b, s) in top1)
@@ -327,8 +420,16 @@ def paired_differences(runs: dict, pairs, resamples: int) -> dict:
         t = paired_difference([top1[(a, s)] for s in seeds], [top1[(b, s)] for s in seeds])
         boot_low, boot_high = bootstrap_interval(diffs, resamples=resamples)
         out[f"{a} - {b}"] = {"seeds": seeds, "diffs": diffs, "mean": _mean(diffs), "low": t.low, "high": t.high,
-                             "boot_low": boot_low, "boot_high": boot_high}
+                             "boot_low": boot_low, "boot_high": boot_high, "t": t.to_dict()}
     return out
+
+
+def meets_target(d: dict) -> bool:
+    """A pair's target, as stated: at least TARGET_MARGIN better with the t interval
+    above 0 (states written before the t interval was kept: from its mean and low)."""
+    if "t" in d:
+        return PairedDifference(**d["t"]).meets(TARGET_MARGIN)
+    return math.isfinite(d["low"]) and d["low"] > 0 and d["mean"] >= TARGET_MARGIN
 
 
 def _describe(P: dict, method: str) -> str:
@@ -344,6 +445,26 @@ def _describe(P: dict, method: str) -> str:
     if method == "rlpruner":
         return "the project's defaults: the paper's search with " + ", ".join(parts)
     return ("rlpruner-paper" if algo == "rlpruner" else algo) + " with " + ", ".join(parts)
+
+
+def _footing(pair: str) -> str:
+    return "equal compute" if pair.endswith(AT_COMPUTE) else "equal KD"
+
+
+def write_curves(bench, runs: dict) -> Path | None:
+    """The best-so-far plot of the runs' curves (none: no file), next to the rows."""
+    from rlpruner_ray.curves import write_best_so_far_plot
+    curves: dict = {}
+    for method in bench.P["methods"]:
+        got = [r["curve"] for r in runs.values() if r["method"] == method and r.get("curve")]
+        if got:
+            curves[method] = got
+    if not curves:
+        return None
+    path = Path(bench.args.rows).parent / CURVES_FILE
+    write_best_so_far_plot(curves, path, title=f"Best reward so far ({bench.P['model']}, one step; median, "
+                                              "band min to max over seeds)")
+    return path
 
 
 def render(bench, st) -> tuple[str, list[str]]:
@@ -363,67 +484,109 @@ def render(bench, st) -> tuple[str, list[str]]:
                    f"trained in this run in {base['seconds']:.0f} s")
         made = (f"{P['train_epochs']} epochs x {P['train_batches']} batches of 128, lr {P['train_lr']}, trained by "
                 f"`pipeline.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
-    one_shot = ", ".join(m for m in P["methods"] if algo_of(m) in ONE_SHOT and m not in VARIANTS)
-    multi = ", ".join(m for m in P["methods"] if num_steps(P, m) > 1)
-    variants = "".join(f" {m}: {_describe(P, m)}." for m in P["methods"] if m in VARIANTS)
+    searches = [m for m in P["methods"] if m in SEARCHES]
+    one_shot = ", ".join(m for m in P["methods"] if algo_of(m) in ONE_SHOT and m not in VARIANTS
+                         and not matched_of(m))
+    matched = [m for m in P["methods"] if matched_of(m)]
+    others = [m for m in P["methods"] if m in VARIANTS and m not in SEARCHES]
+    variants = "".join(f" {m}: {_describe(P, m)}." for m in others)
     paired_seeds = ", ".join(map(str, P["paired_seeds"]))
     # dict.fromkeys: states written before 2026-12-07 (the committed one too) and merged
     # states can name a method twice
     paired_methods = [m for m in dict.fromkeys(P["paired_methods"]) if m in P["methods"]]
     single_methods = [m for m in P["methods"] if m not in paired_methods]
+    kd = kd_batches(P)
+    selection = P.get("selection_fraction") or 0
     lines = [
         data,
         "",
         f"Base model: {made}",
+        *([] if P.get("protocol", 1) >= PROTOCOL else [
+            "**These runs were measured under the earlier protocol** (before issue 27: ppo and random without BN "
+            "recalibration, starting candidates or the one-step schedule, no equal-compute runs, defaults chosen "
+            "on the test split); the description below is of the current protocol, which rerunning the section "
+            "applies."]),
         f"Every method: `--target macs --sparsity {P['sparsity']}`, `--reward-samples {P['reward_samples']}`, "
-        f"{P['finetune_total_epochs']} KD fine-tuning epochs in total (`--max-batches-per-epoch "
-        f"{P['finetune_batches']}` for every method), `--num-workers {P['num_workers']}`, "
-        f"criterion {P['criterion']} (the project's default) unless a method says otherwise. "
-        f"Searches ({multi}): `--step-fraction {P['step_fraction']}` ({steps} step{'s' if steps > 1 else ''}, "
-        f"{P['finetune_total_epochs'] // steps} KD epoch(s) after each), `--evaluations-per-step {P['evals']}`; "
-        f"ppo: {P['num_workers']} env runners, `--rl-batch-size {P['rl_batch_size']}`. Reward: "
-        f"`--reward-metric {P.get('reward_metric', 'top1')}`, without BN recalibration "
-        f"(`--bn-recalibration-batches 0`, the paper's) unless a method says otherwise.{variants} One-shot methods "
-        f"({one_shot}): one step with all {P['finetune_total_epochs']} KD epochs after it, one evaluation. "
-        f"tp-uniform / tp-global are Torch-Pruning's own pruner (GroupMagnitudeImportance(p=1), classifier "
-        f"ignored, ratio bisected to the MACs target). Seeds {paired_seeds} for "
-        f"{', '.join(paired_methods)}" + (f", seed {', '.join(map(str, P['seeds']))} for the others"
-                                            if single_methods else "") + ". Test split "
-        f"read once per run, at its end.",
-        "",
+        f"{P['finetune_total_epochs']} KD fine-tuning epochs of {P['finetune_batches']} batches in total "
+        f"({kd} KD batches, `--max-batches-per-epoch {P['finetune_batches']}`) unless a method says otherwise, "
+        f"`--num-workers {P['num_workers']}`, criterion {P['criterion']} (the project's default) unless a method "
+        f"says otherwise.",
     ]
+    if searches:
+        lines.append(
+            f"Searches on one footing ({', '.join(searches)}): one step of the whole sparsity with "
+            f"{P['evals'] * steps} evaluations, all {P['finetune_total_epochs']} KD epochs after it, the reward "
+            f"(`--reward-metric {P.get('reward_metric', 'top1')}`) after BN recalibration on 4 training batches "
+            "(`--bn-recalibration-batches 4`), and the uniform, global and Torch-Pruning global plans scored first "
+            "(`--include-baselines`, inside the budget): only the search differs. rlpruner: the project's defaults "
+            f"(epsilon 0, `--guard-keep-best`); ppo: {P['num_workers']} env runners, `--rl-batch-size "
+            f"{P['rl_batch_size']}`; ppo-lr0: ppo with `--rl-lr 0` (its initial policy's proposal, no learning: "
+            "the null baseline of learning); cmaes: CMA-ES (the `cma` package) over log-multipliers of the initial "
+            "distribution, `--samples-per-iteration` points a generation.")
+    lines.append(
+        (f"Other variants:{variants} " if variants else "")
+        + (f"Multi-step searches: `--step-fraction {P['step_fraction']}` ({steps} steps, "
+           f"{P['finetune_total_epochs'] // steps} KD epoch(s) after each), `--evaluations-per-step {P['evals']}`, "
+           "the reward without BN recalibration (the paper's). " if any(num_steps(P, m) > 1 for m in P["methods"])
+           else "")
+        + f"One-shot methods ({one_shot}): one step with all {P['finetune_total_epochs']} KD epochs after it, one "
+        "evaluation. tp-uniform / tp-global are Torch-Pruning's own pruner (GroupMagnitudeImportance(p=1), "
+        "classifier ignored, ratio bisected to the MACs target).")
+    if matched:
+        lines.append(
+            f"At equal compute ({', '.join(matched)}): the one-shot method spends the compute {COMPUTE_REFERENCE} "
+            f"used beyond it on the same seed as extra KD batches: (forward-equivalents of the {COMPUTE_REFERENCE} "
+            f"run - those of the one-shot run) / (the one-shot run's fine-tuning forward-equivalents / its {kd} KD "
+            "batches), rounded, run exactly with `--finetune-batches` (the last epoch cut short). "
+            "Forward-equivalents: summary.json's `compute`, the work in single-image forward passes of the base "
+            "model (KD: teacher forward at full size, student forward and backward at its pruned size).")
+    lines.append(
+        f"Seeds {paired_seeds} for {', '.join(paired_methods)}"
+        + (f", seed {', '.join(map(str, P['seeds']))} for the others" if single_methods else "") + ". "
+        + (f"The test split is halved (`--selection-fraction {selection}`): the selection half (selection top-1) "
+           "is what chooses between variants and defaults; the final half (test top-1: every figure and pair "
+           "below unless marked) is read once per run, at its end, and only reported." if selection else
+           "Test split read once per run, at its end."))
+    lines.append("")
     if b:
         lines += [f"Base model: test top-1 {b['test_top1']:.4f}, val top-1 {b['val_top1']:.4f}, "
                   f"MACs {b['macs'] / 1e6:.2f} M, params {b['params'] / 1e6:.4f} M.", ""]
-    lines += ["| method | runs | test top-1 mean ± std | min | max | drop vs base (pts) | MACs (M) "
-              "| MACs reduction (%) | params (M) | params reduction (%) | evaluations | wall (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | runs | test top-1 mean ± std | min | max | drop vs base (pts) | selection top-1 "
+              "| MACs (M) | MACs reduction (%) | params (M) | params reduction (%) | evaluations | KD batches "
+              "| compute (k fwd-eq) | wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     means, summary = {}, []
     for method in P["methods"]:
-        ok = [r["summary"] for r in runs.values() if r["method"] == method and r.get("summary")]
-        failed = [r for r in runs.values() if r["method"] == method and not r.get("summary")]
+        mine = [r for r in runs.values() if r["method"] == method]
+        ok = [r["summary"] for r in mine if r.get("summary")]
+        failed = [r for r in mine if not r.get("summary")]
         if failed:
             summary.append(f"Quality: {len(failed)} {method} run(s) failed: {str(failed[0].get('error'))[:200]}")
         if not ok:
-            lines.append(f"| {method} | 0 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {method} | 0 |" + " n/a |" * 13)
             continue
         acc = [s["pruned"]["test_top1"] for s in ok]
         mean = statistics.fmean(acc)
         sd = statistics.stdev(acc) if len(acc) > 1 else float("nan")
         means[method] = (mean, sd)
+        batches = _mean(r["matched"]["kd_batches"] for r in mine if r.get("matched")) if matched_of(method) else kd
         lines.append(
             f"| {method} | {len(ok)} | {mean:.4f} ± {num(sd, '.4f')} | {min(acc):.4f} | {max(acc):.4f} | "
-            f"{100 * (b['test_top1'] - mean):.2f} | {_mean(s['pruned']['macs'] for s in ok) / 1e6:.2f} | "
+            f"{100 * (b['test_top1'] - mean):.2f} | "
+            f"{num(_mean(s['pruned'].get('selection_top1', math.nan) for s in ok), '.4f')} | "
+            f"{_mean(s['pruned']['macs'] for s in ok) / 1e6:.2f} | "
             f"{100 * _mean(s['reductions']['macs'] for s in ok):.1f} | "
             f"{_mean(s['pruned']['params'] for s in ok) / 1e6:.4f} | "
             f"{100 * _mean(s['reductions']['params'] for s in ok):.1f} | "
-            f"{_mean(s['evaluations'] for s in ok):.0f} | {_mean(s['wall_seconds'] for s in ok):.0f} |")
+            f"{_mean(s['evaluations'] for s in ok):.0f} | {num(batches, '.0f')} | "
+            f"{num(_mean(s.get('compute', {}).get('forward_equivalents', math.nan) for s in ok) / 1e3, '.1f')} | "
+            f"{_mean(s['wall_seconds'] for s in ok):.0f} |")
     earlier: dict = {}
     for m, where in RETIRED_VARIANTS.items():
         if m not in P["methods"]:
             earlier.setdefault(where, []).append(m)
     if earlier and bench.profile == "full":
-        lines += ["", "Not rerun here (`--methods` runs them again), measured with this protocol: " + "; ".join(
+        lines += ["", "Not rerun here (`--methods` runs them again), measured with an earlier protocol: " + "; ".join(
             f"{', '.join(ms)} on {where}" for where, ms in earlier.items()) + "."]
     reused = sum(1 for r in runs.values() if r.get("reused"))
     if reused:
@@ -431,35 +594,56 @@ def render(bench, st) -> tuple[str, list[str]]:
                   "identical settings (`--reuse-runs` keeps a run whose saved config matches); their figures are "
                   "read from their `summary.json`."]
     lines += ["", "std: sample standard deviation over the seeds. Wall time per run includes Ray start-up, search, "
-              "fine-tuning and the final test evaluation. Evaluations of bit-identical weights on the same split "
+              "fine-tuning and the final test evaluation. compute: thousands of forward-equivalents (n/a: a run "
+              "without compute accounting). Evaluations of bit-identical weights on the same split "
               "(the base model in every run; a pruned model before fine-tuning and at its epoch 0) are memoised "
               "by the benchmark: no figure changes, only wall time."]
     # pairs with a method this invocation did not run (--methods) have no seeds to pair
     paired = {name: d for name, d in st.get("paired", {}).items() if d["seeds"]}
     if paired:
-        lines += ["", "Paired differences of test top-1 (first method minus second, same seed), in points; "
-                  "90% paired Student t interval of the mean over the seeds (scipy.stats.ttest_rel), and beside it "
-                  f"the 90% percentile-bootstrap interval ({P['bootstrap']} resamples), which is too narrow at so "
-                  "few seeds and is shown for comparison only:",
-                  "", "| pair | seeds | mean difference (pts) | t 90% low (pts) | t 90% high (pts) "
+        lines += ["", "Paired differences of test top-1 (first method minus second, same seed), in points, at equal "
+                  "KD or at equal compute (the second method's extra KD batches); 90% paired Student t interval of "
+                  "the mean over the seeds (scipy.stats.ttest_rel), and beside it the 90% percentile-bootstrap "
+                  f"interval ({P['bootstrap']} resamples), which is too narrow at so few seeds and is shown for "
+                  "comparison only:",
+                  "", "| pair | footing | seeds | mean difference (pts) | t 90% low (pts) | t 90% high (pts) "
                   "| bootstrap low (pts) | bootstrap high (pts) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         verdicts = []
         for name, d in paired.items():
-            lines.append(f"| {name} | {len(d['seeds'])} | {num(100 * d['mean'], '.2f')} "
+            lines.append(f"| {name} | {_footing(name)} | {len(d['seeds'])} | {num(100 * d['mean'], '.2f')} "
                          f"| {num(100 * d['low'], '.2f')} | {num(100 * d['high'], '.2f')} "
                          f"| {num(100 * d.get('boot_low', math.nan), '.2f')} "
                          f"| {num(100 * d.get('boot_high', math.nan), '.2f')} |")
             above = math.isfinite(d["low"]) and d["low"] > 0
-            verdict = f"{name} {num(100 * d['mean'], '+.2f')} pts " \
-                      f"({'interval above 0' if above else 'interval not above 0'}"
-            first, second = name.split(" - ")
-            if first == "rlpruner" and second in TARGET_OPPONENTS:
-                verdict += ": target " + ("met" if above and d["mean"] >= 0.005 else "MISSED")
+            below = math.isfinite(d["high"]) and d["high"] < 0
+            verdict = (f"{name} {num(100 * d['mean'], '+.2f')} pts at {_footing(name)} ("
+                       + ("interval above 0" if above else "interval below 0" if below else "interval spans 0"))
+            a, second = name.split(" - ")
+            if a == "rlpruner" and second in TARGET_OPPONENTS:
+                verdict += ": target " + ("met" if meets_target(d) else "MISSED")
             verdicts.append(verdict + ")")
-        lines += ["", "Target: rlpruner at least 0.5 points above tp-global and above uniform with the 90% interval "
-                  "of the difference above 0. " + "; ".join(verdicts) + "."]
+        lines += ["", f"Target: rlpruner at least {100 * TARGET_MARGIN:.1f} points above tp-global and above "
+                  "uniform, at equal KD and at equal compute, with the 90% t interval of the difference above 0 "
+                  "(`stats.PairedDifference.meets`). " + "; ".join(verdicts) + "."]
         summary.append("Paired over seeds: " + "; ".join(verdicts) + ".")
+    lines += ["", "Which split chose each of the project's defaults:", "", "| default | chosen on |", "|---|---|"]
+    lines += [f"| {what} | {where} |" for what, where in DEFAULT_CHOICES]
+    check = st.get("paired_selection", {}).get(" - ".join(DEFAULTS_PAIR))
+    if check and check["seeds"]:
+        lines += ["", f"The six together against the paper's settings on the selection half (selection top-1, "
+                  f"{len(check['seeds'])} seeds): {' - '.join(DEFAULTS_PAIR)} {num(100 * check['mean'], '+.2f')} "
+                  f"pts, t 90% [{num(100 * check['low'], '+.2f')}, {num(100 * check['high'], '+.2f')}]. From this "
+                  "protocol on, a default is chosen on the selection half only."]
+    else:
+        lines += ["", f"Not checked on the selection half in this report: it needs {' and '.join(DEFAULTS_PAIR)} "
+                  "runs with a selection split (`--methods`)."]
+    plot = write_curves(bench, runs)
+    if plot is not None:
+        rel = os.path.relpath(plot, Path(bench.args.out).resolve().parent)
+        lines += ["", f"Best reward so far against evaluations for each method (median over the seeds, band from "
+                  f"the minimum to the maximum; the reward of the step's candidates, not test accuracy): "
+                  f"`{rel}`.", "", f"![best reward so far]({rel})"]
     if means:
         order = sorted(means, key=lambda m: -means[m][0])
         ranking = ", ".join(f"{m} {means[m][0]:.4f}" for m in order)

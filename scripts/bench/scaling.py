@@ -107,7 +107,8 @@ def measure(bench):
                           evaluations_per_step=P["scale_ppo_evals"], rl_batch_size=P["scale_ppo_batch"],
                           reward_samples=P["scale_samples"], reward_batch_size=P["scale_samples"],
                           criterion="l1", bn_recalibration_batches=0, finetune_epochs=0, seed=0,
-                          out_dir=str(bench.work / f"s2_ppo_{n}"))
+                          # the env runners' throughput alone: no starting candidates on the driver
+                          include_baselines=False, out_dir=str(bench.work / f"s2_ppo_{n}"))
     log("section 2: PPO with 1 and with 2 env runners")
     try:
         status = run_task("compress", {"configs": [configs[1], configs[2]], "driver_threads": 1},
