@@ -233,19 +233,10 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         log.info("the run in %s is already finished; its results are unchanged", run.root)
         return ckpt.load_json(run.summary)
     started = time.perf_counter()
-    data = _load_data(config)
-    device = config.resolved_device()
-
     # everything that can be refused is checked before the first byte is written
-    if config.base_checkpoint or (config.resume and run.base.exists()):
-        probe = ckpt.load_pruned(config.base_checkpoint or run.base, allow_import=config.model)
-        _check_fits(probe, data, config.base_checkpoint or run.base)
-    else:
-        probe = build_model(config.model, data.num_classes, data.in_channels)
-    probe_graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
-                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
-    _check_reachable(config, probe_graph, {"macs": probe_graph.base_macs, "params": probe_graph.base_params})
-    del probe, probe_graph
+    data = check_inputs(config, config.base_checkpoint or (run.base if config.resume and run.base.exists()
+                                                           else None))
+    device = config.resolved_device()
     from .cluster_offer import check_request
     from .runtime import init_ray, local_offer, shutdown_ray
     from .search.base import planned_bundles
@@ -447,6 +438,24 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, *
 
 
 # ---------------------------------------------------------------------- other commands
+def check_inputs(config: CompressConfig, base=None) -> Dataset:
+    """Refuse what a run could not use, before it writes anything (``compress``, and
+    ``sweep``/``compare`` before the first trial): the data set, the base model file
+    (``base``, default ``--base-checkpoint``: present, ours, fitting the data) and
+    a target the model can reach. Returns the loaded data."""
+    data = _load_data(config)
+    base = base if base is not None else config.base_checkpoint
+    if base:
+        probe = ckpt.load_pruned(base, allow_import=config.model)
+        _check_fits(probe, data, base)
+    else:
+        probe = build_model(config.model, data.num_classes, data.in_channels)
+    probe_graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
+                               min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    _check_reachable(config, probe_graph, {"macs": probe_graph.base_macs, "params": probe_graph.base_params})
+    return data
+
+
 def _load_data(config: CompressConfig) -> Dataset:
     """The dataset, after the model name is known to be good (a refusal comes
     before any line about loading data)."""
