@@ -162,9 +162,17 @@ def _trial_progress(total: int):
 
     class TrialProgress(Callback):
         def __init__(self):
+            self.bar = None      # made on first use: Tune pickles its callbacks, a bar holds a stream
+
+        def __getstate__(self):
+            return {**self.__dict__, "bar": None}
+
+        def setup(self, **info):
             self.bar = console.Progress(total, "trials")
 
         def _ended(self, trial, how: str) -> None:
+            if self.bar is None:       # (not set up: a restored experiment)
+                self.bar = console.Progress(total, "trials")
             self.bar.update()
             log.info("trial %s %s (%d of %d)", trial_name(trial.config), how, self.bar.done, total)
 
@@ -176,7 +184,8 @@ def _trial_progress(total: int):
             self._ended(trial, "failed")
 
         def on_experiment_end(self, trials, **info):
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
     return TrialProgress()
 
