@@ -561,6 +561,18 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, *
 
 
 # ---------------------------------------------------------------------- other commands
+def check_inputs(config: CompressConfig, base=None) -> Dataset:
+    """Refuse what a run could not use, before it writes anything (``sweep`` and
+    ``compare`` before their first trial; ``compress`` makes the same checks in its
+    own order): the base model file (``base``, default ``--base-checkpoint``:
+    present, ours), then the data set, then :func:`check_model`. Returns the data."""
+    base = base if base is not None else config.base_checkpoint
+    probe = ckpt.load_pruned(base, allow_import=config.model) if base else None
+    data = _load_data(config)
+    check_model(config, data, probe, base)
+    return data
+
+
 def _load_data(config: CompressConfig) -> Dataset:
     """The dataset, after the model name is known to be good (a refusal comes
     before any line about loading data)."""

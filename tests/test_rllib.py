@@ -169,6 +169,7 @@ def test_env_runners_follow_new_base_and_survive_a_kill(rllib_setup, monkeypatch
     try:
         search.search(ctx, evaluator)
         assert evaluator.used == 21 and len(rows) == 20
+        assert search.batches == [(10, 10), (10, 10)]         # the plan, as RLlib sampled it
         pids = {row["pid"] for row in rows}
         assert len(pids) == 2                                     # both env runners evaluated
 
@@ -230,11 +231,12 @@ def test_policy_checkpoint_restores_the_policy(rllib_setup, tmp_path):
     from rlpruner_ray.search.rllib import RLlibSearch
     setup = rllib_setup
     version = ray.get(setup["store"].version.remote())
-    config = setup["config"].replace(evaluations_per_step=11)
+    config = setup["config"].replace(evaluations_per_step=15)    # 14 tickets: batches of 10 and 4
     first = RLlibSearch(config, store_name=setup["name"])
     try:
         ctx = StepContext(version, 3, setup["graph"], np.random.default_rng(0))
-        first.search(ctx, Evaluator(lambda ds: None, 11))
+        first.search(ctx, Evaluator(lambda ds: None, 15))
+        assert first.batches == [(10, 10), (4, 4)]          # RLlib sampled the plan, short batch last
         first.save_extra(tmp_path / "algo")
         trained = {k: v.clone() for k, v in first.algo.get_module().state_dict().items()}
     finally:
@@ -279,3 +281,52 @@ def test_ppo_with_learning_rate_0_proposes_without_learning(rllib_setup):
     assert [c.source for c in evaluator.candidates[:3]] == ["uniform", "global", "tp-global"]
     samples = [c.distribution for c in evaluator.candidates if c.source == "sample"]
     assert len(samples) >= 4 and not np.allclose(samples[0], samples[1])    # it still explores
+
+
+def test_batch_plan_keeps_the_asked_batch_except_the_last():
+    """Every budget from 3 to 400 on several env layouts and batch sizes: the batches
+    spend exactly the env runners' tickets in whole rounds, none is below the asked
+    size but the last, and the rollout fragment divides every batch."""
+    from rlpruner_ray.errors import ConfigError
+    from rlpruner_ray.search.rllib import batch_plan
+    base = CompressConfig(algo="ppo")
+    for runners, envs in [(1, 1), (2, 1), (3, 1), (2, 2), (3, 3)]:
+        n_envs = runners * envs
+        for asked in (1, 5, 20, 32):
+            config = base.replace(num_workers=runners, rl_envs_per_env_runner=envs, rl_batch_size=asked)
+            for budget in range(3, 401):
+                if budget <= n_envs:
+                    with pytest.raises(ConfigError, match="evaluations_per_step"):
+                        batch_plan(config.replace(evaluations_per_step=budget))
+                    continue
+                plan = batch_plan(config.replace(evaluations_per_step=budget))
+                assert plan.tickets == (budget - 1) // n_envs * n_envs
+                assert sum(plan.batches) == plan.tickets
+                assert all(b % n_envs == 0 and b > 0 for b in plan.batches)
+                assert all(b >= asked for b in plan.batches[:-1]), (runners, envs, asked, budget, plan)
+                assert all(b == plan.full for b in plan.batches[:-1])
+                assert plan.full - n_envs < asked <= plan.full                # asked, rounded up to rounds
+                assert all(b % (plan.fragment * n_envs) == 0 for b in plan.batches)
+    issue = batch_plan(base.replace(num_workers=2, evaluations_per_step=40, rl_batch_size=20))
+    assert issue.batches == (20, 18) and issue.fragment == 1
+
+
+def test_the_training_loop_sets_each_iterations_batch():
+    """The loop's batch for a synchronous algorithm, fed the tickets left after each
+    iteration, walks the plan; RLlib's config gets it (and PPO's minibatch follows)."""
+    from rlpruner_ray.search.rllib import RLlibSearch, batch_plan, build_algorithm_config
+    config = CompressConfig(algo="ppo", num_workers=2, evaluations_per_step=40, rl_batch_size=20)
+    plan = batch_plan(config)
+    search = RLlibSearch.__new__(RLlibSearch)
+    search.config, search.plan = config, plan
+    search.algo = type("Algo", (), {})()
+    search.algo.config = build_algorithm_config(config, {})
+    search.algo.config.freeze()
+    left, seen = plan.tickets, []
+    while left:
+        seen.append(search._next_batch(left))
+        assert search.algo.config.train_batch_size_per_learner == seen[-1]
+        assert search.algo.config.minibatch_size == min(seen[-1], 32)
+        left -= seen[-1]
+    assert tuple(seen) == plan.batches == (20, 18)
+    assert search.algo.config.rollout_fragment_length == plan.fragment

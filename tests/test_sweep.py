@@ -22,9 +22,10 @@ from rlpruner_ray.config import CompressConfig
 from .local_cluster import TINY_SWEEP as TINY
 
 
-def _cli(args, env=None, timeout=420):
-    return subprocess.run([sys.executable, "-m", "rlpruner_ray", "-q", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def _cli(args, env=None, timeout=420, cwd=None, quiet=True):
+    return subprocess.run([sys.executable, "-m", "rlpruner_ray", *(["-q"] if quiet else []), *args],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          cwd=cwd)
 
 
 def _rows(out: Path) -> list[dict]:
@@ -182,6 +183,48 @@ def test_compare_algorithms_over_seeds(tmp_path):
     assert pq.read_table(out / "comparison.parquet").num_rows == len(rows)
 
 
+@pytest.mark.slow
+def test_compare_at_one_macs_target_pairs_against_the_reference(tmp_path, base_checkpoint):
+    """Default flags compare at one MACs target; a relative --base-checkpoint is taken
+    from the folder the command started in (the trials run elsewhere); the paired
+    table comes out (printed and as paired.parquet/.csv); Tune's progress tables go to
+    log.txt and the terminal gets [rlpruner] lines."""
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    shutil.copy(base_checkpoint, tmp_path / "runs" / "default" / "base_model.pt")
+    r = _cli(["compare", "--out-dir", "cmp", "--algo", "global", "uniform", "--seeds", "2", "--sparsity", "0.3",
+              "--base-checkpoint", "runs/default/base_model.pt", *TINY], cwd=tmp_path, quiet=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "cmp"
+    assert json.loads((out / "sweep.json").read_text())["base"]["target"] == "macs"
+    paired = pq.read_table(out / "paired.parquet").to_pylist()
+    assert [x["algo"] for x in paired] == ["global", "uniform"] and {x["reference"] for x in paired} == {"global"}
+    for x in paired:
+        assert x["seeds_finished"] == 2 and 30.0 - 1e-6 <= x["target_reduction_pts"] <= 30.5
+    other = paired[1]
+    assert other["pairs"] == 2 and other["unequal_size"] is False and other["reduction_gap_pts"] <= 0.5
+    finals = {(x["algo"], x["seed"]): x["test_top1"] for x in _rows(out) if x["final"]}
+    assert other["diff_pts"] == pytest.approx(100 * sum(finals[("uniform", s)] - finals[("global", s)]
+                                                        for s in (0, 1)) / 2)
+    assert (out / "paired.csv").read_text().splitlines()[0].startswith("\"algo\"")
+    assert "paired difference in test top-1 (points) against global" in r.stdout
+    assert "Trial status" in (out / "log.txt").read_text()                 # Tune's table, in the log ...
+    assert "Trial status" not in r.stdout + r.stderr                      # ... not on the terminal
+    assert "[rlpruner] trial uniform-" in r.stderr and "finished (" in r.stderr
+
+
+@pytest.mark.slow
+def test_compare_where_every_trial_fails_ranks_nothing(tmp_path):
+    out = tmp_path / "cmp"
+    r = _cli(["compare", "--out-dir", str(out), "--algo", "uniform", "--seeds", "1", "--sparsity", "0.1",
+              "--max-failures", "0", *TINY], env={sweep.FAIL_ENV: "1"})
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rlpruner: none of the 1 trials finished"), r.stderr
+    assert "ranking" not in r.stdout and "paired" not in r.stdout
+    for name in ("comparison.png", "pareto.png", "paired.parquet", "comparison.parquet"):
+        assert not (out / name).exists(), name
+
+
 # ---------------------------------------------------------------------- refusals (no Ray)
 @pytest.mark.parametrize("extra, message", [
     (["--algo", "uniform", "bogus"], "unknown algorithm 'bogus'"),
@@ -212,6 +255,72 @@ def test_compare_and_resume_refusals(tmp_path, capsys):
     assert main(["-q", "report", str(tmp_path)]) == 2
     assert "not a sweep folder" in _one_error_line(capsys.readouterr().err)
     assert not out.exists()     # (without --out-dir a sweep runs into runs/sweep: tests/test_help_defaults.py)
+
+
+def test_compare_refuses_a_missing_checkpoint_before_any_trial(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["-q", "compare", "--out-dir", "cmp", "--algo", "uniform",
+                 "--base-checkpoint", "runs/default/base_model.pt", *TINY]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "checkpoint not found" in line and str(tmp_path / "runs" / "default" / "base_model.pt") in line
+    assert not (tmp_path / "cmp").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    assert main(["-q", "compare", "--out-dir", "cmp", "--algo", "uniform", "global", "--reference", "random",
+                 *TINY]) == 2
+    assert "--reference random is not one of the compared --algo" in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_plan_defaults_and_relative_paths(tmp_path, base_checkpoint, monkeypatch):
+    from rlpruner_ray.cli import _config
+    (tmp_path / "runs").mkdir()
+    shutil.copy(base_checkpoint, tmp_path / "runs" / "base.pt")
+    monkeypatch.chdir(tmp_path)
+
+    def plan(*argv):
+        return sweep.plan_from_args(build_parser().parse_args(["compare", "--out-dir", "cmp", *argv]), _config)
+    p = plan("--algo", "uniform", "global", "--base-checkpoint", "runs/base.pt", "--data-dir", "data")
+    assert p.base["target"] == "macs" and p.reference == "uniform"
+    assert p.base["base_checkpoint"] == str(tmp_path / "runs" / "base.pt")
+    assert p.base["data_dir"] == str(tmp_path / "data")
+    assert sweep.SweepPlan.from_dict(p.to_dict()).reference == "uniform"
+    p = plan("--algo", "uniform", "global", "--reference", "global", "--target", "filters")
+    assert p.base["target"] == "filters" and p.reference == "global"
+
+
+def _final(algo, seed, top1, macs_kept, **extra):
+    return {"trial": f"{algo}-{seed}", "algo": algo, "seed": seed, "final": True, "test_top1": top1,
+            "final_macs_kept": macs_kept, "final_params_kept": 0.5, "final_filters_sparsity": 0.3,
+            "wall_seconds": 10.0 + seed, **extra}
+
+
+def test_paired_rows_against_the_reference(tmp_path, capsys):
+    from rlpruner_ray.stats import paired_difference
+    from rlpruner_ray.sweep.outputs import paired_rows, print_paired
+    args = build_parser().parse_args(["compare", "--out-dir", str(tmp_path / "cmp"), "--algo", "a1", "b2", "c3",
+                                      "--seeds", "3", "--reference", "b2"])
+    plan = sweep.SweepPlan("compare", str(tmp_path), str(tmp_path), "tune", {"target": "macs", "model": "m"},
+                           {"algo": ["a1", "b2", "c3"], "seed": [0, 1, 2], "sparsity": [0.3],
+                            "reward": ["acc"], "criterion": ["l1"]}, reference=args.reference)
+    rows = [_final("b2", s, 0.80 + 0.01 * s, 0.70, compute_forward_equivalents=100.0) for s in range(3)]
+    rows += [_final("a1", s, 0.81 + 0.012 * s, 0.699, compute_forward_equivalents=300.0) for s in range(3)]
+    rows += [_final("c3", s, 0.79, 0.690 if s == 1 else 0.70) for s in (0, 1)]     # seed 2 unfinished
+    rows.append({"trial": "c3-2", "algo": "c3", "seed": 2, "final": False, "step": 1})
+    by = {r["algo"]: r for r in paired_rows(plan, rows)}
+    expect = paired_difference([0.81 + 0.012 * s for s in range(3)], [0.80 + 0.01 * s for s in range(3)],
+                               scale=100)
+    a = by["a1"]
+    assert (a["pairs"], a["diff_pts"], a["diff_low"], a["diff_high"]) == (3, expect.mean, expect.low, expect.high)
+    assert a["compute_forward_equivalents"] == 300.0 and a["unequal_size"] is False
+    assert a["reduction_gap_pts"] == pytest.approx(0.1)
+    c = by["c3"]
+    assert c["seeds_finished"] == 2 and c["pairs"] == 2 and c["compute_forward_equivalents"] is None
+    assert c["reduction_gap_pts"] == pytest.approx(1.0) and c["unequal_size"] is True   # flagged
+    assert by["b2"]["pairs"] == 0 and by["b2"]["diff_pts"] is None                  # the reference itself
+    print_paired(plan, list(by.values()))
+    printed = capsys.readouterr().out
+    assert f"{expect.mean:+.2f} [{expect.low:+.2f}, {expect.high:+.2f}]" in printed
+    assert "(reference)" in printed and "n/a" in printed
+    assert "more than 0.5 points for c3" in printed
 
 
 # ---------------------------------------------------------------------- pieces (no Ray)

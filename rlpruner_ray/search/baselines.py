@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..scoring import give_back_overshoot
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
 
 
@@ -61,7 +62,8 @@ def global_counts(graph, num_filters: int, order: np.ndarray | None = None) -> n
 def global_plan(graph, context: dict, *, step_fraction: float = 0.1) -> np.ndarray:
     """The global threshold for this step: a filter count (``num_filters``), or the
     fewest globally ranked channels that bring MACs / params down to
-    ``cost_target`` (cost falls as the threshold moves, so bisect it)."""
+    ``cost_target`` (cost falls as the threshold moves, so bisect it), less the
+    channels that overshoot it (:func:`~rlpruner_ray.scoring.give_back_overshoot`)."""
     order = global_order(graph)
     target = context.get("cost_target")
     if target is None:
@@ -75,7 +77,7 @@ def global_plan(graph, context: dict, *, step_fraction: float = 0.1) -> np.ndarr
             hi = mid
         else:
             lo = mid + 1
-    return global_counts(graph, max(lo, 1), order)
+    return give_back_overshoot(graph, global_counts(graph, max(lo, 1), order), kind, target["value"])
 
 
 # the source names of the baseline plans among a search's starting candidates, in order

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,22 +78,55 @@ def rllib_bundles(config: CompressConfig) -> list[dict]:
     return bundles
 
 
-def batch_plan(config: CompressConfig) -> tuple[int, int]:
-    """(train batch per iteration, tickets for env runners) for one step: the env
-    runners spend ``budget - 1`` evaluations (rounded down to whole rounds of all
-    environments; the rest go to extra policy samples on the driver), in batches
-    no larger than ``rl_batch_size`` that divide it exactly."""
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one step's env-runner evaluations are spent on training iterations."""
+    batches: tuple[int, ...]   # env steps per training iteration; only the last may be shorter
+    tickets: int               # evaluations the env runners score (whole rounds of all environments)
+    round: int                 # environments sampled in parallel: one round is one step of each
+    full: int                  # rl_batch_size rounded up to whole rounds
+
+    @property
+    def fragment(self) -> int:
+        """Rollout fragment (steps per environment per sample call): the largest that
+        divides every batch, so no sample call runs past a batch's end."""
+        return math.gcd(*(b // self.round for b in self.batches))
+
+
+def next_batch(plan: BatchPlan, tickets_left: int) -> int:
+    """The next training iteration's batch with ``tickets_left`` tickets not yet taken:
+    a full batch, or what is left, in whole rounds (after an env runner was lost the
+    tickets handed out again need not fill a round; RLlib answers the rest unscored)."""
+    rounds_left = -(-tickets_left // plan.round)
+    return min(plan.full, rounds_left * plan.round)
+
+
+def batch_plan(config: CompressConfig) -> BatchPlan:
+    """The env runners spend ``budget - 1`` evaluations, rounded down to whole rounds
+    of all environments (the rest go to extra policy samples on the driver), in
+    batches of ``rl_batch_size`` rounded up to whole rounds; only the last batch is
+    shorter, to spend what is left (40 evaluations, 2 environments, batch 20: 20 + 18)."""
     runners, envs = env_runner_layout(config)
     n_envs = max(1, runners) * envs
     tickets = ((config.evaluations_per_step - 1) // n_envs) * n_envs
     if tickets == 0:
         raise ConfigError(f"evaluations_per_step must be at least {n_envs + 1} for {config.algo} with "
                           f"{n_envs} environments (one round of samples plus the policy's own action)")
-    rounds = tickets // n_envs
-    per_batch = max(1, min(rounds, config.rl_batch_size // n_envs))
-    while rounds % per_batch:
-        per_batch -= 1
-    return per_batch * n_envs, tickets
+    plan = BatchPlan((), tickets, n_envs, -(-config.rl_batch_size // n_envs) * n_envs)
+    batches, left = [], tickets
+    while left:
+        batches.append(next_batch(plan, left))
+        left -= batches[-1]
+    return replace(plan, batches=tuple(batches))
+
+
+def _training_settings(config: CompressConfig, batch: int) -> dict:
+    """The settings that follow one iteration's train batch (its size, PPO's minibatch)."""
+    learners = max(1, config.rl_num_learners)
+    settings = {"train_batch_size_per_learner": -(-batch // learners)}
+    if config.algo.lower() in ("ppo", "appo"):
+        settings["minibatch_size"] = max(1, min(batch, 32))
+    return settings
 
 
 def build_algorithm_config(config: CompressConfig, env_config: dict):
@@ -103,8 +137,8 @@ def build_algorithm_config(config: CompressConfig, env_config: dict):
     check_rllib_algorithm(name)
     algo_cls, _ = ALGORITHMS[CONTINUOUS[name]]()
     runners, envs = env_runner_layout(config)
-    batch, _ = batch_plan(config)
-    fragment = max(1, batch // (max(1, runners) * envs))
+    plan = batch_plan(config)
+    batch, fragment = plan.full, plan.fragment
     cfg = (algo_cls.get_default_config()
            .api_stack(enable_rl_module_and_learner=True, enable_env_runner_and_connector_v2=True)
            .environment("rlpruner/LayerPruning-v0", env_config=env_config)
@@ -122,9 +156,9 @@ def build_algorithm_config(config: CompressConfig, env_config: dict):
            .debugging(seed=config.seed, log_level="ERROR")
            .reporting(min_time_s_per_iteration=0, min_sample_timesteps_per_iteration=0,
                       metrics_num_episodes_for_smoothing=1))
-    training = {"lr": config.rl_lr, "train_batch_size_per_learner": batch, "gamma": 0.99}
+    training = {"lr": config.rl_lr, "gamma": 0.99, **_training_settings(config, batch)}
     if name in ("ppo", "appo"):
-        training.update(minibatch_size=max(1, min(batch, 32)), num_epochs=4)
+        training.update(num_epochs=4)
     if name == "sac":   # SAC has one learning rate per network instead of `lr`
         training.update(lr=None, actor_lr=config.rl_lr, critic_lr=config.rl_lr, alpha_lr=config.rl_lr,
                         num_steps_sampled_before_learning_starts=batch,
@@ -166,7 +200,9 @@ class RLlibSearch(SearchAlgorithm):
         _register_env()
         # the env runners share what the starting candidates (scored on the driver) leave
         searched = config.replace(evaluations_per_step=search_budget(config))
-        self.batch, self.tickets = batch_plan(searched)
+        self.plan = batch_plan(searched)
+        # (batch asked, env steps RLlib sampled) per training iteration, for the record and tests
+        self.batches: list[tuple[int, int]] = []
         # RLlib's own log folder goes under the run's folder, not ~/ray_results
         logdir = Path(config.out_dir).resolve() / "rllib"
         algo_config = build_algorithm_config(searched, runner_settings)
@@ -183,15 +219,17 @@ class RLlibSearch(SearchAlgorithm):
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
         version = ctx.step
         self.starting_candidates(ctx, evaluate)      # scored on the driver (``score``)
-        tickets = min(self.tickets, evaluate.remaining - 1)
+        tickets = min(self.plan.tickets, evaluate.remaining - 1)
         ray.get(self.store.begin_step.remote(version, tickets, TICKET_TIMEOUT_S,
                                              release_when_spent=self.config.algo.lower() not in ASYNCHRONOUS))
         received = 0
         while received < tickets:
             status = ray.get(self.store.status.remote())
             if status["available"] > 0:
+                batch = self._next_batch(status["available"])
                 result = self.algo.train()
                 self.iteration += 1
+                self.batches.append((batch, _sampled_steps(result)))
                 stats = _learner_stats(result)
             else:
                 time.sleep(0.05)          # stragglers: wait for results (or expired tickets)
@@ -214,6 +252,25 @@ class RLlibSearch(SearchAlgorithm):
         """Starting candidates, scored by the driver's env on the step's base model."""
         self.local_env.sync()
         return self.local_env.evaluate_plans(plans_for(self.local_env, items))
+
+    def _next_batch(self, available: int) -> int:
+        """Set the coming iteration's train batch from the tickets not yet taken (a
+        synchronous algorithm takes all of an iteration's tickets within train(), so
+        this walks ``self.plan.batches``: full batches, then the shorter last one)."""
+        if self.config.algo.lower() in ASYNCHRONOUS:
+            return self.plan.full      # sampling runs between train() calls: keep one batch size
+        batch = next_batch(self.plan, available)
+        # RLlib reads these from the built algorithm's config at every training_step;
+        # the last batch of a step is shorter than the one it was built with, so the
+        # frozen config is opened (RLlib lets `_is_frozen` itself be set) and closed again
+        algo_config = self.algo.config
+        algo_config._is_frozen = False
+        try:
+            for key, value in _training_settings(self.config, batch).items():
+                setattr(algo_config, key, value)
+        finally:
+            algo_config.freeze()
+        return batch
 
     def _record(self, evaluate: Evaluator, row: dict, stats) -> None:
         evaluate.record(candidate_from(row["distribution"], row, self.iteration, "sample", stats),
@@ -261,6 +318,12 @@ def _in_folder(algo_cls, logdir: Path):
         logdir.mkdir(parents=True, exist_ok=True)
         self._logdir = str(logdir)
     return type(algo_cls.__name__, (algo_cls,), {"_setup_logdir": _setup_logdir})
+
+
+def _sampled_steps(result: dict) -> int:
+    """Env steps RLlib sampled in one training iteration."""
+    runners = result.get("env_runners", {}) if isinstance(result, dict) else {}
+    return int(runners.get("num_env_steps_sampled", 0) or 0)
 
 
 def _learner_stats(result: dict) -> dict:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..errors import ConfigError, PlanError, one_line
+from ..scoring import give_back_overshoot
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
 
 RATIO_TOLERANCE = 1e-4
@@ -27,9 +28,11 @@ RATIO_TOLERANCE = 1e-4
 MAX_RATIO = 0.9
 
 
-def tp_channels(graph, ratio: float, global_pruning: bool, model=None) -> list[list[int]]:
+def tp_channels(graph, ratio: float, global_pruning: bool, model=None, limits=None) -> list[list[int]]:
     """Root channel indices per group of ``graph`` that Torch-Pruning's pruner
-    removes at ``ratio`` (read off its interactive step; nothing is pruned)."""
+    removes at ``ratio`` (read off its interactive step; nothing is pruned), at
+    most ``limits[g]`` in group ``g`` (its least important by Torch-Pruning's own
+    importance) when given."""
     model = model if model is not None else copy.deepcopy(graph.model)
     names = dict(model.named_modules())
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -45,13 +48,17 @@ def tp_channels(graph, ratio: float, global_pruning: bool, model=None) -> list[l
             key = module_name.get(group[0].dep.target.module)
             if key in position:        # groups this graph does not prune are left alone
                 chosen[position[key]] = sorted(int(i) for i in group[0].idxs)
-    return [_within_floor(graph, g, idx, pruner, importance, names) for g, idx in enumerate(chosen)]
+    return [_within_limit(graph, g, idx, pruner, importance, names, None if limits is None else int(limits[g]))
+            for g, idx in enumerate(chosen)]
 
 
-def _within_floor(graph, g: int, idx: list[int], pruner, importance, names) -> list[int]:
+def _within_limit(graph, g: int, idx: list[int], pruner, importance, names, limit: int | None) -> list[int]:
     """Torch-Pruning's one-shot global threshold can empty a group; the run's floors
-    hold for every method, so such a group keeps its most important chosen channels."""
+    hold for every method, so such a group keeps its most important chosen channels.
+    The same for a ``limit`` (channels handed back to land on the cost target)."""
     capacity = int(graph.channels[g] - graph.floors[g])
+    if limit is not None:
+        capacity = min(capacity, limit)
     if len(idx) <= capacity:
         return idx
     group = graph.groups[g]
@@ -61,7 +68,9 @@ def _within_floor(graph, g: int, idx: list[int], pruner, importance, names) -> l
 
 
 def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, list[list[int]]]:
-    """(counts, indices) at the smallest ratio that meets the step's target."""
+    """(counts, indices) at the smallest ratio that meets the step's target; under a
+    cost target, without the chosen channels that overshoot it (each group keeps
+    its most important ones, see :func:`~rlpruner_ray.scoring.give_back_overshoot`)."""
     model = copy.deepcopy(graph.model)
     target = context.get("cost_target")
 
@@ -85,7 +94,13 @@ def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, lis
             hi, best = mid, candidate
         else:
             lo = mid
-    return best
+    if target is None:
+        return best
+    kind = 0 if target["kind"] == "macs" else 1
+    counts = give_back_overshoot(graph, best[0], kind, target["value"])
+    if np.array_equal(counts, best[0]):
+        return best
+    return counts, tp_channels(graph, hi, global_pruning, model, limits=counts)
 
 
 def check_tp_supported(graph, global_pruning: bool) -> None:

@@ -19,6 +19,9 @@ Layout of a sweep folder (``--out-dir``)::
     pareto.png            test accuracy vs fraction of MACs kept, one curve per algorithm
     comparison.parquet    (compare) one row per algorithm, seed, step and evaluation
     comparison.png        (compare) best reward vs evaluations; test accuracy vs MACs
+    paired.parquet/.csv   (compare) each algorithm against --reference: paired t interval of
+                          the test top-1 difference, achieved reduction, compute, wall time
+    log.txt               Ray's and Tune's own output (progress tables); -v shows it instead
 
 Modules: ``plan`` (the grid, its checks, ``sweep.json``), ``trial`` (the Tune
 trainable, its checkpoints and resources), ``run`` (the Tune run), ``storage``
@@ -31,7 +34,7 @@ import argparse
 
 from ..config import CRITERIA, REWARDS, CompressConfig
 from .outputs import report_command
-from .plan import COMPARE_ALGOS, SweepPlan, load_plan, plan_for_resume, plan_from_args
+from .plan import COMPARE_ALGOS, COMPARE_TARGET, SweepPlan, load_plan, plan_for_resume, plan_from_args
 from .run import run_sweep
 from .storage import ROWS_FILE, SWEEP_FILE, local_dir_for, trial_name
 from .trial import FAIL_ENV, trial_bundles
@@ -71,9 +74,16 @@ def add_subcommand(sub, name: str, add_fields) -> None:
     elif name == "compare":
         p = sub.add_parser("compare", help="compare search algorithms over seeds at one sparsity (Ray Tune "
                            "trials): best reward per evaluation, test accuracy, MACs, wall time")
-        add_fields(p, _CONFIG_GROUPS, skip=("algo", "seed", "resume"), overrides=_out_dir_help(name))
+        # (plan_from_args gives compare its own default target, macs)
+        add_fields(p, _CONFIG_GROUPS, skip=("algo", "seed", "resume"),
+                   overrides={**_out_dir_help(name),
+                              "target": {"help": f"what the sparsity counts: macs (every algorithm at one "
+                                                 f"MACs target), params or filters (default: {COMPARE_TARGET})"}})
         p.add_argument("--algo", dest="grid_algo", nargs="+", metavar="ALGO", default=argparse.SUPPRESS,
                        help=f"algorithms to compare (default {' '.join(COMPARE_ALGOS)})")
+        p.add_argument("--reference", dest="reference", metavar="ALGO", default=argparse.SUPPRESS,
+                       help="the algorithm every other is paired against, seed by seed (default: the first "
+                            "--algo)")
         default_seeds = 3
     else:
         raise ValueError(f"unknown sweep subcommand {name!r}")
@@ -102,11 +112,13 @@ def _out_dir_help(name: str) -> dict:
 def run_subcommand(args, make_config) -> int:
     """Run the parsed ``sweep``, ``compare`` or ``report`` command; its exit code."""
     quiet = bool(getattr(args, "quiet", False))
+    verbose = bool(getattr(args, "verbose", False))
     if args.command == "report":
         return report_command(args.sweep_dir)
     if hasattr(args, "resume_dir"):
         plan = plan_for_resume(args)
-        return run_sweep(plan, ray_address=getattr(args, "ray_address", None), quiet=quiet, resume=True)
+        return run_sweep(plan, ray_address=getattr(args, "ray_address", None), quiet=quiet, resume=True,
+                         verbose=verbose)
     plan = plan_from_args(args, make_config)
     return run_sweep(plan, ray_address=getattr(args, "ray_address", None), quiet=quiet, resume=False,
-                     overwrite=bool(getattr(args, "overwrite", False)))
+                     overwrite=bool(getattr(args, "overwrite", False)), verbose=verbose)

@@ -11,6 +11,9 @@ from .storage import (EXPERIMENT, SWEEP_FILE, TRIALS_DIR, is_uri, local_dir_for,
 
 GRID_KEYS = ("sparsity", "algo", "reward", "criterion", "seed")
 COMPARE_ALGOS = ("rlpruner", "random", "uniform", "global", "tp-uniform", "tp-global")
+# one MACs target for every compared algorithm: an accuracy ranking of models of
+# different sizes says nothing (a filter count leaves each method's MACs free)
+COMPARE_TARGET = "macs"
 
 
 def grid_points(grid: dict) -> list[dict]:
@@ -26,9 +29,12 @@ class SweepPlan:
     ``report`` read it back)."""
 
     def __init__(self, kind: str, out_dir: str, storage_path: str, name: str, base: dict, grid: dict,
-                 max_concurrent: int | None = None, max_failures: int = 2, fit_workers: bool = False):
+                 max_concurrent: int | None = None, max_failures: int = 2, fit_workers: bool = False,
+                 reference: str | None = None):
         self.kind, self.out_dir, self.storage_path, self.name = kind, out_dir, storage_path, name
         self.base, self.grid = base, grid
+        # (compare) the method every other is paired against; default the first --algo
+        self.reference = reference or grid["algo"][0]
         self.max_concurrent, self.max_failures = max_concurrent, max_failures
         # --num-workers not given: run.fit_default_workers sizes it before the sweep
         # starts (the sized value is what sweep.json keeps)
@@ -37,13 +43,13 @@ class SweepPlan:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "out_dir": self.out_dir, "storage_path": self.storage_path, "name": self.name,
                 "base": self.base, "grid": self.grid, "max_concurrent": self.max_concurrent,
-                "max_failures": self.max_failures}
+                "max_failures": self.max_failures, "reference": self.reference}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepPlan":
         try:
             return cls(d["kind"], d["out_dir"], d["storage_path"], d["name"], d["base"], d["grid"],
-                       d.get("max_concurrent"), d.get("max_failures", 2))
+                       d.get("max_concurrent"), d.get("max_failures", 2), reference=d.get("reference"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed {SWEEP_FILE}: missing {exc}") from None
 
@@ -82,6 +88,8 @@ def plan_from_args(args, make_config) -> SweepPlan:
         grid["algo"] = _dedupe(a.lower() for a in getattr(args, "grid_algo", ["rlpruner"]))
     else:
         grid["algo"] = _dedupe(a.lower() for a in getattr(args, "grid_algo", list(COMPARE_ALGOS)))
+        if not hasattr(args, "target"):
+            args.target = COMPARE_TARGET
     if hasattr(args, "seed_list"):
         seeds = _dedupe(args.seed_list)
     else:
@@ -92,6 +100,11 @@ def plan_from_args(args, make_config) -> SweepPlan:
     if any(s < 0 for s in seeds):
         raise ConfigError(f"seeds must be >= 0, got {seeds}")
     grid["seed"] = seeds
+    reference = getattr(args, "reference", None)
+    if reference is not None and reference.lower() not in grid["algo"]:
+        raise ConfigError(f"--reference {reference} is not one of the compared --algo "
+                          f"({', '.join(grid['algo'])})")
+    _resolve_paths(args)
     first = {k: v[0] for k, v in grid.items()}
     base_cfg = make_config(args, **first)          # validates every single-valued option
     for key in GRID_KEYS:                          # compare: sparsity, reward, criterion are single values
@@ -105,6 +118,9 @@ def plan_from_args(args, make_config) -> SweepPlan:
     from ..search.base import check_algorithm
     for point in grid_points(grid):
         check_algorithm(base_cfg.replace(**point))    # range checks of every grid value, known algorithm
+    from ..pipeline import check_inputs
+    for sparsity in grid["sparsity"]:                 # data, base checkpoint, reachable target: before any trial
+        check_inputs(base_cfg.replace(sparsity=sparsity))
     out = resolve_location(getattr(args, "out_dir", args.default_out_dir))
     storage = getattr(args, "storage_path", None)
     if storage is None:
@@ -115,7 +131,20 @@ def plan_from_args(args, make_config) -> SweepPlan:
     base = {k: v for k, v in base_cfg.to_dict().items()
             if k not in GRID_KEYS + ("out_dir", "resume", "overwrite", "ray_address")}
     return SweepPlan(kind, out, storage, name, base, grid, max_concurrent, max_failures,
-                     fit_workers=not hasattr(args, "num_workers"))
+                     fit_workers=not hasattr(args, "num_workers"),
+                     reference=reference.lower() if reference else None)
+
+
+# settings naming a local file or folder: trials run in folders of their own, so a
+# relative path is taken from the folder the command was started in
+_PATH_SETTINGS = ("base_checkpoint", "data_dir")
+
+
+def _resolve_paths(args) -> None:
+    for key in _PATH_SETTINGS:
+        value = getattr(args, key, None)
+        if value and not is_uri(value):
+            setattr(args, key, str(Path(value).expanduser().resolve()))
 
 
 def _dedupe(values) -> list:

@@ -16,12 +16,23 @@ log = logging.getLogger("rlpruner_ray")
 
 
 def run_sweep(plan: SweepPlan, *, ray_address: str | None = None, quiet: bool = False, resume: bool = False,
-              overwrite: bool = False) -> int:
+              overwrite: bool = False, verbose: bool = False) -> int:
     """Check, then run (or continue) the sweep; write the result files; print the table.
-    Returns 0 when every trial finished, 1 otherwise."""
+    Ray's and Tune's own output (Tune's progress tables) goes to ``log.txt`` in the
+    sweep's folder unless ``verbose``; the terminal gets ``[rlpruner]`` lines and a
+    progress bar over trials. Returns 0 when every trial finished, 1 otherwise."""
+    import contextlib
+    from .. import console
+    with (contextlib.nullcontext() if verbose else console.foreign_output_to_log(plan.root)):
+        _run(plan, ray_address=ray_address, quiet=quiet, resume=resume, overwrite=overwrite)
+    return _finish(plan)
+
+
+def _run(plan: SweepPlan, *, ray_address, quiet: bool, resume: bool, overwrite: bool) -> None:
     import ray
     from ..checkpoint import atomic_write_json
     from ..cluster_offer import has_autoscaler
+    from .. import console
     from ..runtime import init_ray, local_offer, private_ray_running, shutdown_ray
 
     root = plan.root
@@ -42,6 +53,7 @@ def run_sweep(plan: SweepPlan, *, ray_address: str | None = None, quiet: bool = 
         if overwrite and not resume:
             clear(plan)
         root.mkdir(parents=True, exist_ok=True)
+        console.attach_log(root)
         if not resume or not (root / SWEEP_FILE).is_file():
             atomic_write_json(root / SWEEP_FILE, plan.to_dict())
             publish(plan, [SWEEP_FILE])
@@ -49,9 +61,20 @@ def run_sweep(plan: SweepPlan, *, ray_address: str | None = None, quiet: bool = 
     finally:
         if own_ray:
             shutdown_ray()
+
+
+def _finish(plan: SweepPlan) -> int:
+    """Write the result files and tables; say what did not finish. Exit code."""
     rows = write_outputs(plan)
     status = trial_status(plan, rows)
-    for name in [n for n, st in status.items() if st == "error"]:
+    errors = [n for n, st in status.items() if st == "error"]
+    if status and not any(st == "done" for st in status.values()):
+        first = f"; {errors[0]}: {trial_error(plan, errors[0])}" if errors else ""
+        log_file = plan.root / "log.txt"
+        print(f"rlpruner: none of the {len(status)} trials finished{first}; nothing to rank or plot"
+              + (f" (see {log_file})" if log_file.is_file() else ""), file=sys.stderr)
+        return 1
+    for name in errors:
         print(f"rlpruner: trial {name}: {trial_error(plan, name)}", file=sys.stderr)
     unfinished = [n for n, st in status.items() if st not in ("done", "error")]
     if unfinished:
@@ -125,9 +148,46 @@ def _fit(plan: SweepPlan, *, quiet: bool, resume: bool) -> None:
                 name=plan.name, storage_path=plan.storage_path,
                 failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[_trial_progress(len(plan.grid_points()))],
                 verbose=0 if quiet else 1),
         )
     tuner.fit()
+
+
+def _trial_progress(total: int):
+    """A Tune callback: a progress bar over trials on the terminal, and one
+    ``[rlpruner]`` line per trial that ends (Tune's own tables go to log.txt)."""
+    from ray.tune import Callback
+    from .. import console
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.bar = None      # made on first use: Tune pickles its callbacks, a bar holds a stream
+
+        def __getstate__(self):
+            return {**self.__dict__, "bar": None}
+
+        def setup(self, **info):
+            self.bar = console.Progress(total, "trials")
+
+        def _ended(self, trial, how: str) -> None:
+            if self.bar is None:       # (not set up: a restored experiment)
+                self.bar = console.Progress(total, "trials")
+            self.bar.update()
+            log.info("trial %s %s (%d of %d)", trial_name(trial.config), how, self.bar.done, total)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            error = (trial.last_result or {}).get("error")
+            self._ended(trial, f"refused its settings: {error}" if error else "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, "failed")
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()
 
 
 def _trial_label(trial) -> str:

@@ -19,7 +19,8 @@ ROWS_FILE = "rows.jsonl"
 TRIAL_FILE = "trial.json"
 ERROR_FILE = "error.json"
 EXPERIMENT = "tune"
-OUTPUT_FILES = ("results.parquet", "pareto.png", "comparison.parquet", "comparison.png")
+PAIRED_FILE, PAIRED_CSV = "paired.parquet", "paired.csv"     # (compare) differences against --reference
+OUTPUT_FILES = ("results.parquet", "pareto.png", "comparison.parquet", "comparison.png", PAIRED_FILE, PAIRED_CSV)
 # What Tune adds to every reported result (not ours to keep in results.parquet).
 _TUNE_KEYS = {"config", "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration",
               "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
