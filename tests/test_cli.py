@@ -49,7 +49,7 @@ def test_prune_with_torch_pruning_reaches_the_macs_target(tmp_path, base_checkpo
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["strategy"] == "tp-global"
-    assert 0.5 <= summary["reductions"]["macs"] < 0.56      # reached, by the smallest ratio that does
+    assert 0.5 <= summary["reductions"]["macs"] <= 0.505    # reached, overshooting by at most 0.5 points
     small = load_pruned(tmp_path / "tp" / "pruned_model.pt")
     assert sum(p.numel() for p in small.parameters()) == summary["pruned"]["params"]
 

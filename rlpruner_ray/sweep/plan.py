@@ -158,7 +158,8 @@ def _dedupe(values) -> list:
 def plan_for_resume(args) -> SweepPlan:
     """The saved plan of ``--resume DIR`` (which takes no other settings)."""
     given = sorted(k for k in vars(args) if k not in
-                   ("command", "quiet", "verbose", "resume_dir", "ray_address", "sweep_kind", "default_seed_count"))
+                   ("command", "quiet", "verbose", "resume_dir", "ray_address", "sweep_kind", "default_seed_count",
+                    "default_out_dir"))
     if given:
         raise ConfigError(f"--resume DIR uses the settings saved in DIR/{SWEEP_FILE}; drop "
                           f"--{given[0].replace('grid_', '').replace('_', '-')}")
