@@ -163,6 +163,18 @@ def attach_log(folder) -> None:
     _state.log_attached = True
 
 
+def append_to_log(folder, text: str) -> None:
+    """Add ``text`` to ``folder/log.txt`` (a failed step's traceback): the log is the
+    one file written by appending, never replaced, so it takes no atomic write."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    fd = os.open(Path(folder) / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    try:
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- progress
 class Progress:
     """Progress of one piece of work (a step's evaluations, fine-tuning batches):

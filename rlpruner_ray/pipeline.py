@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -287,10 +286,7 @@ def _step_failed(run: RunFolder, config: CompressConfig, label: str, exc: Except
     """An unexpected error inside a step as one StepFailed line naming the step and
     the model, with its traceback appended to the run's log.txt; the steps finished
     before it keep their checkpoints (``--resume`` goes on from there)."""
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    with open(run.log, "a", encoding="utf-8") as f:
-        f.write(f"{label} of model {config.model} failed:\n{traceback.format_exc()}\n")
+    console.append_to_log(run.root, f"{label} of model {config.model} failed:\n{traceback.format_exc()}\n")
     return StepFailed(f"{label} of model {config.model} failed: {one_line(exc)[:300]} (traceback in "
                       f"{run.log}; finished steps are kept: rerun with --resume)")
 

@@ -18,7 +18,8 @@ DESCRIBED = {("verbose", "in log.txt in the output folder"),
              ("step_fraction", "all of --sparsity in one step; paper: 0.01"),
              ("image_size", "the dataset's"), ("finetune_batch_size", "--batch-size"),
              ("candidates_per_pass", "from free GPU memory, 8 on a CPU"),
-             ("split_seed", "--seed")}
+             ("split_seed", "--seed"),
+             ("finetune_batches", "--finetune-epochs whole epochs; set, it replaces --finetune-epochs")}
 POSITIONALS = {"evaluate": ["model.pt"], "report": ["somewhere"]}
 
 
@@ -54,6 +55,8 @@ def _effective(command: str, dest: str, args: argparse.Namespace):
             return len(plan.grid["seed"]), None
         if dest == "max_failures":
             return plan.max_failures, None
+        if dest == "reference":   # stated as "the first --algo": the first of the default algorithms
+            return plan.reference, lambda stated: plan.grid["algo"][0] if stated == "the first --algo" else stated
         return getattr(plan.trial_config({k: v[0] for k, v in plan.grid.items()}), dest), None
     if hasattr(args, dest):       # an argparse default the command reads as it is
         return getattr(args, dest), None

@@ -532,7 +532,8 @@ def test_cmaes_finds_the_known_optimum_of_a_synthetic_reward():
 
     def score(distributions):
         return [{"reward": -float(np.sum((np.asarray(d) - target) ** 2)), "accuracy": 0.5, "macs": 1.0,
-                 "params": 1.0, "counts": np.round(np.asarray(d) * 40).astype(np.int64)} for d in distributions]
+                 "params": 1.0, "counts": np.round(np.asarray(d) * 40).astype(np.int64), **NO_COMPUTE}
+                for d in distributions]
     start = -float(np.sum((graph.initial_distribution() - target) ** 2))
     for seed in range(3):
         _, evaluator, chosen = run_search("cmaes", graph, score, budget=200, seed=seed)
