@@ -123,6 +123,10 @@ def test_batched_recalibration_equals_single_on_torchvision_batchnorm_classifier
     model = build_model(name, 10).eval()
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         pytest.skip("no BatchNorm")
+    if sum(p.numel() for p in model.parameters()) > 100e6:
+        # (RegNet-Y 32GF/128GF: a float64 copy and its graph exhaust a CPU test machine's
+        # memory; the same blocks are checked on the smaller RegNet-Y variants)
+        pytest.skip("over 100M parameters: too large in float64 here")
     randomise_normalisation(model)
     x = smallest_input(model).double()
     model.double()
