@@ -580,3 +580,20 @@ def test_section_3_reports_both_footings_judges_targets_with_t_and_plots_curves(
     assert "earlier protocol**" not in text
     del bench.P["protocol"]               # a state measured before the protocol said so
     assert "**These runs were measured under the earlier protocol**" in quality.render(bench, st)[0]
+
+
+def test_section_3_computes_its_intervals_from_the_runs_not_from_a_saved_state(tmp_path):
+    """A state written before the t interval kept the bootstrap interval under the
+    same keys: re-rendering it must print the t interval of its runs, not those."""
+    quality = _package("quality")
+    bench = _bench(tmp_path)
+    bench.P.update(methods=["rlpruner", "tp-global"], paired_methods=["rlpruner", "tp-global"], seeds=[0, 1, 2],
+                   paired_seeds=[0, 1, 2], pairs=[["rlpruner", "tp-global"]])
+    top1 = {"rlpruner": [0.800, 0.805, 0.810], "tp-global": [0.801, 0.804, 0.812]}
+    runs = {f"{m}_s{s}": {"method": m, "seed": s, "ok": True, "dir": "d", "summary": _summary(v)}
+            for m, values in top1.items() for s, v in enumerate(values)}
+    stale = {"rlpruner - tp-global": {"seeds": [0, 1, 2], "diffs": [-0.001, 0.001, -0.002], "mean": -0.000667,
+                                      "low": 0.0123, "high": 0.0456}}
+    text, _ = quality.render(bench, {"base": {"file": "b.pt", "shared": True}, "runs": runs, "paired": stale})
+    t = quality.paired_difference(top1["rlpruner"], top1["tp-global"], scale=100)
+    assert f"| {t.low:.2f} | {t.high:.2f} |" in text and "| 1.23 | 4.56 |" not in text
