@@ -597,3 +597,12 @@ def test_section_3_computes_its_intervals_from_the_runs_not_from_a_saved_state(t
     text, _ = quality.render(bench, {"base": {"file": "b.pt", "shared": True}, "runs": runs, "paired": stale})
     t = quality.paired_difference(top1["rlpruner"], top1["tp-global"], scale=100)
     assert f"| {t.low:.2f} | {t.high:.2f} |" in text and "| 1.23 | 4.56 |" not in text
+
+
+def test_a_benchmark_whose_runs_failed_does_not_exit_0():
+    cli = _package("cli")
+    st = {"sections": {"3": {"runs": {"rlpruner_s0": {"ok": True}, "tp-global_s0": {"ok": False,
+                                                                                    "error": "Exception: timed out"}}},
+                       "1": {"rows": []}}}
+    assert cli._failed_runs(st, {1, 3}) == ["tp-global_s0: Exception: timed out"]
+    assert cli._failed_runs(st, {1}) == []

@@ -108,7 +108,21 @@ def main(argv=None, description: str = "") -> int:
         bench.save()
         bench.write()
     log(f"done in {st['total_seconds'] / 60:.1f} min")
-    return 1 if st["failed"] else 0
+    failed_runs = _failed_runs(st, wanted)
+    if failed_runs:
+        log(f"{len(failed_runs)} run(s) failed, e.g. {failed_runs[0]}: their figures are missing from the report")
+    return 1 if st["failed"] or failed_runs else 0
+
+
+def _failed_runs(st: dict, wanted: set) -> list[str]:
+    """'name: error' of every run a measured section recorded as failed (a section
+    whose runs all failed is not a good benchmark run, though the section itself ran)."""
+    out = []
+    for k in sorted(wanted):
+        for name, run in (st["sections"].get(str(k)) or {}).get("runs", {}).items():
+            if not run.get("ok", True):
+                out.append(f"{name}: {str(run.get('error') or 'failed')[:200]}")
+    return out
 
 
 def _missing_inputs(bench: Bench, wanted: set) -> str | None:
