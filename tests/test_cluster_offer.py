@@ -49,7 +49,7 @@ def test_node_types_of_the_aws_cluster_file():
     types = node_types_from_config(cfg)
     assert types["gpu_worker"] == {"resources": {"CPU": 4, "GPU": 1}, "max_workers": 8}
     assert types["head"]["max_workers"] == 1 + 8             # the head, and the type may launch as a worker
-    # a trial of the README's GPU sweep (2 workers x 0.25 GPU, plus the trial's own 0.25)
+    # a trial of the GPU sweep in docs/clusters.md (2 workers x 0.25 GPU, plus the trial's own 0.25)
     trial = [{"CPU": 1, "GPU": 0.25}] + [{"CPU": 1, "GPU": 0.25}] * 2
     assert fits_some_node_type(trial, types)
     assert not fits_some_node_type([{"CPU": 1, "GPU": 2}], types)
