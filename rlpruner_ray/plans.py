@@ -26,7 +26,7 @@ from .graph import PruningGraph
 
 
 def exact_plan(counts) -> dict:
-    """An item for an :class:`Evaluator` that is scored as these per-group counts,
+    """An item for an :class:`~rlpruner_ray.search.base.Evaluator` scored as these counts,
     not re-planned from a distribution (a threshold's plan, Torch-Pruning's)."""
     return {"counts": np.asarray(counts, dtype=np.int64)}
 
@@ -237,9 +237,10 @@ BASELINE_SOURCES = ("uniform", "global", "tp-global")
 
 def baseline_plans(ctx, config) -> list[tuple[str, object]]:
     """(source, item) of the uniform, global-threshold and Torch-Pruning global plans
-    of the step of ``ctx`` (a :class:`~rlpruner_ray.search.base.StepContext`): the starting candidates of every search. Torch-Pruning's plan is
-    scored as its per-group counts in the run's importance order, like every other
-    candidate. It is optional: where Torch-Pruning cannot reach the step's target,
+    of the step of ``ctx`` (a :class:`~rlpruner_ray.search.base.StepContext`): the
+    starting candidates of every search. Torch-Pruning's plan is scored as its
+    per-group counts in the run's importance order, like every other candidate.
+    It is optional: where Torch-Pruning cannot reach the step's target,
     or its pruner fails on the model (a third-party library meeting a structure it
     does not handle), it is left out and the reason goes to ``ctx.skipped`` (the
     log, the step's record and summary.json)."""
