@@ -58,11 +58,10 @@ def _build(config: CompressConfig) -> dict:
     from rlpruner_ray import checkpoint as ckpt
     from rlpruner_ray.model_store import make_payload
     from rlpruner_ray.models import build_model, model_spec
-    from rlpruner_ray.pipeline import _context, _load_data, _step_targets, build_graph, train_settings
-    from rlpruner_ray.search.workers import env_settings
+    from rlpruner_ray.problem import StepTargets, build_graph, env_settings, load_data, train_settings
     from rlpruner_ray.train import train_base
 
-    data = _load_data(config)          # (refuses a bad model name before loading anything)
+    data = load_data(config)           # (refuses a bad model name before loading anything)
     if config.base_checkpoint:
         model = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model)
     else:
@@ -77,7 +76,7 @@ def _build(config: CompressConfig) -> dict:
     model.eval()
     graph = build_graph(config, model, data, "cpu")
     original = graph.sizes()
-    context = _context(config, 0, _step_targets(config, original["total_channels"]), original, model, graph)
+    context = StepTargets.of(config, original["total_channels"]).context(0, original, graph)
     settings = env_settings(config)
     settings.update(payload=make_payload(model, graph, context, version=0),
                     threads=None)       # the caller's process: leave its torch threads alone

@@ -25,14 +25,17 @@ from . import checkpoint as ckpt
 from . import compute
 from . import console
 from .config import RESULT_KEYS, CompressConfig
-from .data import Dataset, load_dataset
+from .data import Dataset
 from .errors import ConfigError, ModelError, RLPrunerError, StepFailed, one_line
 from .graph import PruningGraph, group_widths
 from .measure import compare_latency, latency_ms, macs_params
-from .models import build_model, check_model_name, model_spec
+from .models import build_model, model_spec
+from .problem import StepTargets, build_graph, check_fits, check_model, load_data, train_settings
 from .report import HistoryWriter, LearningCurves, write_report
-from .search.base import Evaluator, StepContext, check_algorithm, make_algorithm
-from .train import TrainSettings, evaluate, finetune_kd, train_base
+from .plans import global_plan, plan_for_step, tp_plan
+from .search.base import Evaluator, StepContext
+from .search.registry import check_algorithm, make_algorithm, planned_bundles
+from .train import evaluate, finetune_kd, train_base
 
 log = logging.getLogger("rlpruner_ray")
 
@@ -95,41 +98,7 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def _step_targets(config: CompressConfig, original_total: int) -> list[int]:
-    """Cumulative filters removed after each step (filters target)."""
-    final = int(round(config.sparsity * original_total))
-    per = config.step_share * original_total
-    return [min(final, int(round(per * (k + 1)))) if k + 1 < config.num_steps else final
-            for k in range(config.num_steps)]
-
-
-def _check_reachable(config: CompressConfig, graph: PruningGraph, original: dict) -> None:
-    if config.target == "filters":
-        need = int(round(config.sparsity * graph.total_channels))
-        if need > graph.max_removable:
-            raise ConfigError(f"sparsity {config.sparsity:g} needs {need} filters removed but the floors "
-                              f"(min_channels, max_group_sparsity) allow {graph.max_removable}")
-        if need < 1:
-            raise ConfigError(f"sparsity {config.sparsity:g} removes no filter of {graph.total_channels}")
-    else:
-        kind = 0 if config.target == "macs" else 1
-        floor = graph.cost(graph.channels - graph.floors)[kind]
-        goal = original[config.target] * (1 - config.sparsity)
-        if floor > goal:
-            raise ConfigError(f"{config.target} sparsity {config.sparsity:g} is unreachable: the floors keep "
-                              f"{1 - floor / original[config.target]:.1%} reduction at most")
-
-
 # ---------------------------------------------------------------------- pieces
-def train_settings(config: CompressConfig, *, epochs: int, lr: float, seed: int, device: str,
-                   finetune: bool = False, label: str = "") -> TrainSettings:
-    batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
-    return TrainSettings(epochs=epochs, batch_size=batch, lr=lr, seed=seed, device=device,
-                         max_batches_per_epoch=config.max_batches_per_epoch, precision=config.precision,
-                         channels_last=config.channels_last, label=label,
-                         max_batches=config.finetune_batches if finetune else None)
-
-
 def _batches_per_epoch(config: CompressConfig, data: Dataset, *, finetune: bool) -> int:
     from .train import batches_per_epoch
     batch = (config.finetune_batch_size or config.batch_size) if finetune else config.batch_size
@@ -199,25 +168,6 @@ def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, de
     return model
 
 
-def calibration_batch(config: CompressConfig, data: Dataset, device: str):
-    """A fixed batch of training images for the taylor criterion."""
-    x, y = next(data.batches("train", config.calibration_samples, device=device))
-    return x, y
-
-
-def build_graph(config: CompressConfig, model, data: Dataset, device: str,
-                ledger: compute.Ledger | None = None) -> PruningGraph:
-    graph = PruningGraph(model, data.example_inputs(1).to(device), exclude=config.exclude,
-                         min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
-    x, y = calibration_batch(config, data, device)
-    with (ledger or compute.Ledger()).timed("importance"), \
-            compute.counting_forwards(model, int(round(graph.base_macs))) as forward:
-        graph.compute_scores(config.criterion, x, y, seed=config.seed)
-    if ledger is not None:      # a criterion that runs the model (taylor) takes gradients of that pass
-        ledger.add("importance", forward[0] * (1 + compute.BACKWARD_FACTOR))
-    return graph
-
-
 def measure_model(model, data: Dataset, device: str, *, test: bool, ledger: compute.Ledger | None = None) -> dict:
     example = data.example_inputs(1)
     macs, params = macs_params(model.cpu(), example)
@@ -264,24 +214,6 @@ def measure_pair(base, pruned, data: Dataset, device: str,
     return measured["base"], measured["pruned"]
 
 
-def check_model(config: CompressConfig, data: Dataset, probe=None, source=None) -> None:
-    """Refusals that need the model, before any work: it fits the data, the graph
-    can be built, the target is reachable within the floors, and Torch-Pruning's
-    pruner handles it when ``--algo`` is one of its baselines. ``probe``: the base
-    model loaded from the file ``source`` (else an untrained model of the same
-    structure is built)."""
-    if probe is not None:
-        _check_fits(probe, data, source)
-    else:
-        probe = build_model(config.model, data.num_classes, data.in_channels)
-    graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
-                         min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
-    _check_reachable(config, graph, {"macs": graph.base_macs, "params": graph.base_params})
-    if config.algo in ("tp-uniform", "tp-global"):
-        from .search.tp_baselines import check_tp_supported
-        check_tp_supported(graph, global_pruning=config.algo == "tp-global")
-
-
 def _step_failed(run: RunFolder, config: CompressConfig, label: str, exc: Exception) -> StepFailed:
     """An unexpected error inside a step as one StepFailed line naming the step and
     the model, with its traceback appended to the run's log.txt; the steps finished
@@ -311,7 +243,6 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     device = config.resolved_device()
     from .cluster_offer import check_request
     from .runtime import init_ray, local_offer, shutdown_ray
-    from .search.base import planned_bundles
     import ray
     own_ray = not ray.is_initialized()
     if config.ray_address:
@@ -320,7 +251,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     # when the evaluation pool starts
     check_request(planned_bundles(config), f"algorithm {config.algo}", offered=None if
                   (config.ray_address or not own_ray) else local_offer())
-    data = _load_data(config)
+    data = load_data(config)
     check_model(config, data, probe, checkpoint)
     del probe
 
@@ -343,7 +274,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     if not base_graph.masking_exact:
         log.info("masked scoring is not exact for %d group(s), which need the physical path: %s",
                  len(base_graph.inexact), "; ".join(sorted(set(base_graph.inexact.values())))[:300])
-    targets = _step_targets(config, original["total_channels"])
+    targets = StepTargets.of(config, original["total_channels"])
 
     # ---- resume
     model, teacher, teacher_acc = base, base, None
@@ -381,7 +312,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         start = len(steps)
         if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
             graph = build_graph(config, model, data, device, ledger)
-            context = _context(config, start, targets, original, model, graph)
+            context = targets.context(start, original, graph)
             ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
             algo = make_algorithm(config, store_name=store_name)
             algo.load_state_dict(algo_state)
@@ -393,7 +324,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             t0 = time.perf_counter()
             if step > start:
                 graph = build_graph(config, model, data, device, ledger)
-                context = _context(config, step, targets, original, model, graph)
+                context = targets.context(step, original, graph)
                 ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
                 algo.on_new_base(step)
             number = step + 1     # (step: 0-based index for seeds and contexts; number: what people read)
@@ -509,18 +440,6 @@ def charge_search(ledger: compute.Ledger, candidates, seconds: float) -> None:
     ledger.add("bn_recalibration", seconds=seconds * bn_share)
 
 
-def _context(config, step, targets, original, model, graph) -> dict:
-    ctx = {"step": step, "num_steps": config.num_steps, "original": original}
-    if config.target == "filters":
-        removed = original["total_channels"] - graph.total_channels
-        ctx["num_filters"] = max(0, targets[step] - removed)
-    else:
-        frac = config.sparsity * (step + 1) / config.num_steps
-        ctx["cost_target"] = {"kind": config.target, "value": original[config.target] * (1 - frac)}
-        ctx["num_filters"] = None
-    return ctx
-
-
 def finish(config, run: RunFolder, data, base, model, steps, original, device, *, wall_seconds,
            exactness: dict, ledger: compute.Ledger) -> dict:
     """Final report: the one and only evaluation on the test split. Groups are
@@ -564,18 +483,9 @@ def check_inputs(config: CompressConfig, base=None) -> Dataset:
     present, ours), then the data set, then :func:`check_model`. Returns the data."""
     base = base if base is not None else config.base_checkpoint
     probe = ckpt.load_pruned(base, allow_import=config.model) if base else None
-    data = _load_data(config)
+    data = load_data(config)
     check_model(config, data, probe, base)
     return data
-
-
-def _load_data(config: CompressConfig) -> Dataset:
-    """The dataset, after the model name is known to be good (a refusal comes
-    before any line about loading data)."""
-    check_model_name(config.model)
-    data = load_dataset(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.data_seed,
-                        download=config.download, image_size=config.image_size)
-    return data.with_selection(config.selection_fraction)
 
 
 def train_command(config: CompressConfig) -> dict:
@@ -583,7 +493,7 @@ def train_command(config: CompressConfig) -> dict:
     run = RunFolder(config.out_dir)
     if run.base.exists() and not config.overwrite:
         raise ConfigError(f"{run.base} exists; pass --overwrite to replace it")
-    data = _load_data(config)
+    data = load_data(config)
     device = config.resolved_device()
     run.base.unlink(missing_ok=True)
     model = load_or_train_base(config, data, run, device)
@@ -594,8 +504,8 @@ def train_command(config: CompressConfig) -> dict:
 def evaluate_command(path, config: CompressConfig, *, split: str) -> dict:
     """``rlpruner evaluate``: accuracy, MACs, params and CPU latency of a model file."""
     model = ckpt.load_pruned(path, allow_import=config.model)
-    data = _load_data(config)
-    _check_fits(model, data, path)
+    data = load_data(config)
+    check_fits(model, data, path)
     device = config.resolved_device()
     r = evaluate(model, data, split, device=device)
     macs, params = macs_params(model.cpu(), data.example_inputs(1))
@@ -604,18 +514,9 @@ def evaluate_command(path, config: CompressConfig, *, split: str) -> dict:
             "latency_ms_cpu_b1": latency_ms(model, shape, batch_size=1)}
 
 
-def _check_fits(model, data: Dataset, source) -> None:
-    spec = getattr(model, ckpt.SPEC_ATTR)
-    if spec["num_classes"] != data.num_classes or spec["in_channels"] != data.in_channels:
-        raise ModelError(f"{source} is for {spec['num_classes']} classes / {spec['in_channels']} channels, "
-                         f"the dataset has {data.num_classes} / {data.in_channels}")
-
-
 def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     """``rlpruner prune``: one-shot pruning with a non-learned strategy, then
     optional KD fine-tuning; writes ``pruned_model.pt`` and ``summary.json``."""
-    from .search.baselines import global_plan
-    from .search.tp_baselines import tp_plan
     run = RunFolder(config.out_dir)
     if (run.model.exists() or run.summary.exists()) and not config.overwrite:
         raise ConfigError(f"{run.root} already holds results; pass --overwrite to replace them")
@@ -624,7 +525,7 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     started = time.perf_counter()
     ledger = compute.Ledger()
     device = config.resolved_device()
-    data = _load_data(config)
+    data = load_data(config)
     check_model(config, data, given, config.base_checkpoint)
     if given is not None:
         base = given
@@ -634,7 +535,6 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
     graph = build_graph(config, base, data, device, ledger)
     original = {"macs": graph.base_macs, "params": graph.base_params}
     rng = np.random.default_rng(config.seed)
-    from .scoring import plan_for_step
     if config.target == "filters":
         context = {"num_filters": int(round(config.sparsity * graph.total_channels))}
     else:

@@ -19,8 +19,9 @@ base model and keeps the faster. With BN recalibration both paths recalibrate
 every candidate (the batched one per candidate inside its K-candidate passes),
 so the choice between them is the same.
 
-The same :func:`plan_for_step` turns a distribution into per-group counts here
-and in the pipeline, so what is applied is exactly what was scored.
+The same :func:`~rlpruner_ray.plans.plan_for_step` turns a distribution into
+per-group counts here and in the pipeline, so what is applied is exactly what
+was scored.
 """
 from __future__ import annotations
 
@@ -37,68 +38,7 @@ from .config import SCORING
 from .data import Dataset
 from .errors import ConfigError
 from .graph import PruningGraph
-
-
-def plan_for_step(graph: PruningGraph, distribution, context: dict, *, round_to: int = 1,
-                  fraction: float = 1.0, already_removed=None) -> np.ndarray:
-    """Per-group counts for this step. ``context["num_filters"]`` fixes the count
-    (the paper's filter sparsity); ``context["cost_target"]`` (hard budget mode)
-    instead asks for the fewest filters, in this distribution, that bring MACs or
-    params down to the target. ``fraction`` < 1 plans part of the step (sub-steps
-    of a multi-step episode); ``already_removed`` is what earlier sub-steps took."""
-    done = np.zeros(graph.num_groups, np.int64) if already_removed is None else np.asarray(already_removed)
-    target = context.get("cost_target")
-    if target is None:
-        n = int(round(context["num_filters"] * fraction)) - int(done.sum())
-        n = min(max(n, 0), int(np.maximum(graph.channels - graph.floors - done, 0).sum()))
-        return graph.plan(distribution, n, round_to=round_to, already_removed=done)
-    kind = 0 if target["kind"] == "macs" else 1
-    start = graph.cost(np.zeros(graph.num_groups), done)[kind]
-    goal = start - (start - target["value"]) * fraction
-    capacity = int(np.maximum(graph.channels - graph.floors - done, 0).sum())
-
-    def cost(n):
-        return graph.cost(graph.plan(distribution, n, round_to=round_to, already_removed=done), done)[kind]
-
-    lo, hi = 0, capacity                # smallest n with cost(n) <= goal (cost falls with n)
-    if cost(hi) > goal:
-        lo = hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(mid) <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    counts = graph.plan(distribution, lo, round_to=round_to, already_removed=done)
-    return give_back_overshoot(graph, counts, kind, goal, already_removed=done, round_to=round_to)
-
-
-def give_back_overshoot(graph: PruningGraph, counts, kind: int, goal: float, *, already_removed=None,
-                        round_to: int = 1) -> np.ndarray:
-    """``counts`` with channels handed back while the cost (``kind``: 0 MACs, 1
-    params) stays within ``goal``: the smallest overshoot the plan's granularity
-    allows. The fewest filters that meet a cost target can overshoot it by one
-    expensive channel (a residual-coupled channel of ResNet-20's first stage is
-    about 2.4% of its MACs), and methods compared at one target must land on it
-    alike. Each round hands back, from the group where it costs the most while
-    the target still holds, one step of that group (its channel unit, and a
-    multiple of ``round_to`` so kept widths stay aligned); a plan that misses the
-    goal is returned as it is."""
-    counts = np.array(counts, dtype=np.int64)
-    if graph.cost(counts, already_removed)[kind] > goal:
-        return counts
-    steps = np.lcm(graph.units, int(round_to))
-    while True:
-        best = None
-        for g in np.nonzero(counts >= steps)[0]:
-            counts[g] -= steps[g]
-            c = graph.cost(counts, already_removed)[kind]
-            counts[g] += steps[g]
-            if c <= goal and (best is None or c > best[0]):
-                best = (c, g)
-        if best is None:
-            return counts
-        counts[best[1]] -= steps[best[1]]
+from .plans import plan_for_step
 
 
 def quality_of(measured: dict, settings: dict) -> float:

@@ -351,13 +351,13 @@ def test_split_seed_keeps_the_validation_rows_across_run_seeds():
     """Runs with different --seed on one base model must validate on the same rows
     (the base model's own split), not on rows it was trained on."""
     from rlpruner_ray.config import CompressConfig
-    from rlpruner_ray.pipeline import _load_data
+    from rlpruner_ray.problem import load_data
     from rlpruner_ray.search.workers import env_settings
     fixed = [CompressConfig(seed=s, split_seed=0) for s in (0, 2)]
-    a, b = (_load_data(c) for c in fixed)
+    a, b = (load_data(c) for c in fixed)
     assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.labels, b.train.labels)
     assert env_settings(fixed[1])["dataset"]["seed"] == 0
-    moved = _load_data(CompressConfig(seed=2))
+    moved = load_data(CompressConfig(seed=2))
     assert not torch.equal(a.val.images, moved.val.images)            # default: the split follows --seed
 
 

@@ -19,7 +19,8 @@ from rlpruner_ray.compute import SCORED_KEYS
 from rlpruner_ray.config import CompressConfig
 from rlpruner_ray.errors import ConfigError
 from rlpruner_ray.pipeline import build_graph
-from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, make_algorithm, plans_for
+from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, plans_for
+from rlpruner_ray.search.registry import make_algorithm
 from rlpruner_ray.search.rlpruner import epsilon_at
 from rlpruner_ray.search.workers import env_settings, make_payload
 
@@ -114,7 +115,7 @@ def test_evaluator_truncates_and_then_refuses(real):
 
 
 def test_global_removes_the_globally_least_important_channels(real):
-    from rlpruner_ray.search.baselines import global_counts
+    from rlpruner_ray.plans import global_counts
     graph = real["graph"]
     n = real["context"]["num_filters"]
     counts = global_counts(graph, n)
@@ -442,8 +443,8 @@ def test_every_search_scores_the_uniform_global_and_torch_pruning_plans_first(re
     search = make_algorithm(real["config"].replace(algo=algo, include_baselines=True))
     search.search(real_ctx(real), evaluator)
     assert counter.calls == 12
-    from rlpruner_ray.search.baselines import global_plan
-    from rlpruner_ray.search.tp_baselines import tp_plan
+    from rlpruner_ray.plans import global_plan
+    from rlpruner_ray.plans import tp_plan
     extras = {"num_filters": real["context"]["num_filters"]}
     np.testing.assert_allclose(counter.distributions[0], real["graph"].initial_distribution())
     np.testing.assert_array_equal(evaluator.candidates[1].counts, global_plan(real["graph"], extras))
@@ -471,19 +472,19 @@ def test_one_shot_methods_score_only_their_own_plan_whatever_include_baselines_s
 
 
 def test_the_torch_pruning_candidate_is_left_out_where_it_cannot_reach_the_target(real, monkeypatch):
+    from rlpruner_ray import plans
     from rlpruner_ray.errors import PlanError
-    from rlpruner_ray.search import baselines, tp_baselines
 
     def refuse(*args, **kwargs):
         raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
-    monkeypatch.setattr(tp_baselines, "tp_plan", refuse)
+    monkeypatch.setattr(plans, "tp_plan", refuse)
     config = real["config"].replace(algo="rlpruner", include_baselines=True)
-    items = baselines.baseline_plans(real_ctx(real), config)
+    items = plans.baseline_plans(real_ctx(real), config)
     assert [name for name, _ in items] == ["uniform", "global"]
 
 
 def test_search_budget_leaves_the_starting_candidates_out_for_searches_only():
-    from rlpruner_ray.search.base import search_budget
+    from rlpruner_ray.search.registry import search_budget
     for algo in ("rlpruner", "random", "cmaes", "ppo"):
         assert search_budget(CompressConfig(algo=algo, evaluations_per_step=40)) == 37
         assert search_budget(CompressConfig(algo=algo, evaluations_per_step=40, include_baselines=False)) == 40
@@ -491,7 +492,7 @@ def test_search_budget_leaves_the_starting_candidates_out_for_searches_only():
 
 
 def test_rllib_budget_check_counts_the_starting_candidates():
-    from rlpruner_ray.search.base import check_algorithm
+    from rlpruner_ray.search.registry import check_algorithm
     check_algorithm(CompressConfig(algo="ppo", evaluations_per_step=6, num_workers=2))
     with pytest.raises(ConfigError, match="at least 6 for ppo with 2 environments.*3 baseline candidates "
                                           r"\(--no-include-baselines: 3\)"):
@@ -578,8 +579,8 @@ def _is_global_threshold(graph, counts):
 
 @pytest.mark.parametrize("kind", ["macs", "params"])
 def test_global_is_a_threshold_search_in_cost_modes(real, kind):
-    from rlpruner_ray.scoring import give_back_overshoot
-    from rlpruner_ray.search.baselines import global_counts, global_plan
+    from rlpruner_ray.plans import give_back_overshoot
+    from rlpruner_ray.plans import global_counts, global_plan
     graph = real["graph"]
     env, context = _cost_env(real, kind, 0.4)
     target = context["cost_target"]["value"]
@@ -609,9 +610,9 @@ def test_every_method_lands_within_half_a_point_of_the_macs_target(model_name):
     from rlpruner_ray.graph import PruningGraph
     from rlpruner_ray.measure import macs_params
     from rlpruner_ray.models import build_model
-    from rlpruner_ray.scoring import plan_for_step
-    from rlpruner_ray.search.baselines import global_plan
-    from rlpruner_ray.search.tp_baselines import tp_plan
+    from rlpruner_ray.plans import plan_for_step
+    from rlpruner_ray.plans import global_plan
+    from rlpruner_ray.plans import tp_plan
     torch.manual_seed(0)
     example = torch.randn(1, 3, 32, 32)
     graph = PruningGraph(build_model(model_name, 10, 3).eval(), example)
@@ -635,7 +636,7 @@ def test_give_back_overshoot_is_minimal():
     import torch
     from rlpruner_ray.graph import PruningGraph
     from rlpruner_ray.models import build_model
-    from rlpruner_ray.scoring import give_back_overshoot
+    from rlpruner_ray.plans import give_back_overshoot
     torch.manual_seed(0)
     graph = PruningGraph(build_model("resnet8", 10, 3).eval(), torch.randn(1, 3, 32, 32))
     counts = graph.plan(graph.initial_distribution(), graph.total_channels // 2)
@@ -651,7 +652,7 @@ def test_give_back_overshoot_is_minimal():
 
 
 def test_global_in_filters_mode_removes_the_count_asked(real):
-    from rlpruner_ray.search.baselines import global_plan
+    from rlpruner_ray.plans import global_plan
     n = real["context"]["num_filters"]
     counts = global_plan(real["graph"], {"num_filters": n})
     assert int(counts.sum()) == n and _is_global_threshold(real["graph"], counts)
@@ -661,7 +662,7 @@ def test_global_in_filters_mode_removes_the_count_asked(real):
 @pytest.mark.parametrize("algo", ["tp-uniform", "tp-global"])
 def test_torch_pruning_baselines_reach_the_macs_target_with_one_evaluation(real, algo):
     from rlpruner_ray.measure import macs_params
-    from rlpruner_ray.search.tp_baselines import RATIO_TOLERANCE, tp_channels
+    from rlpruner_ray.plans import RATIO_TOLERANCE, tp_channels
     graph = real["graph"]
     env, context = _cost_env(real, "macs", 0.5)
     target = context["cost_target"]["value"]
@@ -688,7 +689,7 @@ def test_torch_pruning_baselines_reach_the_macs_target_with_one_evaluation(real,
 
 def _found_ratio(graph, indices, global_pruning):
     """The smallest ratio whose Torch-Pruning plan is ``indices`` (scan, for the test)."""
-    from rlpruner_ray.search.tp_baselines import tp_channels
+    from rlpruner_ray.plans import tp_channels
     lo, hi = 0.0, 0.9
     while hi - lo > 1e-5:
         mid = (lo + hi) / 2

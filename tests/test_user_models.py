@@ -86,7 +86,7 @@ def test_starting_candidates_are_named_and_a_failing_one_is_skipped_with_its_rea
     from rlpruner_ray.graph import PruningGraph
     from rlpruner_ray.search.base import StepContext
     from rlpruner_ray.config import CompressConfig
-    from rlpruner_ray.search.baselines import baseline_plans
+    from rlpruner_ray.plans import baseline_plans
     from tests.user_models import mean_pooled, usernet2
     for factory, skipped in ((usernet2, ["tp-global"]), (mean_pooled, [])):
         graph = PruningGraph(factory(10, 1).eval(), torch.randn(1, 1, 12, 12))

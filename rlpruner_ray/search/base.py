@@ -10,7 +10,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..config import CompressConfig
-from ..errors import ConfigError
+from ..plans import BASELINE_SOURCES, baseline_plans
 
 
 @dataclass
@@ -61,8 +61,9 @@ class Evaluator:
         return self.budget - self.used
 
     def __call__(self, distributions, iteration: int, source: str | list[str] = "sample") -> list[Candidate]:
-        """Score distributions (or :func:`exact_plan` items) and record them, all
-        under one ``source`` name or each under its own (a list, one per item)."""
+        """Score distributions (or :func:`~rlpruner_ray.plans.exact_plan` items) and
+        record them, all under one ``source`` name or each under its own (a list,
+        one per item)."""
         items = [d if isinstance(d, dict) else np.asarray(d, dtype=np.float64)
                  for d in distributions][: self.remaining]
         if not items:
@@ -90,12 +91,6 @@ class Evaluator:
         if self.on_candidate is not None:
             self.on_candidate(c, seconds)
         return c
-
-
-def exact_plan(counts) -> dict:
-    """An item for an :class:`Evaluator` that is scored as these per-group counts,
-    not re-planned from a distribution (a threshold's plan, Torch-Pruning's)."""
-    return {"counts": np.asarray(counts, dtype=np.int64)}
 
 
 def plans_for(env, items: list) -> list[np.ndarray]:
@@ -158,9 +153,16 @@ class SearchAlgorithm(ABC):
         than any of them. Counted in the budget like any candidate."""
         if not (self.searches and self.config.include_baselines) or evaluate.remaining <= 0:
             return []
-        from .baselines import baseline_plans
         sources, items = zip(*baseline_plans(ctx, self.config))
         return evaluate(list(items), 0, source=list(sources))
+
+    @classmethod
+    def search_budget(cls, config: CompressConfig) -> int:
+        """Evaluations per step left to the search proper after its starting candidates
+        (one per baseline plan; a plan that cannot be made leaves its evaluation to
+        the search)."""
+        start = len(BASELINE_SOURCES) if cls.searches and config.include_baselines else 0
+        return config.evaluations_per_step - start
 
     def score(self, items: list) -> list[dict]:
         """Score items on the driver (an algorithm without evaluation actors:
@@ -184,94 +186,3 @@ class SearchAlgorithm(ABC):
 
     def close(self) -> None:
         pass
-
-
-_REGISTRY: dict[str, type[SearchAlgorithm]] = {}
-
-
-def register(cls: type[SearchAlgorithm]) -> type[SearchAlgorithm]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_native() -> None:
-    from . import baselines, cmaes, rlpruner, tp_baselines  # noqa: F401  (modules register their algorithms)
-
-
-def search_budget(config: CompressConfig) -> int:
-    """Evaluations per step left to the search proper after its starting candidates
-    (one per baseline plan; a plan that cannot be made leaves its evaluation to
-    the search)."""
-    from .baselines import BASELINE_SOURCES
-    _load_native()
-    cls = _REGISTRY.get(config.algo.lower())
-    searches = cls.searches if cls is not None else True      # RLlib algorithms search
-    start = len(BASELINE_SOURCES) if searches and config.include_baselines else 0
-    return config.evaluations_per_step - start
-
-
-def native_names() -> list[str]:
-    _load_native()
-    return sorted(_REGISTRY)
-
-
-def make_algorithm(config: CompressConfig, **kwargs) -> SearchAlgorithm:
-    _load_native()
-    name = config.algo.lower()
-    if name in _REGISTRY:
-        return _REGISTRY[name](config, **kwargs)
-    try:
-        from .rllib import RLlibSearch, check_rllib_algorithm
-    except ImportError:   # same answer as check_algorithm_name when RLlib support is unavailable
-        raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(native_names())}") from None
-    check_rllib_algorithm(name)
-    return RLlibSearch(config, **kwargs)
-
-
-def planned_bundles(config: CompressConfig) -> list[dict[str, float]]:
-    """What the search of ``config`` asks Ray for, one resource dict per actor
-    (evaluation actors, or RLlib env runners and learners); a Tune trial
-    reserves exactly these."""
-    _load_native()
-    if config.algo.lower() in _REGISTRY:
-        return [{"CPU": config.cpus_per_worker, "GPU": config.gpus_per_worker}] * config.num_workers
-    from .rllib import rllib_bundles
-    return rllib_bundles(config)[1:]       # the first is the driver's own
-
-
-def planned_resources(config: CompressConfig) -> dict[str, float]:
-    """The total of :func:`planned_bundles`."""
-    from ..cluster_offer import total
-    return {"CPU": 0.0, "GPU": 0.0, **total(planned_bundles(config))}
-
-
-def check_algorithm(config: CompressConfig) -> None:
-    """Refuse an unknown algorithm, or settings it cannot run with, before any work."""
-    _load_native()
-    name = config.algo.lower()
-    if name in _REGISTRY:
-        return
-    try:
-        from .rllib import batch_plan, check_rllib_algorithm
-    except ImportError:
-        raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(native_names())}") from None
-    check_rllib_algorithm(name)
-    budget = search_budget(config)
-    start = config.evaluations_per_step - budget
-    if start:       # the env runners get what the starting candidates leave: say so in the refusal
-        from .rllib import env_runner_layout
-        runners, envs = env_runner_layout(config)
-        n_envs = max(1, runners) * envs
-        if budget < n_envs + 1:
-            raise ConfigError(f"evaluations_per_step must be at least {n_envs + 1 + start} for {name} with {n_envs} "
-                              f"environments: one round of samples, the policy's own action and {start} baseline "
-                              f"candidates (--no-include-baselines: {n_envs + 1})")
-    batch_plan(config.replace(evaluations_per_step=budget))
-
-
-def check_algorithm_name(name: str) -> None:
-    """Refuse an unknown algorithm name (settings are checked by check_algorithm)."""
-    _load_native()
-    if name.lower() not in _REGISTRY:
-        from .rllib import check_rllib_algorithm
-        check_rllib_algorithm(name.lower())

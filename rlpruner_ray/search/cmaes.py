@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, register
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext
 
 # a group's share never reaches 0 in log space (an exact plan may leave a group unpruned)
 FLOOR = 1e-5
@@ -34,7 +34,6 @@ def to_point(initial: np.ndarray, distribution: np.ndarray) -> np.ndarray:
     return np.log(d / d.sum() / initial)
 
 
-@register
 class CMAESSearch(SearchAlgorithm):
     name = "cmaes"
     searches = True

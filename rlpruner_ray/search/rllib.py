@@ -35,7 +35,7 @@ import ray
 
 from ..config import ALGORITHMS_NATIVE, CompressConfig
 from ..errors import ConfigError
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, candidate_from, plans_for, search_budget
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, candidate_from, plans_for
 
 log = logging.getLogger("rlpruner_ray")
 
@@ -76,6 +76,12 @@ def rllib_bundles(config: CompressConfig) -> list[dict]:
     bundles += [{"CPU": config.cpus_per_worker, "GPU": config.gpus_per_worker}] * runners
     bundles += [{"CPU": 1.0, "GPU": config.rl_gpus_per_learner}] * config.rl_num_learners
     return bundles
+
+
+def actor_bundles(config: CompressConfig) -> list[dict]:
+    """The bundles of the env runner and learner actors: :func:`rllib_bundles` but
+    the driver's own."""
+    return rllib_bundles(config)[1:]
 
 
 @dataclass(frozen=True)
@@ -188,18 +194,17 @@ class RLlibSearch(SearchAlgorithm):
     def __init__(self, config: CompressConfig, *, store_name: str, **kwargs):
         super().__init__(config, **kwargs)
         from ..cluster_offer import wait_for_request
+        from ..problem import env_settings
         from ..runtime import NAMESPACE
-        from .base import planned_bundles
-        from .workers import env_settings
         self.store = ray.get_actor(store_name, namespace=NAMESPACE)
         # RLlib would wait without end for actors an autoscaler never adds
-        wait_for_request(planned_bundles(config), f"{config.algo}'s env runners and learners",
+        wait_for_request(actor_bundles(config), f"{config.algo}'s env runners and learners",
                          timeout_s=config.autoscale_timeout)
         runner_settings = env_settings(config, store=store_name, device=config.device)
         runner_settings["budgeted"] = True
         _register_env()
         # the env runners share what the starting candidates (scored on the driver) leave
-        searched = config.replace(evaluations_per_step=search_budget(config))
+        searched = config.replace(evaluations_per_step=self.search_budget(config))
         self.plan = batch_plan(searched)
         # (batch asked, env steps RLlib sampled) per training iteration, for the record and tests
         self.batches: list[tuple[int, int]] = []

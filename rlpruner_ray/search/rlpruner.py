@@ -42,7 +42,7 @@ import math
 
 import numpy as np
 
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, register
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext
 
 
 def epsilon_at(step: int, num_steps: int, epsilon: float, decay_fraction: float) -> float:
@@ -66,7 +66,6 @@ def sample_around(pd: np.ndarray, n: int, rng: np.random.Generator, config) -> l
     return [_normalise(pd + row) for row in z * config.noise * scale]
 
 
-@register
 class RLPrunerSearch(SearchAlgorithm):
     name = "rlpruner"
     searches = True

@@ -7,113 +7,13 @@ is met.
 The channels Torch-Pruning picks are what the step applies (``Candidate.indices``);
 the step's one evaluation (budget counted like any one-shot baseline) scores the
 same per-group counts in the run's importance order, so its reward is close to,
-not exactly, that of Torch-Pruning's channels.
+not exactly, that of Torch-Pruning's channels. The plans themselves are
+:func:`rlpruner_ray.plans.tp_plan`.
 """
 from __future__ import annotations
 
-import copy
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch_pruning as tp
-
-from ..errors import ConfigError, PlanError, one_line
-from ..scoring import give_back_overshoot
-from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
-
-RATIO_TOLERANCE = 1e-4
-# Highest ratio tried: near 1 Torch-Pruning skips every group it would empty, so the
-# channels removed stop growing with the ratio (and the bisection needs them to)
-MAX_RATIO = 0.9
-
-
-def tp_channels(graph, ratio: float, global_pruning: bool, model=None, limits=None) -> list[list[int]]:
-    """Root channel indices per group of ``graph`` that Torch-Pruning's pruner
-    removes at ``ratio`` (read off its interactive step; nothing is pruned), at
-    most ``limits[g]`` in group ``g`` (its least important by Torch-Pruning's own
-    importance) when given."""
-    model = model if model is not None else copy.deepcopy(graph.model)
-    names = dict(model.named_modules())
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    importance = tp.importance.GroupMagnitudeImportance(p=1)
-    with torch.enable_grad():   # torch-pruning traces with autograd
-        pruner = tp.pruner.BasePruner(model, graph.example_inputs, importance=importance,
-                                      global_pruning=global_pruning, pruning_ratio=ratio,
-                                      ignored_layers=linears[-1:])
-        module_name = {m: n for n, m in names.items()}
-        position = {k: g for g, k in enumerate(graph.keys)}
-        chosen = [[] for _ in graph.keys]
-        for group in pruner.step(interactive=True):
-            key = module_name.get(group[0].dep.target.module)
-            if key in position:        # groups this graph does not prune are left alone
-                chosen[position[key]] = sorted(int(i) for i in group[0].idxs)
-    return [_within_limit(graph, g, idx, pruner, importance, names, None if limits is None else int(limits[g]))
-            for g, idx in enumerate(chosen)]
-
-
-def _within_limit(graph, g: int, idx: list[int], pruner, importance, names, limit: int | None) -> list[int]:
-    """Torch-Pruning's one-shot global threshold can empty a group; the run's floors
-    hold for every method, so such a group keeps its most important chosen channels.
-    The same for a ``limit`` (channels handed back to land on the cost target)."""
-    capacity = int(graph.channels[g] - graph.floors[g])
-    if limit is not None:
-        capacity = min(capacity, limit)
-    if len(idx) <= capacity:
-        return idx
-    group = graph.groups[g]
-    full = pruner.DG.get_pruning_group(names[group.key], group.pruning_fn, list(range(int(graph.channels[g]))))
-    scores = importance(full).detach().cpu().numpy()
-    return sorted(sorted(idx, key=lambda i: scores[i])[:capacity])
-
-
-def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, list[list[int]]]:
-    """(counts, indices) at the smallest ratio that meets the step's target; under a
-    cost target, without the chosen channels that overshoot it (each group keeps
-    its most important ones, see :func:`~rlpruner_ray.scoring.give_back_overshoot`)."""
-    model = copy.deepcopy(graph.model)
-    target = context.get("cost_target")
-
-    def plan(ratio):
-        indices = tp_channels(graph, ratio, global_pruning, model)
-        return np.array([len(i) for i in indices], np.int64), indices
-
-    def meets(counts):
-        if target is None:
-            return counts.sum() >= context["num_filters"]
-        return graph.cost(counts)[0 if target["kind"] == "macs" else 1] <= target["value"]
-
-    lo, hi = 0.0, MAX_RATIO
-    best = plan(hi)
-    if not meets(best[0]):
-        raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
-    while hi - lo > RATIO_TOLERANCE:
-        mid = (lo + hi) / 2
-        candidate = plan(mid)
-        if meets(candidate[0]):
-            hi, best = mid, candidate
-        else:
-            lo = mid
-    if target is None:
-        return best
-    kind = 0 if target["kind"] == "macs" else 1
-    counts = give_back_overshoot(graph, best[0], kind, target["value"])
-    if np.array_equal(counts, best[0]):
-        return best
-    return counts, tp_channels(graph, hi, global_pruning, model, limits=counts)
-
-
-def check_tp_supported(graph, global_pruning: bool) -> None:
-    """Refuse, before any work, a model Torch-Pruning's pruner fails on (a structure
-    the third-party library does not handle): ``--algo tp-uniform`` / ``tp-global``
-    could do nothing else with it. One interactive step at half the channels is
-    enough to meet such a failure; nothing is pruned."""
-    try:
-        tp_channels(graph, 0.5, global_pruning)
-    except Exception as exc:  # noqa: BLE001 - whatever the library raises, in its words
-        name = "tp-global" if global_pruning else "tp-uniform"
-        raise ConfigError(f"--algo {name}: Torch-Pruning's pruner fails on this model ({one_line(exc)[:200]}); "
-                          "choose another --algo (rlpruner, global, uniform, ...)") from None
+from ..plans import exact_plan, tp_plan
+from .base import Candidate, Evaluator, SearchAlgorithm, StepContext
 
 
 class _TorchPruningSearch(SearchAlgorithm):
@@ -126,12 +26,10 @@ class _TorchPruningSearch(SearchAlgorithm):
         return chosen
 
 
-@register
 class TorchPruningUniform(_TorchPruningSearch):
     name = "tp-uniform"
 
 
-@register
 class TorchPruningGlobal(_TorchPruningSearch):
     name = "tp-global"
     global_pruning = True

@@ -16,26 +16,9 @@ from ..config import CompressConfig
 from ..errors import RLPrunerError
 # re-exported: the store's names were long imported from here
 from ..model_store import CLOSED, SPENT, ModelStore, make_payload, start_store  # noqa: F401
-from ..runtime import NAMESPACE, actor_device
+from ..problem import env_settings
+from ..runtime import actor_device
 from .base import plans_for
-
-
-def env_settings(config: CompressConfig, *, store: str | None = None, device: str = "cpu") -> dict:
-    """The plain-dict environment config derived from the run's config. An actor
-    resolves ``device`` where it runs (``runtime.actor_device``)."""
-    return {
-        "dataset": {"name": config.dataset, "data_dir": config.data_dir, "val_fraction": config.val_fraction,
-                    "seed": config.data_seed, "image_size": config.image_size},
-        "reward": config.reward, "reward_coef": config.reward_coef, "reward_metric": config.reward_metric,
-        "reward_samples": config.reward_samples, "reward_batch_size": config.reward_batch_size,
-        "bn_recalibration_batches": config.bn_recalibration_batches, "horizon": config.horizon,
-        "action_scale": config.action_scale, "min_channels": config.min_channels,
-        "max_group_sparsity": config.max_group_sparsity, "exclude": list(config.exclude),
-        "round_to": config.round_to, "device": device, "store": store, "namespace": NAMESPACE,
-        "scoring": config.scoring, "candidates_per_pass": config.candidates_per_pass,
-        "precision": config.precision, "channels_last": config.channels_last,
-        "threads": max(1, int(config.cpus_per_worker)),
-    }
 
 
 class EvalWorker:
@@ -46,7 +29,7 @@ class EvalWorker:
         self.env = envs.LayerPruningEnv({**settings, "device": actor_device(settings["device"])})
 
     def evaluate(self, items: list, version: int) -> list[dict]:
-        """Score distributions, or exact plans (``search.base.exact_plan``)."""
+        """Score distributions, or exact plans (``plans.exact_plan``)."""
         if self.env.scorer.version != version:
             self.env.sync()
         return self.env.evaluate_plans(plans_for(self.env, items))

@@ -115,7 +115,7 @@ def plan_from_args(args, make_config) -> SweepPlan:
     max_failures = getattr(args, "max_failures", 2)
     if max_failures < -1:
         raise ConfigError(f"--max-failures must be >= 0 (or -1: retry forever), got {max_failures}")
-    from ..search.base import check_algorithm
+    from ..search.registry import check_algorithm
     for point in grid_points(grid):
         check_algorithm(base_cfg.replace(**point))    # range checks of every grid value, known algorithm
     from ..pipeline import check_inputs

@@ -28,8 +28,7 @@ _STEP_KEYS = ("filters_removed", "macs", "params", "macs_reduction", "params_red
 def trial_bundles(config: CompressConfig) -> list[dict]:
     """Placement-group bundles of one trial: the trial's own process (1 CPU, plus a
     GPU share when it fine-tunes on a GPU), then what its search asks for."""
-    from ..search.base import native_names, planned_resources
-    from ..search import baselines, rlpruner  # noqa: F401  (register the native algorithms)
+    from ..search.registry import native_names, planned_resources
     gpu_driver = config.device.startswith("cuda") or (config.device == "auto" and config.gpus_per_worker > 0)
     head = {"CPU": 1.0, "GPU": min(1.0, config.gpus_per_worker or 1.0) if gpu_driver else 0.0}
     if config.algo.lower() in native_names():

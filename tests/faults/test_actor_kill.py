@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlpruner_ray.report import HistoryWriter
-from rlpruner_ray.search.base import Evaluator, make_algorithm
+from rlpruner_ray.search.base import Evaluator
+from rlpruner_ray.search.registry import make_algorithm
 
 from .helpers import step_context
 

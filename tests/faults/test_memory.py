@@ -11,7 +11,8 @@ import pytest
 import ray  # noqa: F401
 
 from rlpruner_ray.report import HistoryWriter
-from rlpruner_ray.search.base import Evaluator, make_algorithm
+from rlpruner_ray.search.base import Evaluator
+from rlpruner_ray.search.registry import make_algorithm
 
 from .helpers import step_context
 

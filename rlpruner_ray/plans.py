@@ -1,0 +1,252 @@
+"""Plans: per-group counts of channels to remove, made without a search. Every
+algorithm and the one-shot ``prune`` command take their plans from here, so
+what a search scores and what a command applies are planned the same way.
+
+* :func:`plan_for_step`: a distribution over groups -> counts for the step's
+  target (filters, MACs or params), as scored and as applied;
+* :func:`global_plan`: one global importance threshold (the ``global`` baseline);
+* :func:`tp_plan`: Torch-Pruning's own pruner (``tp-uniform`` / ``tp-global``),
+  its ratio bisected to the target;
+* :func:`baseline_plans`: the uniform, global and Torch-Pruning plans every
+  search starts from;
+* :func:`give_back_overshoot`: the channels handed back so that methods compared
+  at one cost target land on it alike.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import ConfigError, PlanError, one_line
+from .graph import PruningGraph
+
+
+def exact_plan(counts) -> dict:
+    """An item for an :class:`~rlpruner_ray.search.base.Evaluator` scored as these counts,
+    not re-planned from a distribution (a threshold's plan, Torch-Pruning's)."""
+    return {"counts": np.asarray(counts, dtype=np.int64)}
+
+
+def plan_for_step(graph: PruningGraph, distribution, context: dict, *, round_to: int = 1,
+                  fraction: float = 1.0, already_removed=None) -> np.ndarray:
+    """Per-group counts for this step. ``context["num_filters"]`` fixes the count
+    (the paper's filter sparsity); ``context["cost_target"]`` (hard budget mode)
+    instead asks for the fewest filters, in this distribution, that bring MACs or
+    params down to the target. ``fraction`` < 1 plans part of the step (sub-steps
+    of a multi-step episode); ``already_removed`` is what earlier sub-steps took."""
+    done = np.zeros(graph.num_groups, np.int64) if already_removed is None else np.asarray(already_removed)
+    target = context.get("cost_target")
+    if target is None:
+        n = int(round(context["num_filters"] * fraction)) - int(done.sum())
+        n = min(max(n, 0), int(np.maximum(graph.channels - graph.floors - done, 0).sum()))
+        return graph.plan(distribution, n, round_to=round_to, already_removed=done)
+    kind = 0 if target["kind"] == "macs" else 1
+    start = graph.cost(np.zeros(graph.num_groups), done)[kind]
+    goal = start - (start - target["value"]) * fraction
+    capacity = int(np.maximum(graph.channels - graph.floors - done, 0).sum())
+
+    def cost(n):
+        return graph.cost(graph.plan(distribution, n, round_to=round_to, already_removed=done), done)[kind]
+
+    lo, hi = 0, capacity                # smallest n with cost(n) <= goal (cost falls with n)
+    if cost(hi) > goal:
+        lo = hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    counts = graph.plan(distribution, lo, round_to=round_to, already_removed=done)
+    return give_back_overshoot(graph, counts, kind, goal, already_removed=done, round_to=round_to)
+
+
+def give_back_overshoot(graph: PruningGraph, counts, kind: int, goal: float, *, already_removed=None,
+                        round_to: int = 1) -> np.ndarray:
+    """``counts`` with channels handed back while the cost (``kind``: 0 MACs, 1
+    params) stays within ``goal``: the smallest overshoot the plan's granularity
+    allows. The fewest filters that meet a cost target can overshoot it by one
+    expensive channel (a residual-coupled channel of ResNet-20's first stage is
+    about 2.4% of its MACs), and methods compared at one target must land on it
+    alike. Each round hands back, from the group where it costs the most while
+    the target still holds, one step of that group (its channel unit, and a
+    multiple of ``round_to`` so kept widths stay aligned); a plan that misses the
+    goal is returned as it is."""
+    counts = np.array(counts, dtype=np.int64)
+    if graph.cost(counts, already_removed)[kind] > goal:
+        return counts
+    steps = np.lcm(graph.units, int(round_to))
+    while True:
+        best = None
+        for g in np.nonzero(counts >= steps)[0]:
+            counts[g] -= steps[g]
+            c = graph.cost(counts, already_removed)[kind]
+            counts[g] += steps[g]
+            if c <= goal and (best is None or c > best[0]):
+                best = (c, g)
+        if best is None:
+            return counts
+        counts[best[1]] -= steps[best[1]]
+
+
+def global_order(graph) -> np.ndarray:
+    """Group of each removable channel, in global order (least important first).
+    Scores are comparable across groups because each group's are divided by their
+    mean; a group offers at most its capacity (channels above its floor)."""
+    scores, groups = [], []
+    for g, s in enumerate(graph.scores):
+        s = s.cpu().double().numpy()          # host copy: the scores live on the model's device
+        mean = float(s.mean()) or 1.0
+        capacity = int(graph.channels[g] - graph.floors[g])
+        scores.append(np.sort(s / mean, kind="stable")[:capacity])
+        groups.append(np.full(capacity, g, np.int64))
+    scores, groups = np.concatenate(scores), np.concatenate(groups)
+    return groups[np.argsort(scores, kind="stable")]
+
+
+def global_counts(graph, num_filters: int, order: np.ndarray | None = None) -> np.ndarray:
+    """Per-group counts when the ``num_filters`` globally least important channels go."""
+    order = global_order(graph) if order is None else order
+    return np.bincount(order[:num_filters], minlength=graph.num_groups).astype(np.int64)
+
+
+def global_plan(graph, context: dict, *, step_fraction: float = 0.1) -> np.ndarray:
+    """The global threshold for this step: a filter count (``num_filters``), or the
+    fewest globally ranked channels that bring MACs / params down to
+    ``cost_target`` (cost falls as the threshold moves, so bisect it), less the
+    channels that overshoot it (:func:`give_back_overshoot`)."""
+    order = global_order(graph)
+    target = context.get("cost_target")
+    if target is None:
+        n = context.get("num_filters") or int(round(step_fraction * graph.total_channels))
+        return global_counts(graph, max(1, min(n, len(order))), order)
+    kind = 0 if target["kind"] == "macs" else 1
+    lo, hi = 0, len(order)                 # smallest n whose cost meets the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if graph.cost(global_counts(graph, mid, order))[kind] <= target["value"]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return give_back_overshoot(graph, global_counts(graph, max(lo, 1), order), kind, target["value"])
+
+
+RATIO_TOLERANCE = 1e-4
+
+
+# Highest ratio tried: near 1 Torch-Pruning skips every group it would empty, so the
+# channels removed stop growing with the ratio (and the bisection needs them to)
+MAX_RATIO = 0.9
+
+
+def tp_channels(graph, ratio: float, global_pruning: bool, model=None, limits=None) -> list[list[int]]:
+    """Root channel indices per group of ``graph`` that Torch-Pruning's pruner
+    removes at ``ratio`` (read off its interactive step; nothing is pruned), at
+    most ``limits[g]`` in group ``g`` (its least important by Torch-Pruning's own
+    importance) when given."""
+    model = model if model is not None else copy.deepcopy(graph.model)
+    names = dict(model.named_modules())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    importance = tp.importance.GroupMagnitudeImportance(p=1)
+    with torch.enable_grad():   # torch-pruning traces with autograd
+        pruner = tp.pruner.BasePruner(model, graph.example_inputs, importance=importance,
+                                      global_pruning=global_pruning, pruning_ratio=ratio,
+                                      ignored_layers=linears[-1:])
+        module_name = {m: n for n, m in names.items()}
+        position = {k: g for g, k in enumerate(graph.keys)}
+        chosen = [[] for _ in graph.keys]
+        for group in pruner.step(interactive=True):
+            key = module_name.get(group[0].dep.target.module)
+            if key in position:        # groups this graph does not prune are left alone
+                chosen[position[key]] = sorted(int(i) for i in group[0].idxs)
+    return [_within_limit(graph, g, idx, pruner, importance, names, None if limits is None else int(limits[g]))
+            for g, idx in enumerate(chosen)]
+
+
+def _within_limit(graph, g: int, idx: list[int], pruner, importance, names, limit: int | None) -> list[int]:
+    """Torch-Pruning's one-shot global threshold can empty a group; the run's floors
+    hold for every method, so such a group keeps its most important chosen channels.
+    The same for a ``limit`` (channels handed back to land on the cost target)."""
+    capacity = int(graph.channels[g] - graph.floors[g])
+    if limit is not None:
+        capacity = min(capacity, limit)
+    if len(idx) <= capacity:
+        return idx
+    group = graph.groups[g]
+    full = pruner.DG.get_pruning_group(names[group.key], group.pruning_fn, list(range(int(graph.channels[g]))))
+    scores = importance(full).detach().cpu().numpy()
+    return sorted(sorted(idx, key=lambda i: scores[i])[:capacity])
+
+
+def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, list[list[int]]]:
+    """(counts, indices) at the smallest ratio that meets the step's target; under a
+    cost target, without the chosen channels that overshoot it (each group keeps
+    its most important ones, see :func:`give_back_overshoot`)."""
+    model = copy.deepcopy(graph.model)
+    target = context.get("cost_target")
+
+    def plan(ratio):
+        indices = tp_channels(graph, ratio, global_pruning, model)
+        return np.array([len(i) for i in indices], np.int64), indices
+
+    def meets(counts):
+        if target is None:
+            return counts.sum() >= context["num_filters"]
+        return graph.cost(counts)[0 if target["kind"] == "macs" else 1] <= target["value"]
+
+    lo, hi = 0.0, MAX_RATIO
+    best = plan(hi)
+    if not meets(best[0]):
+        raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
+    while hi - lo > RATIO_TOLERANCE:
+        mid = (lo + hi) / 2
+        candidate = plan(mid)
+        if meets(candidate[0]):
+            hi, best = mid, candidate
+        else:
+            lo = mid
+    if target is None:
+        return best
+    kind = 0 if target["kind"] == "macs" else 1
+    counts = give_back_overshoot(graph, best[0], kind, target["value"])
+    if np.array_equal(counts, best[0]):
+        return best
+    return counts, tp_channels(graph, hi, global_pruning, model, limits=counts)
+
+
+def check_tp_supported(graph, global_pruning: bool) -> None:
+    """Refuse, before any work, a model Torch-Pruning's pruner fails on (a structure
+    the third-party library does not handle): ``--algo tp-uniform`` / ``tp-global``
+    could do nothing else with it. One interactive step at half the channels is
+    enough to meet such a failure; nothing is pruned."""
+    try:
+        tp_channels(graph, 0.5, global_pruning)
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises, in its words
+        name = "tp-global" if global_pruning else "tp-uniform"
+        raise ConfigError(f"--algo {name}: Torch-Pruning's pruner fails on this model ({one_line(exc)[:200]}); "
+                          "choose another --algo (rlpruner, global, uniform, ...)") from None
+
+
+# the source names of the baseline plans among a search's starting candidates, in order
+BASELINE_SOURCES = ("uniform", "global", "tp-global")
+
+
+def baseline_plans(ctx, config) -> list[tuple[str, object]]:
+    """(source, item) of the uniform, global-threshold and Torch-Pruning global plans
+    of the step of ``ctx`` (a :class:`~rlpruner_ray.search.base.StepContext`): the
+    starting candidates of every search. Torch-Pruning's plan is scored as its
+    per-group counts in the run's importance order, like every other candidate.
+    It is optional: where Torch-Pruning cannot reach the step's target,
+    or its pruner fails on the model (a third-party library meeting a structure it
+    does not handle), it is left out and the reason goes to ``ctx.skipped`` (the
+    log, the step's record and summary.json)."""
+    plans = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))]
+    try:
+        plans.append(exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0]))
+    except Exception as exc:  # noqa: BLE001 - any failure of the optional candidate only skips it
+        ctx.skipped.append({"candidate": BASELINE_SOURCES[2], "reason": one_line(exc)})
+    return list(zip(BASELINE_SOURCES, plans))
