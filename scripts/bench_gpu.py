@@ -224,7 +224,9 @@ class Bench:
         common = dict(base_checkpoint=str(base_file), evaluations_per_step=self.p["rl_evals"],
                       sparsity=0.1 * self.p["rl_steps"], step_fraction=0.1, finetune_epochs=0,
                       num_workers=1, cpus_per_worker=1.0, gpus_per_worker=gpu, rl_num_env_runners=1,
-                      rl_envs_per_env_runner=self.p["rl_envs"], rl_batch_size=self.p["rl_envs"] * 2)
+                      rl_envs_per_env_runner=self.p["rl_envs"], rl_batch_size=self.p["rl_envs"] * 2,
+                      # the throughput of the env runners alone: no starting candidates on the driver
+                      include_baselines=False)
         for algo in ("rlpruner", "ppo"):
             summary = compress(self.config.replace(algo=algo, out_dir=str(work / algo), **common))
             steady = summary["steps"][1:] or summary["steps"]

@@ -330,3 +330,15 @@ def test_the_training_loop_sets_each_iterations_batch():
         left -= seen[-1]
     assert tuple(seen) == plan.batches == (20, 18)
     assert search.algo.config.rollout_fragment_length == plan.fragment
+
+
+@pytest.mark.parametrize("budget", [8, 11, 40, 41, 201])
+def test_the_built_config_passes_rllibs_batch_check_on_short_budgets(budget):
+    """RLlib checks the train batch against the rollout fragment when it builds the
+    algorithm; a budget below one full batch (11 evaluations, 3 of them starting
+    candidates, --rl-batch-size 10) must still build."""
+    from rlpruner_ray.search.rllib import batch_plan, build_algorithm_config
+    config = CompressConfig(algo="ppo", num_workers=2, evaluations_per_step=budget, rl_batch_size=10)
+    built = build_algorithm_config(config, {})
+    built.validate_train_batch_size_vs_rollout_fragment_length()       # raises when they disagree
+    assert built.train_batch_size_per_learner == batch_plan(config).batches[0]

@@ -52,7 +52,8 @@ def test_sweep_grid_retry_from_checkpoint_and_report(tmp_path, capsys):
     r = _cli(["sweep", "--out-dir", str(out), "--sparsity", "0.1", "0.2", "--algo", "uniform",
               "--max-failures", "1", *TINY], env={sweep.FAIL_ENV: "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "injected failure after step 1" in r.stderr          # the failures really happened
+    # the failures really happened (Tune's trial errors go to the sweep's log.txt)
+    assert "injected failure after step 1" in r.stderr + (out / "log.txt").read_text()
 
     rows = _rows(out)
     assert sorted((x["sparsity"], x["step"]) for x in rows) == [(0.1, 1), (0.2, 1), (0.2, 2)]

@@ -144,7 +144,10 @@ def build_algorithm_config(config: CompressConfig, env_config: dict):
     algo_cls, _ = ALGORITHMS[CONTINUOUS[name]]()
     runners, envs = env_runner_layout(config)
     plan = batch_plan(config)
-    batch, fragment = plan.full, plan.fragment
+    # built with the first iteration's batch: RLlib checks the batch against the rollout
+    # fragment at build time, and where the budget leaves less than one full batch
+    # (11 evaluations, 3 of them starting candidates) the full size is never sampled
+    batch, fragment = plan.batches[0], plan.fragment
     cfg = (algo_cls.get_default_config()
            .api_stack(enable_rl_module_and_learner=True, enable_env_runner_and_connector_v2=True)
            .environment("rlpruner/LayerPruning-v0", env_config=env_config)
@@ -263,7 +266,7 @@ class RLlibSearch(SearchAlgorithm):
         synchronous algorithm takes all of an iteration's tickets within train(), so
         this walks ``self.plan.batches``: full batches, then the shorter last one)."""
         if self.config.algo.lower() in ASYNCHRONOUS:
-            return self.plan.full      # sampling runs between train() calls: keep one batch size
+            return self.plan.batches[0]   # sampling runs between train() calls: keep one batch size
         batch = next_batch(self.plan, available)
         # RLlib reads these from the built algorithm's config at every training_step;
         # the last batch of a step is shorter than the one it was built with, so the

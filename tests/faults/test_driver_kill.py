@@ -32,7 +32,8 @@ TINY = ["--sparsity", "0.3", "--step-fraction", "0.1", "--evaluations-per-step",
 # not results: differ between any two runs
 VOLATILE = {"wall_seconds", "search_seconds", "step_seconds", "latency_ms_cpu_b1", "latency_ms_cpu_b64",
             "latency_ms_gpu_b64", "latency_ms_cpu_b1_quartiles", "latency_ms_cpu_b64_quartiles",
-            "latency_ms_gpu_b64_quartiles", "out_dir", "resume", "seconds", "wall_s"}
+            "latency_ms_gpu_b64_quartiles", "latency_ratio_cpu_b1", "latency_ratio_cpu_b64",
+            "latency_ratio_gpu_b64", "out_dir", "resume", "seconds", "wall_s"}
 
 
 def _start(out: Path, base, *, env=None, log=None) -> subprocess.Popen:
