@@ -63,13 +63,16 @@ def _memoise_evaluations(cache_file: Path) -> None:
             split_keys[k] = h.hexdigest()
         return split_keys[k]
 
-    def evaluate(model, data, split="val", *, batch_size=512, device="cpu", limit=None):
+    def evaluate(model, data, split="val", *, batch_size=512, device="cpu", limit=None, ledger=None):
         key = "|".join([_fingerprint_model(model), split_key(data, split), split, str(batch_size), str(device),
                         str(limit)])
         if key in cache:
             model.to(device)
+            if ledger is not None:      # the compute a user's run spends on it, though the benchmark skips it
+                from rlpruner_ray import compute
+                ledger.forward("evaluation", compute.model_macs(model, data.example_inputs(1)), cache[key]["n"])
             return dict(cache[key])
-        out = original(model, data, split, batch_size=batch_size, device=device, limit=limit)
+        out = original(model, data, split, batch_size=batch_size, device=device, limit=limit, ledger=ledger)
         cache[key] = out
         # replaced whole, never half-written: another benchmark may read it now
         partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")

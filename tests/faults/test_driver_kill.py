@@ -33,7 +33,10 @@ TINY = ["--sparsity", "0.3", "--step-fraction", "0.1", "--evaluations-per-step",
 VOLATILE = {"wall_seconds", "search_seconds", "step_seconds", "latency_ms_cpu_b1", "latency_ms_cpu_b64",
             "latency_ms_gpu_b64", "latency_ms_cpu_b1_quartiles", "latency_ms_cpu_b64_quartiles",
             "latency_ms_gpu_b64_quartiles", "latency_ratio_cpu_b1", "latency_ratio_cpu_b64",
-            "latency_ratio_gpu_b64", "out_dir", "resume", "seconds", "wall_s"}
+            "latency_ratio_gpu_b64", "out_dir", "resume", "seconds", "wall_s",
+            # compute counts the passes a run made: a run killed and resumed makes a
+            # different set (redone or skipped work, depending on where the kill fell)
+            "compute", "macs_executed", "forward_equivalents"}
 
 
 def _start(out: Path, base, *, env=None, log=None) -> subprocess.Popen:
