@@ -227,7 +227,7 @@ def _print_summary(s: dict) -> None:
             ("val top-1", f"{b['val_top1']:.4f}", f"{p['val_top1']:.4f}"),
             ("MACs", f"{b['macs'] / 1e6:.2f}M", f"{p['macs'] / 1e6:.2f}M (-{100 * r['macs']:.1f}%)"),
             ("params", f"{b['params'] / 1e6:.3f}M", f"{p['params'] / 1e6:.3f}M (-{100 * r['params']:.1f}%)"),
-            ("latency b1 (CPU)", _latency(b), _latency(p) + _ratio(p))]
+            ("latency b1 (CPU, 1 thread)", _latency(b), _latency(p) + _ratio(p))]
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, width)))

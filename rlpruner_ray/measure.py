@@ -3,6 +3,7 @@ paper's "FLOPs"), and latency as the median of repeated timed runs (models compa
 are timed in alternation)."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -20,17 +21,45 @@ def macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, in
     return int(round(macs)), int(params)
 
 
+# How a run times its base and pruned models: (label, device, batch, at least these
+# rounds, and repeated for at least these seconds). Batch-1 passes take a millisecond
+# or less, and their median, and the pruned/base ratio, settle only after hundreds of
+# rounds on a busy machine; at batch 64, 7 rounds moved the ratio by 80% between two
+# timings on 2 cores under load, 3 s of rounds by 16%.
+LATENCY_SETTINGS = (("cpu_b1", "cpu", 1, 30, 3.0), ("cpu_b64", "cpu", 64, 7, 3.0))
+GPU_LATENCY_SETTING = ("gpu_b64", "cuda", 64, 20, 1.0)
+
+
 def latency_ms(model: nn.Module, input_shape, *, batch_size: int = 1, device: str = "cpu",
                repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one forward pass in milliseconds."""
+    """Median wall time of one forward pass in milliseconds (one CPU thread)."""
     timed = compare_latency({"model": model}, input_shape, batch_size=batch_size, device=device,
                             rounds=repeats, warmup=warmup)
     return timed["model"]["median"]
 
 
+def time_against_base(base: nn.Module, pruned: nn.Module, input_shape, setting) -> dict[str, dict]:
+    """:func:`compare_latency` of ``base`` and ``pruned`` with one of
+    :data:`LATENCY_SETTINGS` (a run's summary and the benchmark time alike)."""
+    _, device, batch, rounds, seconds = setting
+    return compare_latency({"base": base, "pruned": pruned}, input_shape, batch_size=batch, device=device,
+                           rounds=rounds, warmup=10 if batch == 1 else 3, min_seconds=seconds)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def compare_latency(models: dict[str, nn.Module], input_shape, *, batch_size: int = 1, device: str = "cpu",
                     rounds: int = 20, warmup: int = 3, min_seconds: float = 0.0,
-                    max_rounds: int = 2000) -> dict[str, dict]:
+                    max_rounds: int = 2000, threads: int | None = 1) -> dict[str, dict]:
     """Time several models in alternation: each round runs every model once, in an
     order that reverses every round, so load from other processes falls on all of
     them alike. After ``warmup`` untimed rounds, at least ``rounds`` timed ones, and
@@ -39,14 +68,18 @@ def compare_latency(models: dict[str, nn.Module], input_shape, *, batch_size: in
     repeats before their median, and the ratio of two medians, stop moving.
     Per model: median, quartiles (q1, q3) and all times, in ms; per model after the
     first, ``ratio``: the median over rounds of its time over the first model's
-    (paired within a round, so a slow spell of the machine cancels)."""
+    (paired within a round, so a slow spell of the machine cancels).
+    On the CPU the timing runs on ``threads`` torch threads (None: as set), one by
+    default: with two threads on a machine whose cores are busy, torch's threads wait
+    on each other and batch-1 medians moved 20-fold between two timings of the same
+    pair (2026-12-07, 2 busy cores), while one thread agreed within 1%."""
     device = torch.device(device)
     x = torch.randn(batch_size, *input_shape, device=device)
     prepared = {name: m.eval().to(device) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in prepared}
     names = list(prepared)
     began = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), _torch_threads(threads if device.type == "cpu" else None):
         r = 0
         while True:
             timed = r - warmup

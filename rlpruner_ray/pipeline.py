@@ -28,7 +28,7 @@ from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset
 from .errors import ConfigError, ModelError, RLPrunerError, StepFailed, one_line
 from .graph import PruningGraph, group_widths
-from .measure import compare_latency, latency_ms, macs_params
+from .measure import GPU_LATENCY_SETTING, LATENCY_SETTINGS, latency_ms, macs_params, time_against_base
 from .models import build_model, model_spec
 from .problem import StepTargets, build_graph, check_fits, check_model, load_data, train_settings
 from .report import HistoryWriter, LearningCurves, write_report
@@ -190,19 +190,14 @@ def measure_pair(base, pruned, data: Dataset, device: str,
     measured = {"base": measure_model(base, data, device, test=True, ledger=ledger),
                 "pruned": measure_model(pruned, data, device, test=True, ledger=ledger)}
     shape = tuple(data.example_inputs(1).shape[1:])
-    # (label, device, batch, at least these rounds, and repeated for at least these
-    # seconds): batch-1 passes take a millisecond or two, and their median, and the
-    # pruned/base ratio, settle only after hundreds of rounds on a busy machine
-    settings = [("cpu_b1", "cpu", 1, 30, 3.0), ("cpu_b64", "cpu", 64, 7, 0.0)]
-    if torch.cuda.is_available():
-        settings.append(("gpu_b64", "cuda", 64, 20, 1.0))
+    settings = list(LATENCY_SETTINGS) + ([GPU_LATENCY_SETTING] if torch.cuda.is_available() else [])
     example = data.example_inputs(1)
     sizes = {m: compute.model_macs(m, example) for m in (base, pruned)}
-    for label, where, batch, rounds, seconds in settings:
+    for setting in settings:
+        label = setting[0]
         with ledger.timed("latency_timing"), compute.counting_forwards(base, sizes[base]) as a, \
                 compute.counting_forwards(pruned, sizes[pruned]) as b:
-            timed = compare_latency({"base": base, "pruned": pruned}, shape, batch_size=batch, device=where,
-                                    rounds=rounds, warmup=10 if batch == 1 else 3, min_seconds=seconds)
+            timed = time_against_base(base, pruned, shape, setting)
         ledger.add("latency_timing", a[0] + b[0])
         for name, t in timed.items():
             measured[name][f"latency_ms_{label}"] = t["median"]

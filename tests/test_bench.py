@@ -606,3 +606,33 @@ def test_a_benchmark_whose_runs_failed_does_not_exit_0():
                        "1": {"rows": []}}}
     assert cli._failed_runs(st, {1, 3}) == ["tp-global_s0: Exception: timed out"]
     assert cli._failed_runs(st, {1}) == []
+
+
+def test_speedup_section_times_each_model_as_a_run_does_and_shows_agreement(tmp_path):
+    """Section 5 times every pruned model against the base with the run's own paired
+    timing, twice, and reports how far the two timings' ratios are apart."""
+    import torch
+    from rlpruner_ray.checkpoint import save_pruned, tag_model
+    from rlpruner_ray.models import build_model, model_spec
+    speedup, common = _package("speedup"), _package("common")
+    torch.manual_seed(0)
+    for name in ("base.pt", "pruned.pt"):
+        save_pruned(tag_model(build_model("resnet8", 10, 1), model_spec("resnet8", 10, 1), (1, 16, 16)),
+                    tmp_path / name)
+    summary = {"base": {"macs": 4.0e6}, "pruned": {"macs": 2.0e6}}
+    bench = types.SimpleNamespace(
+        P={**common.PROFILES["quick"], "dataset": "digits", "methods": ["uniform"]}, rows=[], work=tmp_path / "w",
+        state={"sections": {"3": {"base": {"file": str(tmp_path / "base.pt")},
+                                  "runs": {"uniform_s0": {"method": "uniform", "seed": 0, "dir": str(tmp_path),
+                                                          "summary": summary}}}}})
+    (tmp_path / "pruned_model.pt").write_bytes((tmp_path / "pruned.pt").read_bytes())
+    st = speedup.measure(bench)
+    assert st["timings"] == 2 and all(len(v) == 2 for v in st["ratios"].values())
+    assert set(st["ratios"]) == {"uniform_s0|b1", "uniform_s0|b64"}
+    for bs in ("b1", "b64"):
+        a, b = st["ratios"][f"uniform_s0|{bs}"]
+        assert st["agreement"][bs] == pytest.approx(abs(a - b) / ((a + b) / 2))
+    speed = [r for r in bench.rows if r["metric"] == "speedup"]
+    assert {r["variant"] for r in speed} == {"b1", "b64"}
+    text, _ = speedup.render(bench, st)
+    assert "Two timings of the same pair agree within" in text and "| uniform | 2.00x |" in text

@@ -134,6 +134,28 @@ def test_latency_of_two_models_is_timed_in_alternation():
         assert len(t["times"]) == 4 and t["q1"] <= t["median"] <= t["q3"]
 
 
+def test_latency_is_timed_on_one_thread_and_the_count_restored():
+    """CPU latency runs on one torch thread (two threads on busy cores moved batch-1
+    medians 20-fold between timings), and the caller's thread count comes back."""
+    seen = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compare_latency({"m": Counting()}, (1, 2, 2), rounds=2, warmup=1)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        compare_latency({"m": Counting()}, (1, 2, 2), rounds=2, warmup=1, threads=None)
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------- one compress run
 @pytest.mark.slow
 def test_compress_output_files_and_conventions(tmp_path, base_checkpoint):
@@ -146,7 +168,7 @@ def test_compress_output_files_and_conventions(tmp_path, base_checkpoint):
     lines = r.stderr.splitlines()
     assert lines and all(ln.startswith("[rlpruner] ") for ln in lines), r.stderr
     assert [ln for ln in lines if "step 1/2:" in ln] and [ln for ln in lines if "step 2/2:" in ln]
-    assert "test top-1" in r.stdout and "latency b1 (CPU)" in r.stdout
+    assert "test top-1" in r.stdout and "latency b1 (CPU, 1 thread)" in r.stdout
     assert (out / "log.txt").is_file()
 
     # -- steps numbered from 1 everywhere a person reads them

@@ -171,7 +171,8 @@ PROFILES = {
         # epoch; ground truth on every validation row the rewards do not use
         fid_samples=60, fid_kd_epochs=1, fid_kd_batches=None, fid_kd_batch_size=128, fid_bn_batches=4,
         fid_reward_sizes=[512, 2048], fid_eval_images=None, fid_processes=2,
-        lat_repeats=3, lat_b64_repeats=5,
+        # 5: every pruned model timed against the base this many times (their agreement is shown)
+        lat_timings=2,
     ),
     "quick": dict(
         cost_models=["resnet8", "mobilenetv3_small"], cost_samples=64, cost_batch=64, cost_repeats=3,
@@ -191,7 +192,7 @@ PROFILES = {
         selection_fraction=0.5, protocol=PROTOCOL, rl_batch_size=2, bootstrap=500,
         fid_samples=6, fid_kd_epochs=1, fid_kd_batches=2, fid_kd_batch_size=32, fid_bn_batches=2,
         fid_reward_sizes=[32, 64], fid_eval_images=80, fid_processes=2,
-        lat_repeats=1, lat_b64_repeats=2,
+        lat_timings=2,
     ),
 }
 
