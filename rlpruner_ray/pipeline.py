@@ -202,7 +202,7 @@ def measure_pair(base, pruned, data: Dataset, device: str,
         for name, t in timed.items():
             measured[name][f"latency_ms_{label}"] = t["median"]
             measured[name][f"latency_ms_{label}_quartiles"] = [t["q1"], t["q3"]]
-        # the pruned model's time over the base's, paired within each round
+        # the pruned model's fastest pass over the base's (measure.compare_latency says why)
         measured["pruned"][f"latency_ratio_{label}"] = timed["pruned"]["ratio"]
     for model in (base, pruned):
         model.to(device)

@@ -75,7 +75,7 @@ def render(bench, st) -> tuple[str, list[str]]:
     lines = [
         f"CPU latency of the pruned models of section 3 against the base, timed as a run times it for its "
         f"summary.json (`rlpruner_ray.measure.time_against_base`: the two models in alternation, one torch "
-        f"thread, the median over rounds of the pruned/base ratio within a round; batch 1 for at least 3 s, "
+        f"thread, the ratio of the two models' fastest passes; batch 1 and batch 64 for at least 3 s, "
         f"batch 64 for at least 7 rounds), input {'x'.join(map(str, shape))}, {st['timings']} timings of every "
         f"model, interleaved. Speed-up = 1 / the median of its ratios; MACs ratio = base MACs / pruned MACs. "
         f"Base: {num(st['base_ms'].get('b1'), '.2f')} ms at batch 1, {num(st['base_ms'].get('b64'), '.1f')} ms "
