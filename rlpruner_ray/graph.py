@@ -6,18 +6,22 @@ is one set of coupled channels (a conv with its BN, everything tied by a
 residual add, concat offsets, depthwise convs, SE gates, the linear after a
 flatten); a group is one entry of the pruning distribution.
 
-Two ways to remove channels, with identical outputs:
+Two ways to remove channels, with identical outputs, and one entry point that
+picks between them:
 
 * ``prune(plan)``: physical removal on a deep copy (once per outer step).
 * ``masked(plan)``: zero every coupled slice of the original in place and
   restore it on exit. This is the search's hot path: no graph rebuild, no copy;
   each group's slices are precomputed in importance order, so a plan becomes
   a handful of ``index_fill_`` calls on index-tensor prefixes.
+* ``scored(plan)``: a model whose outputs are ``prune(plan)``'s, for any plan:
+  the masked original where that is exact, else the pruned copy.
 
 Masking is exact only where a zeroed channel is a removed one: a LayerNorm or
 GroupNorm over the channels still counts the zeros. Such groups are named in
-``inexact`` (``masking_exact`` is False) and ``scored(plan)`` prunes physically
-when a plan touches them; at build, one random plan checks masked == physical
+``inexact`` (``masking_exact`` is False); ``masked`` refuses a plan that
+touches them (a PlanError naming ``scored``) and ``scored(plan)`` prunes
+physically instead; at build, one random plan checks masked == physical
 on the example input, so a structure nobody foresaw is an error, not a
 silently different score. The model's output layers never lose channels, and
 a grouped convolution's channels go in whole positions of every conv group.
@@ -370,8 +374,16 @@ class PruningGraph:
     @contextlib.contextmanager
     def masked(self, plan):
         """Zero the planned channels of every coupled parameter of ``self.model`` in
-        place; the outputs then equal ``prune(plan)``'s. Restored on exit."""
+        place; the outputs then equal ``prune(plan)``'s. Restored on exit. A plan
+        that touches an ``inexact`` group is refused (PlanError): zeroing cannot
+        reproduce its pruning, and ``scored(plan)`` is the exact entry point."""
         plan = self._check_plan(plan)
+        touched = self._inexact_touched(plan)
+        if touched:
+            reason = self.inexact[touched[0]]
+            raise PlanError(f"masked(plan) would differ from prune(plan): the plan removes channels of "
+                            f"{len(touched)} group(s) masking cannot reproduce (first {touched[0]!r}: "
+                            f"{reason}); use graph.scored(plan), which prunes those physically")
         self._follow_model()
         saved = []
         with torch.no_grad():
@@ -399,12 +411,16 @@ class PruningGraph:
                 for t, dim, idx, old in reversed(saved):
                     t.index_copy_(dim, idx, old)
 
+    def _inexact_touched(self, plan: np.ndarray) -> list[str]:
+        """Keys of the groups ``plan`` removes channels from where masking is not exact."""
+        return [group.key for group, k in zip(self.groups, plan) if k and group.inexact]
+
     @contextlib.contextmanager
     def scored(self, plan):
         """A model whose outputs are ``prune(plan)``'s: the masked original when
         masking is exact for every group the plan touches, else the pruned copy."""
         plan = self._check_plan(plan)
-        if any(plan[g] and group.inexact for g, group in enumerate(self.groups)):
+        if self._inexact_touched(plan):
             yield self.prune(plan)
         else:
             with self.masked(plan) as model:
