@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 
+from .groups import is_depthwise
 from .tracing import inspection_mode
 
 # the layers whose cost scales with the channels removed on their sides
@@ -57,10 +58,6 @@ def parametrised_layers(model: nn.Module) -> list[nn.Module]:
     """The model's layers with per-channel parameters, in module order (the
     layer index of a group's slice points into this list)."""
     return [m for m in model.modules() if isinstance(m, PARAM_TYPES)]
-
-
-def is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels
 
 
 class CostModel:

@@ -36,16 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .allocate import allocate, group_floors, normalise_distribution
-from .cost import CostModel, is_depthwise, parametrised_layers
+from .cost import CostModel, parametrised_layers
 from .errors import ModelError, PlanError
-from .importance import CRITERIA, channel_scores, validate_criterion
+from .groups import Group, Slice, is_grouped_not_depthwise, weight_dim
+from .importance import CRITERIA, channel_scores, root_ranks, score_features, validate_criterion
 from .tracing import all_groups, build_dependency, inexact_reason, output_layers, shuffle_nodes, split_nodes
 
 # Attribute on a pruned module holding torch-pruning's replayable history
@@ -53,61 +53,6 @@ from .tracing import all_groups, build_dependency, inexact_reason, output_layers
 # module through deepcopy and lets checkpoints rebuild the exact architecture.
 HISTORY_ATTR = "_rlpruner_history"
 INPUT_ATTR = "_rlpruner_input_shape"
-
-
-@dataclass
-class _Slice:
-    """One coupled member of a group: a module, the axis its channels live on,
-    and its channel indices ordered by the group's importance (least first)."""
-
-    module: nn.Module
-    layer: int            # index into PruningGraph.layers (for MACs/params bookkeeping)
-    side: str             # "out" or "in": which of the layer's dimensions shrinks
-    weight_dim: int       # axis of ``module.weight`` that holds the channels
-    has_bias: bool        # whether ``module.bias`` shrinks too (channels on its axis 0)
-    idx: torch.Tensor     # item channel indices, in the module's own index space
-    root: torch.Tensor    # for each entry of ``idx``, the group's root channel
-    multiplicity: int     # item indices per root channel (H*W after a flatten, else 1)
-    ordered: torch.Tensor | None = None  # ``idx`` reordered by root importance rank
-    rank: torch.Tensor | None = None     # importance rank of each ``idx`` entry's root (0 = least)
-    fold: int = 0         # grouped conv's input side: weight column = channel % fold (channels per conv group)
-    param: nn.Parameter | None = None    # a bare parameter of a module (layer scale) instead of ``module.weight``
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        """The tensor whose ``weight_dim`` holds the channels."""
-        return self.param if self.param is not None else self.module.weight
-
-    def weight_index(self, idx: torch.Tensor) -> torch.Tensor:
-        """Channel indices -> positions on the weight's axis (they differ only on a
-        grouped conv's input side, whose weight holds one conv group's columns)."""
-        return idx % self.fold if self.fold else idx
-
-
-@dataclass
-class Group:
-    key: str              # name of the root module (stable across pruning steps)
-    channels: int
-    slices: list[_Slice]
-    root_module: nn.Module
-    pruning_fn: object
-    unit: int = 1         # channels go in multiples of this (the conv groups of a grouped conv member)
-    extra: list = field(default_factory=list)  # bare-parameter slices (zeroed by ``masked``, not scored or costed)
-    inexact: str = ""     # why zeroing weights does not reproduce physical pruning ("" when it does)
-
-
-def _weight_dim(module: nn.Module, side: str) -> int:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if is_depthwise(module):      # in and out channels are the same axis
-            return 0
-        return 0 if side == "out" else 1
-    if isinstance(module, nn.Linear):
-        return 0 if side == "out" else 1
-    return 0                           # BN, PReLU: one per-channel vector
-
-
-def _is_grouped_not_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not is_depthwise(module)
 
 
 class PruningGraph:
@@ -199,7 +144,7 @@ class PruningGraph:
             multiplicity = max(1, len(idx) // channels)
             if isinstance(module, nn.Parameter):   # a bare parameter (layer scale): zeroed like a weight
                 dim = self.dg.module2node[module].pruning_dim
-                extra.append(_Slice(None, -1, "out", dim % module.dim(), False, idx, root, multiplicity,
+                extra.append(Slice(None, -1, "out", dim % module.dim(), False, idx, root, multiplicity,
                                     param=module))
                 continue
             if not isinstance(module, nn.Module):
@@ -212,7 +157,7 @@ class PruningGraph:
                 continue
             side = "out" if is_out else "in"
             fold = 0
-            if _is_grouped_not_depthwise(module):
+            if is_grouped_not_depthwise(module):
                 # channels leave every conv group at the same positions (as torch-pruning
                 # does), which needs the group's channels to be the conv's, in order
                 width = module.out_channels if is_out else module.in_channels
@@ -220,8 +165,8 @@ class PruningGraph:
                     return None
                 units.append(module.groups)
                 fold = 0 if is_out else width // module.groups
-            dim = _weight_dim(module, side)
-            slices.append(_Slice(module, self._layer_id[module], side, dim,
+            dim = weight_dim(module, side)
+            slices.append(Slice(module, self._layer_id[module], side, dim,
                                  getattr(module, "bias", None) is not None and dim == 0,
                                  idx, root, multiplicity, fold=fold))
         unit = max(units)
@@ -315,24 +260,15 @@ class PruningGraph:
         self._follow_model()
         self.scores = [torch.as_tensor(s, dtype=torch.float32).to(self._device) for s in scores]
         self.criterion = criterion
-        self._ranks = [_root_ranks(score, group.unit) for group, score in zip(self.groups, self.scores)]
+        self._ranks = [root_ranks(score, group.unit) for group, score in zip(self.groups, self.scores)]
         for group, rank in zip(self.groups, self._ranks):
             for s in group.slices + group.extra:
                 s.rank = rank[s.root]
                 s.ordered = s.idx[torch.argsort(s.rank, stable=True)]
 
     def group_features(self) -> np.ndarray:
-        """Per-group, scale-free importance statistics for an RL observation: the
-        coefficient of variation of the scores and the share of channels scoring
-        under half the group mean (how much is cheap to remove)."""
-        feats = np.zeros((self.num_groups, 2), dtype=np.float32)
-        for g, s in enumerate(self.scores):
-            s = s.cpu().double().abs()
-            mean = float(s.mean())
-            if mean > 0:
-                feats[g, 0] = float(s.std(unbiased=False) / mean)
-                feats[g, 1] = float((s < 0.5 * mean).double().mean())
-        return feats
+        """Per-group importance statistics for an RL observation (see :func:`score_features`)."""
+        return score_features(self.scores)
 
     # ------------------------------------------------------------------ planning
     def check_distribution(self, distribution) -> np.ndarray:
@@ -506,21 +442,6 @@ def replay_history(model: nn.Module, example_inputs: torch.Tensor, history) -> n
         dg.load_pruning_history([[n, bool(o), list(i)] for n, o, i in history])
     setattr(model, HISTORY_ATTR, [list(h) for h in history])
     return model
-
-
-def _root_ranks(score: torch.Tensor, unit: int) -> torch.Tensor:
-    """Rank of each root channel (0 = least important; ties broken by index). With
-    ``unit`` conv groups, channels go by position within a conv group, in every
-    conv group at once: a position ranks by its mean score over the conv groups,
-    and its ``unit`` channels take consecutive ranks (so any multiple of ``unit``
-    least-ranked channels is whole positions)."""
-    per_group = len(score) // unit
-    position_score = score.reshape(unit, per_group).mean(dim=0)
-    order = torch.argsort(position_score, stable=True)
-    position_rank = torch.empty_like(order)
-    position_rank[order] = torch.arange(per_group, device=order.device)
-    channel = torch.arange(len(score), device=score.device)
-    return position_rank[channel % per_group] * unit + channel // per_group
 
 
 __all__ = ["PruningGraph", "Group", "replay_history", "HISTORY_ATTR", "CRITERIA"]
