@@ -34,6 +34,7 @@ from . import compute
 from .batched import CandidateMasks, recalibrated, repeat_rows
 from .checkpoint import load_pruned
 from .config import SCORING
+from .cost import cost_axis, smallest_meeting
 from .data import Dataset
 from .errors import ConfigError
 from .graph import PruningGraph
@@ -52,24 +53,16 @@ def plan_for_step(graph: PruningGraph, distribution, context: dict, *, round_to:
         n = int(round(context["num_filters"] * fraction)) - int(done.sum())
         n = min(max(n, 0), int(np.maximum(graph.channels - graph.floors - done, 0).sum()))
         return graph.plan(distribution, n, round_to=round_to, already_removed=done)
-    kind = 0 if target["kind"] == "macs" else 1
+    kind = cost_axis(target["kind"])
     start = graph.cost(np.zeros(graph.num_groups), done)[kind]
     goal = start - (start - target["value"]) * fraction
     capacity = int(np.maximum(graph.channels - graph.floors - done, 0).sum())
 
-    def cost(n):
-        return graph.cost(graph.plan(distribution, n, round_to=round_to, already_removed=done), done)[kind]
+    def meets(n):
+        return graph.cost(graph.plan(distribution, n, round_to=round_to, already_removed=done), done)[kind] <= goal
 
-    lo, hi = 0, capacity                # smallest n with cost(n) <= goal (cost falls with n)
-    if cost(hi) > goal:
-        lo = hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(mid) <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    counts = graph.plan(distribution, lo, round_to=round_to, already_removed=done)
+    n = smallest_meeting(meets, 0, capacity)   # cost falls with n; all of it when even that misses the goal
+    counts = graph.plan(distribution, capacity if n is None else n, round_to=round_to, already_removed=done)
     return give_back_overshoot(graph, counts, kind, goal, already_removed=done, round_to=round_to)
 
 

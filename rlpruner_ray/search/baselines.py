@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cost import cost_axis, smallest_meeting
 from ..scoring import give_back_overshoot
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
 
@@ -69,15 +70,11 @@ def global_plan(graph, context: dict, *, step_fraction: float = 0.1) -> np.ndarr
     if target is None:
         n = context.get("num_filters") or int(round(step_fraction * graph.total_channels))
         return global_counts(graph, max(1, min(n, len(order))), order)
-    kind = 0 if target["kind"] == "macs" else 1
-    lo, hi = 0, len(order)                 # smallest n whose cost meets the target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if graph.cost(global_counts(graph, mid, order))[kind] <= target["value"]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return give_back_overshoot(graph, global_counts(graph, max(lo, 1), order), kind, target["value"])
+    kind = cost_axis(target["kind"])
+    n = smallest_meeting(lambda n: graph.cost(global_counts(graph, n, order))[kind] <= target["value"],
+                         0, len(order))     # the fewest channels whose cost meets the target, else all
+    n = len(order) if n is None else n
+    return give_back_overshoot(graph, global_counts(graph, max(n, 1), order), kind, target["value"])
 
 
 # the source names of the baseline plans among a search's starting candidates, in order

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..cost import cost_axis, smallest_meeting
 from ..errors import ConfigError, PlanError, one_line
 from ..scoring import give_back_overshoot
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext, exact_plan, register
@@ -74,30 +75,23 @@ def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, lis
     model = copy.deepcopy(graph.model)
     target = context.get("cost_target")
 
-    def plan(ratio):
-        indices = tp_channels(graph, ratio, global_pruning, model)
-        return np.array([len(i) for i in indices], np.int64), indices
+    plans = {}     # ratio -> (counts, indices): the bisection's answer is one it has tried
 
-    def meets(counts):
+    def meets(ratio):
+        indices = tp_channels(graph, ratio, global_pruning, model)
+        counts = np.array([len(i) for i in indices], np.int64)
+        plans[ratio] = counts, indices
         if target is None:
             return counts.sum() >= context["num_filters"]
-        return graph.cost(counts)[0 if target["kind"] == "macs" else 1] <= target["value"]
+        return graph.cost(counts)[cost_axis(target["kind"])] <= target["value"]
 
-    lo, hi = 0.0, MAX_RATIO
-    best = plan(hi)
-    if not meets(best[0]):
+    hi = smallest_meeting(meets, 0.0, MAX_RATIO, tolerance=RATIO_TOLERANCE)
+    if hi is None:
         raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
-    while hi - lo > RATIO_TOLERANCE:
-        mid = (lo + hi) / 2
-        candidate = plan(mid)
-        if meets(candidate[0]):
-            hi, best = mid, candidate
-        else:
-            lo = mid
+    best = plans[hi]
     if target is None:
         return best
-    kind = 0 if target["kind"] == "macs" else 1
-    counts = give_back_overshoot(graph, best[0], kind, target["value"])
+    counts = give_back_overshoot(graph, best[0], cost_axis(target["kind"]), target["value"])
     if np.array_equal(counts, best[0]):
         return best
     return counts, tp_channels(graph, hi, global_pruning, model, limits=counts)
