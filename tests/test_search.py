@@ -17,6 +17,7 @@ import torch
 from envs import LayerPruningEnv
 from rlpruner_ray.compute import SCORED_KEYS
 from rlpruner_ray.config import CompressConfig
+from rlpruner_ray.cost import cost_axis, smallest_meeting
 from rlpruner_ray.errors import ConfigError
 from rlpruner_ray.pipeline import build_graph
 from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, plans_for
@@ -584,7 +585,7 @@ def test_global_is_a_threshold_search_in_cost_modes(real, kind):
     graph = real["graph"]
     env, context = _cost_env(real, kind, 0.4)
     target = context["cost_target"]["value"]
-    axis = 0 if kind == "macs" else 1
+    axis = cost_axis(kind)
     counts = global_plan(graph, context)
     # the threshold that stops at the target (the fewest ranked channels meeting it, by scan) ...
     threshold = next(c for c in (global_counts(graph, n) for n in range(1, graph.total_channels))
@@ -690,14 +691,10 @@ def test_torch_pruning_baselines_reach_the_macs_target_with_one_evaluation(real,
 def _found_ratio(graph, indices, global_pruning):
     """The smallest ratio whose Torch-Pruning plan is ``indices`` (scan, for the test)."""
     from rlpruner_ray.plans import tp_channels
-    lo, hi = 0.0, 0.9
-    while hi - lo > 1e-5:
-        mid = (lo + hi) / 2
-        if sum(map(len, tp_channels(graph, mid, global_pruning))) >= sum(map(len, indices)):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    ratio = smallest_meeting(lambda r: sum(map(len, tp_channels(graph, r, global_pruning))) >= sum(map(len, indices)),
+                             0.0, 0.9, tolerance=1e-5)
+    assert ratio is not None
+    return ratio
 
 
 def test_torch_pruning_global_in_filters_mode_removes_at_least_the_count(real):
