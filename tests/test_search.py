@@ -720,20 +720,6 @@ def test_make_algorithm_native_names(algo):
 
 
 # ---------------------------------------------------------------------- Ray evaluation pool
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    """The project's own private local Ray (loopback, token auth, nothing in ~/.ray)."""
-    import ray
-    from rlpruner_ray.runtime import init_ray
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised by another test")
-    init_ray(None, tmp_path_factory.mktemp("ray_pool"), num_cpus=2)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def _same(pool_results, local_results):
     assert len(pool_results) == len(local_results)
     for p, q in zip(pool_results, local_results):
@@ -744,8 +730,8 @@ def _same(pool_results, local_results):
 
 
 @pytest.mark.slow
-def test_evaluation_pool_matches_the_local_env_and_follows_new_bases(real, local_ray):
-    ray = local_ray
+def test_evaluation_pool_matches_the_local_env_and_follows_new_bases(real, ray_session):
+    ray = ray_session
     from rlpruner_ray.search.workers import EvaluationPool, start_store
 
     graph, config = real["graph"], real["config"]
