@@ -7,6 +7,7 @@ pruning code removes the lowest first.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -92,3 +93,32 @@ def _group_score(group, criterion: str) -> torch.Tensor | None:
         total += torch.where(mean > 0, per_root / mean.clamp_min(1e-300), per_root)
         members += 1
     return (total / members).float() if members else None
+
+
+def root_ranks(score: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rank of each root channel (0 = least important; ties broken by index). With
+    ``unit`` conv groups, channels go by position within a conv group, in every
+    conv group at once: a position ranks by its mean score over the conv groups,
+    and its ``unit`` channels take consecutive ranks (so any multiple of ``unit``
+    least-ranked channels is whole positions)."""
+    per_group = len(score) // unit
+    position_score = score.reshape(unit, per_group).mean(dim=0)
+    order = torch.argsort(position_score, stable=True)
+    position_rank = torch.empty_like(order)
+    position_rank[order] = torch.arange(per_group, device=order.device)
+    channel = torch.arange(len(score), device=score.device)
+    return position_rank[channel % per_group] * unit + channel // per_group
+
+
+def score_features(scores: list[torch.Tensor]) -> np.ndarray:
+    """Per-group, scale-free importance statistics for an RL observation: the
+    coefficient of variation of the scores and the share of channels scoring
+    under half the group mean (how much is cheap to remove)."""
+    feats = np.zeros((len(scores), 2), dtype=np.float32)
+    for g, s in enumerate(scores):
+        s = s.cpu().double().abs()
+        mean = float(s.mean())
+        if mean > 0:
+            feats[g, 0] = float(s.std(unbiased=False) / mean)
+            feats[g, 1] = float((s < 0.5 * mean).double().mean())
+    return feats

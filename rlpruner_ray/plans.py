@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from .cost import cost_axis, smallest_meeting
 from .errors import ConfigError, PlanError, one_line
 from .graph import PruningGraph
 
@@ -44,24 +45,16 @@ def plan_for_step(graph: PruningGraph, distribution, context: dict, *, round_to:
         n = int(round(context["num_filters"] * fraction)) - int(done.sum())
         n = min(max(n, 0), int(np.maximum(graph.channels - graph.floors - done, 0).sum()))
         return graph.plan(distribution, n, round_to=round_to, already_removed=done)
-    kind = 0 if target["kind"] == "macs" else 1
+    kind = cost_axis(target["kind"])
     start = graph.cost(np.zeros(graph.num_groups), done)[kind]
     goal = start - (start - target["value"]) * fraction
     capacity = int(np.maximum(graph.channels - graph.floors - done, 0).sum())
 
-    def cost(n):
-        return graph.cost(graph.plan(distribution, n, round_to=round_to, already_removed=done), done)[kind]
+    def meets(n):
+        return graph.cost(graph.plan(distribution, n, round_to=round_to, already_removed=done), done)[kind] <= goal
 
-    lo, hi = 0, capacity                # smallest n with cost(n) <= goal (cost falls with n)
-    if cost(hi) > goal:
-        lo = hi
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(mid) <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    counts = graph.plan(distribution, lo, round_to=round_to, already_removed=done)
+    n = smallest_meeting(meets, 0, capacity)   # cost falls with n; all of it when even that misses the goal
+    counts = graph.plan(distribution, capacity if n is None else n, round_to=round_to, already_removed=done)
     return give_back_overshoot(graph, counts, kind, goal, already_removed=done, round_to=round_to)
 
 
@@ -124,15 +117,11 @@ def global_plan(graph, context: dict, *, step_fraction: float = 0.1) -> np.ndarr
     if target is None:
         n = context.get("num_filters") or int(round(step_fraction * graph.total_channels))
         return global_counts(graph, max(1, min(n, len(order))), order)
-    kind = 0 if target["kind"] == "macs" else 1
-    lo, hi = 0, len(order)                 # smallest n whose cost meets the target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if graph.cost(global_counts(graph, mid, order))[kind] <= target["value"]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return give_back_overshoot(graph, global_counts(graph, max(lo, 1), order), kind, target["value"])
+    kind = cost_axis(target["kind"])
+    n = smallest_meeting(lambda n: graph.cost(global_counts(graph, n, order))[kind] <= target["value"],
+                         0, len(order))     # the fewest channels whose cost meets the target, else all
+    n = len(order) if n is None else n
+    return give_back_overshoot(graph, global_counts(graph, max(n, 1), order), kind, target["value"])
 
 
 RATIO_TOLERANCE = 1e-4
@@ -189,30 +178,23 @@ def tp_plan(graph, context: dict, global_pruning: bool) -> tuple[np.ndarray, lis
     model = copy.deepcopy(graph.model)
     target = context.get("cost_target")
 
-    def plan(ratio):
-        indices = tp_channels(graph, ratio, global_pruning, model)
-        return np.array([len(i) for i in indices], np.int64), indices
+    plans = {}     # ratio -> (counts, indices): the bisection's answer is one it has tried
 
-    def meets(counts):
+    def meets(ratio):
+        indices = tp_channels(graph, ratio, global_pruning, model)
+        counts = np.array([len(i) for i in indices], np.int64)
+        plans[ratio] = counts, indices
         if target is None:
             return counts.sum() >= context["num_filters"]
-        return graph.cost(counts)[0 if target["kind"] == "macs" else 1] <= target["value"]
+        return graph.cost(counts)[cost_axis(target["kind"])] <= target["value"]
 
-    lo, hi = 0.0, MAX_RATIO
-    best = plan(hi)
-    if not meets(best[0]):
+    hi = smallest_meeting(meets, 0.0, MAX_RATIO, tolerance=RATIO_TOLERANCE)
+    if hi is None:
         raise PlanError("Torch-Pruning cannot reach the step's target within the group floors")
-    while hi - lo > RATIO_TOLERANCE:
-        mid = (lo + hi) / 2
-        candidate = plan(mid)
-        if meets(candidate[0]):
-            hi, best = mid, candidate
-        else:
-            lo = mid
+    best = plans[hi]
     if target is None:
         return best
-    kind = 0 if target["kind"] == "macs" else 1
-    counts = give_back_overshoot(graph, best[0], kind, target["value"])
+    counts = give_back_overshoot(graph, best[0], cost_axis(target["kind"]), target["value"])
     if np.array_equal(counts, best[0]):
         return best
     return counts, tp_channels(graph, hi, global_pruning, model, limits=counts)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from . import checkpoint as ckpt
 from . import compute
 from .config import CompressConfig
+from .cost import cost_axis
 from .data import Dataset, load_dataset
 from .errors import ConfigError, ModelError
 from .graph import PruningGraph
@@ -108,8 +109,7 @@ def check_reachable(config: CompressConfig, graph: PruningGraph, original: dict)
         if need < 1:
             raise ConfigError(f"sparsity {config.sparsity:g} removes no filter of {graph.total_channels}")
     else:
-        kind = 0 if config.target == "macs" else 1
-        floor = graph.cost(graph.channels - graph.floors)[kind]
+        floor = graph.cost(graph.channels - graph.floors)[cost_axis(config.target)]
         goal = original[config.target] * (1 - config.sparsity)
         if floor > goal:
             raise ConfigError(f"{config.target} sparsity {config.sparsity:g} is unreachable: the floors keep "

@@ -38,6 +38,35 @@ def no_ray_token_in_home():
     assert after == before, f"a test wrote {token}"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests on the shared Ray (``ray_session``) run after all the others, in their
+    collected order: that Ray lives until the session ends, and every other test must
+    find none running (an in-process compress or sweep then starts, sizes and stops
+    its own, as a user's does)."""
+    on_ray = [item for item in items if "ray_session" in getattr(item, "fixturenames", ())]
+    if on_ray:
+        items[:] = [item for item in items if "ray_session" not in getattr(item, "fixturenames", ())] + on_ray
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """The one in-process Ray of the test run: a private local Ray started the
+    project's way (``runtime.init_ray``: loopback, token auth, nothing in ~/.ray), with
+    CI's 2 CPUs. A Ray already running here was leaked by an earlier test (or started
+    by one in process): the tests below would run on a Ray nobody set up for them, so
+    that is an error, never a skip. Tests that start their own clusters or runs in
+    subprocesses do not use it."""
+    import ray
+    from rlpruner_ray.runtime import init_ray, shutdown_ray
+    if ray.is_initialized():
+        pytest.fail("Ray is already running in the test process: an earlier test left it running")
+    init_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
+    try:
+        yield ray
+    finally:
+        shutdown_ray()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: a second intra-op thread only spins
@@ -55,21 +84,9 @@ def digits16():
 
 
 @pytest.fixture(scope="session")
-def quick_resnet8(digits16):
-    """A resnet8 trained for a few seconds on digits (eval mode); copy before changing it."""
-    from rlpruner_ray.models import build_model
-    from rlpruner_ray.train import TrainSettings, train_base
-    torch.manual_seed(TEST_SEED)
-    model = build_model("resnet8", 10, 1)
-    result = train_base(model, digits16,
-                        TrainSettings(epochs=5, lr=0.05, batch_size=64, augment=False, seed=TEST_SEED))
-    assert result.best_val_top1 > 0.5, result.best_val_top1        # learned: well above chance (0.1)
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
 def base_checkpoint(tmp_path_factory, digits16):
-    """Path of a resnet8 trained on digits (val top-1 well above chance)."""
+    """Path of a resnet8 trained on digits (val top-1 well above chance): the one
+    trained model of the test run (``quick_resnet8`` is loaded from it)."""
     from rlpruner_ray.checkpoint import save_pruned, tag_model
     from rlpruner_ray.models import build_model, model_spec
     from rlpruner_ray.train import TrainSettings, train_base
@@ -81,3 +98,11 @@ def base_checkpoint(tmp_path_factory, digits16):
     path = tmp_path_factory.mktemp("base") / "base_model.pt"
     save_pruned(model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_resnet8(base_checkpoint):
+    """The trained resnet8 of ``base_checkpoint`` as a module (eval mode), shared by
+    the session; copy before changing it."""
+    from rlpruner_ray.checkpoint import load_pruned
+    return load_pruned(base_checkpoint).eval()

@@ -1,4 +1,5 @@
-"""The rlpruner command's non-Ray subcommands: train, evaluate, prune (+ export)."""
+"""The rlpruner command's non-Ray subcommands: train, evaluate, prune (+ export),
+run as a user runs them; their refusals in this process (``cli.main``)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import sys
 import torch
 
 from rlpruner_ray.checkpoint import load_pruned
+from rlpruner_ray.cli import main
 
 
 def _cli(*args):
@@ -54,7 +56,7 @@ def test_prune_with_torch_pruning_reaches_the_macs_target(tmp_path, base_checkpo
     assert sum(p.numel() for p in small.parameters()) == summary["pruned"]["params"]
 
 
-def test_bad_input_one_line_exit_2(tmp_path, base_checkpoint):
+def test_bad_input_one_line_exit_2(tmp_path, base_checkpoint, capsys):
     cases = [
         ("evaluate", str(tmp_path / "missing.pt")),
         ("evaluate", str(base_checkpoint), "--dataset", "nope"),
@@ -65,9 +67,15 @@ def test_bad_input_one_line_exit_2(tmp_path, base_checkpoint):
         ("compress", "--resume", "--overwrite", "--out-dir", str(tmp_path / "x")),
         ("compress", "--train-lr", "nan", "--out-dir", str(tmp_path / "x")),
     ]
+    # in this process: a refusal is decided before any work (the exit code of the
+    # real process: faults/test_cli_refusals.py)
     for args in cases:
-        r = _cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("rlpruner")]
-        assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
+        try:
+            code = main(["-q", *args])
+        except SystemExit as exc:           # argparse's own refusals
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        lines = [ln for ln in err.splitlines() if ln.startswith("rlpruner")]
+        assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in err, (args, err)
         assert not (tmp_path / "x").exists(), args

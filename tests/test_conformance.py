@@ -87,7 +87,8 @@ def test_resnext_and_regnet_have_their_grouped_groups():
 
 def test_layernorm_groups_are_scored_physically():
     """ConvNeXt: a LayerNorm over the channels counts zeroed channels, so its groups
-    are named inexact and scored on the pruned model, equal to prune(plan)."""
+    are named inexact and scored on the pruned model, equal to prune(plan); masking
+    refuses a plan on them rather than score a different model."""
     graph = _graph("tv:convnext_tiny")
     assert not graph.masking_exact
     assert graph.exactness()["physical_groups"]
@@ -101,6 +102,18 @@ def test_layernorm_groups_are_scored_physically():
     exact_only = plan * np.array([not g.inexact for g in graph.groups])
     with graph.scored(exact_only) as model:
         assert model is graph.model          # masked in place where that is exact
+    before = {k: v.clone() for k, v in graph.model.state_dict().items()}
+    with pytest.raises(PlanError, match=r"masked\(plan\) would differ from prune\(plan\).*graph\.scored\(plan\)"):
+        with graph.masked(plan):
+            pass
+    assert all(torch.equal(v, before[k]) for k, v in graph.model.state_dict().items())   # nothing zeroed
+    one = np.zeros(graph.num_groups, np.int64)
+    one[next(g for g, group in enumerate(graph.groups) if group.inexact)] = 1
+    with pytest.raises(PlanError, match="LayerNorm"):      # one channel of one such group is enough
+        graph.masked(one).__enter__()
+    with torch.no_grad(), graph.masked(exact_only) as model:   # the exact groups still mask
+        torch.testing.assert_close(model(graph.example_inputs), graph.prune(exact_only)(graph.example_inputs),
+                                   atol=1e-4, rtol=0)
 
 
 def test_layer_scale_parameters_are_masked_too():

@@ -75,14 +75,14 @@ def test_compress_end_to_end_and_resume_after_the_last_step(tmp_path, base_check
 
 def test_refusals_write_nothing(tmp_path, base_checkpoint, capsys):
     out = tmp_path / "run"
+    # (--evaluations-per-step 0 and a missing --base-checkpoint: test_refusals.py, word for word)
     cases = [
-        ["--sparsity", "0"], ["--sparsity", "1.2"], ["--evaluations-per-step", "0"],
+        ["--sparsity", "0"], ["--sparsity", "1.2"],
         ["--sparsity", "0.99", "--max-group-sparsity", "0.5"],          # unreachable with the floors
         ["--gpus-per-worker", "64"], ["--algo", "nope"], ["--criterion", "nope"],
         ["--dataset", "npz:/does/not/exist"], ["--model", "not_a_model"],
-        ["--base-checkpoint", str(tmp_path / "missing.pt")],
     ]
-    # in this process (fresh processes: test_cli.py and faults/test_cli_refusals.py)
+    # in this process (fresh processes: faults/test_cli_refusals.py)
     for extra in cases:
         try:
             code = main(["-q", "compress", "--out-dir", str(out), *extra])
@@ -95,18 +95,18 @@ def test_refusals_write_nothing(tmp_path, base_checkpoint, capsys):
         assert not out.exists(), extra
 
 
-def test_existing_run_is_not_overwritten_and_resume_checks_settings(tmp_path):
+def test_existing_run_is_not_overwritten_and_resume_checks_settings(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     config = CompressConfig(out_dir=str(out)).to_dict()
     (out / "config.json").write_text(json.dumps(config))
     before = (out / "config.json").read_bytes()
-    r = _cli(["compress", "--out-dir", str(out)])
-    assert r.returncode == 2 and "already holds a run" in r.stderr
-    r = _cli(["compress", "--out-dir", str(out), "--resume", "--sparsity", "0.7"])
-    assert r.returncode == 2 and "sparsity" in r.stderr
-    r = _cli(["compress", "--out-dir", str(tmp_path / "empty"), "--resume"])
-    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    assert main(["-q", "compress", "--out-dir", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["-q", "compress", "--out-dir", str(out), "--resume", "--sparsity", "0.7"]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert main(["-q", "compress", "--out-dir", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
     assert (out / "config.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 

@@ -221,14 +221,14 @@ def test_initial_distribution_is_proportional(graph, resnet_graph):
 
 
 def test_round_to_adjusts_the_group_furthest_from_its_share():
-    from rlpruner_ray.graph import _round_widths
+    from rlpruner_ray.allocate import round_widths
     widths = np.array([64, 64, 64, 64])
     # snapped to multiples of 8 the plan removes 8 + 0 + 8 + 0 = 16 of 29: one more unit
     # of 8 goes to group 0, the one furthest below its share (12 vs 8), not to group 1,
     # the smallest count (0 vs a share of 3)
     share = np.array([12, 3, 11, 3])
-    assert _round_widths(share, widths, widths - 1, 8, 29).tolist() == [16, 0, 8, 0]
+    assert round_widths(share, widths, widths - 1, 8, 29).tolist() == [16, 0, 8, 0]
     # taking back (24 + 8 + 8 = 40 of 31): from group 1, furthest above its share
     # (8 vs 5), not from group 0, the largest count (24 vs 22)
     share = np.array([22, 5, 5, 0])
-    assert _round_widths(share, widths, widths - 1, 8, 31).tolist() == [24, 0, 8, 0]
+    assert round_widths(share, widths, widths - 1, 8, 31).tolist() == [24, 0, 8, 0]

@@ -53,15 +53,13 @@ def test_full_compress_with_rllib(tmp_path, base_checkpoint, algo):
 
 
 @pytest.fixture(scope="module")
-def rllib_setup(tmp_path_factory, base_checkpoint, digits16):
-    """A local Ray, a model store with the base model, and its graph."""
-    import ray
+def rllib_setup(tmp_path_factory, ray_session, base_checkpoint, digits16):
+    """A model store on the shared Ray with the base model, and its graph."""
+    ray = ray_session
     from rlpruner_ray.checkpoint import load_pruned
     from rlpruner_ray.pipeline import build_graph
-    from rlpruner_ray.runtime import init_ray
     from rlpruner_ray.search.workers import make_payload, start_store
     out = tmp_path_factory.mktemp("rl")
-    init_ray(None, out, num_cpus=2)
     # (the ticket mechanics these tests exercise: no starting candidates on the driver)
     config = CompressConfig(algo="ppo", num_workers=2, evaluations_per_step=201, rl_batch_size=10,
                             out_dir=str(out), image_size=16, include_baselines=False)
@@ -78,7 +76,7 @@ def rllib_setup(tmp_path_factory, base_checkpoint, digits16):
     publish(model, graph, 0)
     yield {"config": config, "model": model, "graph": graph, "store": store, "name": name,
            "publish": publish, "digits": digits16}
-    ray.shutdown()
+    ray.kill(store)
 
 
 def _search(setup, step, budget, rows):
@@ -207,17 +205,19 @@ def test_env_runners_follow_new_base_and_survive_a_kill(rllib_setup, monkeypatch
         search.close()
 
 
-def test_unsupported_algorithm_and_unmeetable_resources_fail_fast(tmp_path):
+def test_unsupported_algorithm_and_unmeetable_resources_fail_fast(tmp_path, capsys):
+    from rlpruner_ray.cli import main
     out = tmp_path / "run"
     for extra, needle in [(["--algo", "dqn"], "continuous"),
                           (["--algo", "ppo", "--rl-num-learners", "4"], "CPU"),
                           (["--algo", "appo", "--gpus-per-worker", "0.5"], "GPU"),
                           (["--algo", "ppo", "--evaluations-per-step", "2"], "--evaluations-per-step")]:
         start = time.time()
-        r = _cli(["compress", "--out-dir", str(out), *extra])
-        assert r.returncode == 2, (extra, r.stderr)
-        line = [ln for ln in r.stderr.splitlines() if ln.startswith("rlpruner")]
-        assert len(line) == 1 and needle in line[0], (extra, r.stderr)
+        code = main(["-q", "compress", "--out-dir", str(out), *extra])
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err)
+        line = [ln for ln in err.splitlines() if ln.startswith("rlpruner")]
+        assert len(line) == 1 and needle in line[0], (extra, err)
         assert time.time() - start < 60
         assert not out.exists()
 

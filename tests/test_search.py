@@ -17,6 +17,7 @@ import torch
 from envs import LayerPruningEnv
 from rlpruner_ray.compute import SCORED_KEYS
 from rlpruner_ray.config import CompressConfig
+from rlpruner_ray.cost import cost_axis, smallest_meeting
 from rlpruner_ray.errors import ConfigError
 from rlpruner_ray.pipeline import build_graph
 from rlpruner_ray.search.base import BudgetExhausted, Evaluator, StepContext, plans_for
@@ -584,7 +585,7 @@ def test_global_is_a_threshold_search_in_cost_modes(real, kind):
     graph = real["graph"]
     env, context = _cost_env(real, kind, 0.4)
     target = context["cost_target"]["value"]
-    axis = 0 if kind == "macs" else 1
+    axis = cost_axis(kind)
     counts = global_plan(graph, context)
     # the threshold that stops at the target (the fewest ranked channels meeting it, by scan) ...
     threshold = next(c for c in (global_counts(graph, n) for n in range(1, graph.total_channels))
@@ -690,14 +691,10 @@ def test_torch_pruning_baselines_reach_the_macs_target_with_one_evaluation(real,
 def _found_ratio(graph, indices, global_pruning):
     """The smallest ratio whose Torch-Pruning plan is ``indices`` (scan, for the test)."""
     from rlpruner_ray.plans import tp_channels
-    lo, hi = 0.0, 0.9
-    while hi - lo > 1e-5:
-        mid = (lo + hi) / 2
-        if sum(map(len, tp_channels(graph, mid, global_pruning))) >= sum(map(len, indices)):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    ratio = smallest_meeting(lambda r: sum(map(len, tp_channels(graph, r, global_pruning))) >= sum(map(len, indices)),
+                             0.0, 0.9, tolerance=1e-5)
+    assert ratio is not None
+    return ratio
 
 
 def test_torch_pruning_global_in_filters_mode_removes_at_least_the_count(real):
@@ -723,20 +720,6 @@ def test_make_algorithm_native_names(algo):
 
 
 # ---------------------------------------------------------------------- Ray evaluation pool
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    """The project's own private local Ray (loopback, token auth, nothing in ~/.ray)."""
-    import ray
-    from rlpruner_ray.runtime import init_ray
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised by another test")
-    init_ray(None, tmp_path_factory.mktemp("ray_pool"), num_cpus=2)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def _same(pool_results, local_results):
     assert len(pool_results) == len(local_results)
     for p, q in zip(pool_results, local_results):
@@ -747,8 +730,8 @@ def _same(pool_results, local_results):
 
 
 @pytest.mark.slow
-def test_evaluation_pool_matches_the_local_env_and_follows_new_bases(real, local_ray):
-    ray = local_ray
+def test_evaluation_pool_matches_the_local_env_and_follows_new_bases(real, ray_session):
+    ray = ray_session
     from rlpruner_ray.search.workers import EvaluationPool, start_store
 
     graph, config = real["graph"], real["config"]

@@ -21,26 +21,15 @@ SMALL = end_to_end_flags()
 STARTS = ["uniform", "global", "tp-global"]
 
 
-@pytest.fixture(scope="module")
-def shared_ray(tmp_path_factory):
-    """One private local Ray for every run of this file (compress leaves a Ray it did
-    not start running), so each run pays for its actors, not for a cluster."""
-    import ray
-    from rlpruner_ray.runtime import init_ray, shutdown_ray
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised by another test")
-    init_ray(None, tmp_path_factory.mktemp("ray_users"), num_cpus=2)
-    yield ray
-    shutdown_ray()
-
-
 def _compress(out, *args) -> int:
+    # on the shared Ray (compress leaves a Ray it did not start running): each run
+    # pays for its actors, not for a cluster
     return main(["-q", "compress", "--out-dir", str(out), *SMALL, *args])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY)
-def test_user_model_finishes_the_default_compress(name, tmp_path, shared_ray, capsys):
+def test_user_model_finishes_the_default_compress(name, tmp_path, ray_session, capsys):
     out = tmp_path / name
     assert _compress(out, "--model", f"tests.user_models:{name}") == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -64,7 +53,7 @@ def test_user_model_finishes_the_default_compress(name, tmp_path, shared_ray, ca
 
 
 @pytest.mark.slow
-def test_torch_pruning_failure_skips_its_candidate(tmp_path, shared_ray, capfd):
+def test_torch_pruning_failure_skips_its_candidate(tmp_path, ray_session, capfd):
     """The issue's usernet2: Torch-Pruning's importance raises IndexError inside its
     pruner; the run goes on without that candidate and says why, everywhere."""
     out = tmp_path / "usernet2"
@@ -109,7 +98,7 @@ def test_torch_pruning_algo_on_such_a_model_is_refused_before_any_work(tmp_path,
 
 
 @pytest.mark.slow
-def test_unexpected_error_in_step_2_leaves_step_1_resumable(tmp_path, shared_ray, capsys, monkeypatch):
+def test_unexpected_error_in_step_2_leaves_step_1_resumable(tmp_path, ray_session, capsys, monkeypatch):
     out = tmp_path / "run"
     args = ["--sparsity", "0.5", "--step-fraction", "0.25"]
     real, calls = pipeline.finetune_kd, []
@@ -140,7 +129,7 @@ def test_unexpected_error_in_step_2_leaves_step_1_resumable(tmp_path, shared_ray
 
 
 @pytest.mark.slow
-def test_conformance_script_runs_named_models_end_to_end(tmp_path, shared_ray, capsys):
+def test_conformance_script_runs_named_models_end_to_end(tmp_path, ray_session, capsys):
     import csv
     import importlib.util
     from pathlib import Path

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from .common import init_weights
+
 
 class Bottleneck(nn.Module):
     """Pre-activation BN-ReLU-Conv1x1 (4k) then BN-ReLU-Conv3x3 (k); the k new
@@ -77,14 +79,7 @@ class DenseNet(nn.Module):
         self.relu = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(planes, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear="zero-bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.conv1(x))

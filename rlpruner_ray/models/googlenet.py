@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import init_weights
+
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
     return nn.Sequential(
@@ -74,9 +76,7 @@ class GoogLeNet(nn.Module):
         self.b5 = Inception(832, 384, 192, 384, 48, 128, 128)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(self.b5.out_channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre_layers(x)

@@ -1,7 +1,7 @@
-"""Fixtures of the fault suite: one private local Ray started the project's way
-(``runtime.init_ray``), and a base model published to a model store for
-evaluation actors. The model is an untrained resnet8 on real digits images:
-these tests check bookkeeping, determinism and memory, not accuracy."""
+"""Fixtures of the fault suite: a base model published to a model store for
+evaluation actors, on the test run's shared Ray (``ray_session``). The model is
+an untrained resnet8 on real digits images: these tests check bookkeeping,
+determinism and memory, not accuracy."""
 from __future__ import annotations
 
 import pytest
@@ -13,22 +13,7 @@ from .helpers import POOL_CONFIG
 
 
 @pytest.fixture(scope="package")
-def ray_local(tmp_path_factory):
-    """A private local Ray started by ``rlpruner_ray.runtime.init_ray``, for this package."""
-    import ray
-    from rlpruner_ray.runtime import init_ray, shutdown_ray
-    if ray.is_initialized():
-        pytest.skip("Ray already initialised by another test")
-    out = tmp_path_factory.mktemp("ray-run")
-    init_ray(None, out, num_cpus=2)
-    try:
-        yield ray
-    finally:
-        shutdown_ray()
-
-
-@pytest.fixture(scope="package")
-def published(ray_local, digits16):
+def published(ray_session, digits16):
     """An untrained resnet8, its graph and step context, published as version 0 to a
     model store that evaluation pools read."""
     from rlpruner_ray.checkpoint import tag_model
@@ -44,11 +29,11 @@ def published(ray_local, digits16):
     original = graph.sizes()
     context = {"step": 0, "num_steps": 5, "original": original, "num_filters": int(0.2 * graph.total_channels)}
     store, name = start_store()
-    ray_local.get(store.publish.remote(make_payload(model, graph, context, version=0)))
+    ray_session.get(store.publish.remote(make_payload(model, graph, context, version=0)))
     try:
         yield {"config": config, "graph": graph, "context": context, "store_name": name, "model": model}
     finally:
-        ray_local.kill(store)
+        ray_session.kill(store)
 
 
 @pytest.fixture(scope="package")

@@ -13,7 +13,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -209,8 +209,9 @@ def test_plan_depends_on_the_distribution_not_its_scale(graph, data):
     d = d / d.max()
     k = data.draw(st.one_of(st.integers(-900, 1023), st.integers(1015, 1023)))   # up to 2**1023: sums overflow
     scaled = d * 2.0 ** k
-    if not np.all(np.isfinite(scaled)) or np.any((scaled > 0) & (scaled < np.finfo(np.float64).tiny)):
-        return                                                          # not representable exactly
+    # a scale that is not exact (overflow, subnormals) says nothing about the plan:
+    # hypothesis draws another example instead of counting this one as a pass
+    assume(np.all(np.isfinite(scaled)) and not np.any((scaled > 0) & (scaled < np.finfo(np.float64).tiny)))
     n = data.draw(st.integers(0, graph.max_removable))
     np.testing.assert_array_equal(graph.plan(scaled, n), graph.plan(d, n))
 

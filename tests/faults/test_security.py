@@ -116,8 +116,8 @@ def _loopback(ip: str) -> bool:
 
 
 @pytest.mark.slow
-def test_local_ray_listens_on_loopback_only_without_dashboard(ray_local):
-    ray = ray_local
+def test_local_ray_listens_on_loopback_only_without_dashboard(ray_session):
+    ray = ray_session
     import os
 
     import psutil
