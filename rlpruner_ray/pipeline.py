@@ -1,13 +1,16 @@
 """compress(): the outer loop of RL-Pruner, resumable step by step.
 
-    base model -> for each step: graph + importance -> search (parallel actors)
-    -> prune physically -> KD fine-tune -> validate -> step checkpoint
-    -> publish the new base to every environment
-    -> final test evaluation (the only read of the test split) -> report files
+    preflight (every refusal; the base model's graph, built once)
+    -> prepare the folder -> the base model (loaded or trained) and its sizes
+    -> restore the RunState of the last finished step -> Ray, the model store
+    -> for each step, run_step: publish the new base -> search (parallel actors)
+       -> prune physically -> KD fine-tune -> validate -> record -> step checkpoint
+    -> teardown -> final test evaluation (the only read of the test split) -> report files
 
 Each step's randomness is seeded from (seed, step), and everything a step
-needs to continue is in its checkpoint, so a run killed anywhere and resumed
-with ``--resume`` ends with the same result files as an uninterrupted run.
+needs to continue is in its checkpoint (:class:`run_state.RunState`), so a run
+killed anywhere and resumed with ``--resume`` ends with the same result files
+as an uninterrupted run. The one-shot commands are in :mod:`rlpruner_ray.commands`.
 """
 from __future__ import annotations
 
