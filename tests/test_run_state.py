@@ -39,7 +39,7 @@ def _same_model(a, b) -> None:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_save_then_load_keeps_everything(tmp_path):
+def test_checkpoint_then_load_keeps_everything(tmp_path):
     base, small = _models()
     steps = [{"step": 1, "counts": [1, 2], "chosen_accuracy": 0.5, "evaluations": 6}]
     for teacher in (None, small):        # None: the base model teaches
@@ -47,7 +47,7 @@ def test_save_then_load_keeps_everything(tmp_path):
                          algo_state={"distribution": [0.25, 0.75], "iteration": 3}, ledger=_ledger(),
                          wall_before=10.0)
         path = tmp_path / "step_001.pt"
-        state.save(path)
+        state.checkpoint(path)
         back = RunState.load(path, allow_import="resnet8", started=123.0)
         _same_model(back.model, small)
         assert (back.teacher is None) == (teacher is None)
@@ -78,7 +78,7 @@ def test_the_file_keeps_the_layout_of_earlier_runs(tmp_path):
     assert state.ledger.state_dict() == _ledger().state_dict()
 
     new = tmp_path / "new.pt"
-    state.save(new)
+    state.checkpoint(new)
     a, b = ckpt.load_tensors(old), ckpt.load_tensors(new)
     assert list(a) == list(b) == KEYS
     for key in ("steps", "algo_state", "teacher_acc", "compute"):
