@@ -184,15 +184,15 @@ def _default_out_dir(command: str) -> str | None:
 
 
 def _work(args) -> dict:
-    from . import pipeline
+    from . import commands, pipeline
     if args.command == "compress":
         return pipeline.compress(_gpu_pool(args, _config(args)))
     if args.command == "train":
-        return pipeline.train_command(_config(args))
+        return commands.train_command(_config(args))
     if args.command == "evaluate":
-        return pipeline.evaluate_command(args.model_file, _config(args, device=args.device, seed=args.seed),
+        return commands.evaluate_command(args.model_file, _config(args, device=args.device, seed=args.seed),
                                          split=args.split)
-    out = pipeline.prune_command(_config(args, algo=args.algo, criterion=args.criterion), export=args.export)
+    out = commands.prune_command(_config(args, algo=args.algo, criterion=args.criterion), export=args.export)
     out.pop("config")
     return out
 

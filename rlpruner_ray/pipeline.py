@@ -1,13 +1,16 @@
 """compress(): the outer loop of RL-Pruner, resumable step by step.
 
-    base model -> for each step: graph + importance -> search (parallel actors)
-    -> prune physically -> KD fine-tune -> validate -> step checkpoint
-    -> publish the new base to every environment
-    -> final test evaluation (the only read of the test split) -> report files
+    preflight (every refusal; the base model's graph, built once)
+    -> prepare the folder -> the base model (loaded or trained) and its sizes
+    -> restore the RunState of the last finished step -> Ray, the model store
+    -> for each step, run_step: publish the new base -> search (parallel actors)
+       -> prune physically -> KD fine-tune -> validate -> record -> step checkpoint
+    -> teardown -> final test evaluation (the only read of the test split) -> report files
 
 Each step's randomness is seeded from (seed, step), and everything a step
-needs to continue is in its checkpoint, so a run killed anywhere and resumed
-with ``--resume`` ends with the same result files as an uninterrupted run.
+needs to continue is in its checkpoint (:class:`run_state.RunState`), so a run
+killed anywhere and resumed with ``--resume`` ends with the same result files
+as an uninterrupted run. The one-shot commands are in :mod:`rlpruner_ray.commands`.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import logging
 import shutil
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +30,13 @@ from . import compute
 from . import console
 from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset
-from .errors import ConfigError, ModelError, RLPrunerError, StepFailed, one_line
+from .errors import ConfigError, RLPrunerError, StepFailed, one_line
 from .graph import PruningGraph, group_widths
-from .measure import GPU_LATENCY_SETTING, LATENCY_SETTINGS, latency_ms, macs_params, time_against_base
+from .measure import GPU_LATENCY_SETTING, LATENCY_SETTINGS, macs_params, time_against_base
 from .models import build_model, model_spec
-from .problem import StepTargets, build_graph, check_fits, check_model, load_data, train_settings
+from .problem import StepTargets, build_graph, check_model, load_data, score_graph, train_settings
 from .report import HistoryWriter, LearningCurves, write_report
-from .plans import global_plan, plan_for_step, tp_plan
+from .run_state import RunState
 from .search.base import Evaluator, StepContext
 from .search.registry import check_algorithm, make_algorithm, planned_bundles
 from .train import evaluate, finetune_kd, train_base
@@ -133,27 +137,37 @@ def training_progress(config: CompressConfig, data: Dataset, epochs: int, label:
     return bar, view
 
 
-def load_or_train_base(config: CompressConfig, data: Dataset, run: RunFolder, device: str,
-                       ledger: compute.Ledger | None = None):
-    """The base model: a given checkpoint, the run's cached one, or trained now (its
-    compute charged to ``ledger``; a resumed run gets back what training its own base cost)."""
-    source = config.base_checkpoint or (run.base if run.base.exists() else None)
+def base_source(config: CompressConfig, run: RunFolder) -> Path | None:
+    """The file the base model comes from: ``--base-checkpoint``, else the one this
+    folder holds (an earlier attempt's, or ``rlpruner train``'s); None: trained now."""
+    if config.base_checkpoint:
+        return Path(config.base_checkpoint)
+    return run.base if run.base.exists() else None
+
+
+def open_base(config: CompressConfig, data: Dataset, source) -> torch.nn.Module:
+    """The base model before any work: loaded from ``source``, or (None) the model
+    :func:`prepare_base` trains, initialised at the run's seed."""
+    if source is not None:
+        return ckpt.load_pruned(source, allow_import=config.model)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.num_classes, data.in_channels)
+    return ckpt.tag_model(model, model_spec(config.model, data.num_classes, data.in_channels),
+                          data.example_inputs(1).shape[1:])
+
+
+def prepare_base(config: CompressConfig, data: Dataset, run: RunFolder, device: str, model, source,
+                 ledger: compute.Ledger | None = None):
+    """``model`` from :func:`open_base`, ready: a file's model as it is (a given
+    ``--base-checkpoint`` is copied into the folder), else trained now and saved as
+    the run's ``base_model.pt``. Compute is charged to ``ledger``; a resumed run gets
+    back what training its own base cost. Returns the same model object."""
     if source is not None:
         if ledger is not None and config.resume and not config.base_checkpoint:
             ledger.restore(ckpt.read_model_record(source)["meta"].get("compute"))
-        model = ckpt.load_pruned(source, allow_import=config.model)
-        spec = getattr(model, ckpt.SPEC_ATTR)
-        if spec["num_classes"] != data.num_classes or spec["in_channels"] != data.in_channels:
-            raise ModelError(f"checkpoint {source} is for {spec['num_classes']} classes / "
-                             f"{spec['in_channels']} channels, the dataset has {data.num_classes} / "
-                             f"{data.in_channels}")
         if config.base_checkpoint:
             ckpt.save_pruned(model, run.base, meta={"source": str(source)})
         return model
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, data.num_classes, data.in_channels)
-    ckpt.tag_model(model, model_spec(config.model, data.num_classes, data.in_channels),
-                   data.example_inputs(1).shape[1:])
     log.info("training the base model %s on %s for %d epochs", config.model, data.name, config.train_epochs)
     bar, counted = training_progress(config, data, config.train_epochs, "base training")
     with bar:
@@ -231,13 +245,58 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         log.info("the run in %s is already finished; its results are unchanged", run.root)
         return ckpt.load_json(run.summary)
     started = time.perf_counter()
-    # everything that can be refused is checked before the first byte is written, and
-    # what needs no data before the data is loaded (a refusal is the only line printed)
-    checkpoint = config.base_checkpoint or (run.base if config.resume and run.base.exists() else None)
-    probe = ckpt.load_pruned(checkpoint, allow_import=config.model) if checkpoint is not None else None
+    checked = preflight(config, run)
+    reset_folder(config, run)
     device = config.resolved_device()
+    # the compute this run executes; a resumed run continues the counts of its last
+    # checkpoint (like its wall time, work a kill threw away is not counted)
+    ledger = compute.Ledger()
+    base = prepare_base(config, checked.data, run, device, checked.model, checked.source, ledger)
+    base = base.to(device).eval()
+    graph = checked.graph.to(device)        # the base model's graph, built once (in preflight)
+    if not graph.masking_exact:
+        log.info("masked scoring is not exact for %d group(s), which need the physical path: %s",
+                 len(graph.inexact), "; ".join(sorted(set(graph.inexact.values())))[:300])
+    state = restore(config, run, device, ledger, base, started)
+    loop = open_loop(config, run, checked.data, device, base, graph, state)
+    try:
+        start_search(loop, state)
+        for step in range(len(state.steps), config.num_steps):
+            record = run_step(loop, state, step)
+            if on_step is not None:
+                on_step(record, run)
+    except (RLPrunerError, KeyboardInterrupt):
+        raise
+    except Exception as exc:    # the step under way is the one after the last recorded
+        raise _step_failed(run, config, f"step {len(state.steps) + 1}/{config.num_steps}", exc) from exc
+    finally:
+        loop.close()
+        if checked.own_ray:
+            from .runtime import shutdown_ray
+            shutdown_ray()
+    return finish(config, run, checked.data, base, state.model, state.steps, loop.original, device,
+                  wall_seconds=state.wall_seconds, exactness=graph.exactness(), ledger=state.ledger)
+
+
+@dataclass
+class Checked:
+    """What :func:`preflight` found usable: the data, the base model (loaded, or
+    initialised for training) with the file it came from, and its graph."""
+    data: Dataset
+    model: torch.nn.Module
+    source: Path | None
+    graph: PruningGraph
+    own_ray: bool                  # Ray was not running: this run starts it and shuts it down
+
+
+def preflight(config: CompressConfig, run: RunFolder) -> Checked:
+    """Everything that can be refused, before the first byte is written, and what
+    needs no data before the data is loaded (a refusal is the only line printed)."""
+    # --overwrite deletes the folder's own base model before it could be used
+    source = base_source(config, run) if config.base_checkpoint or not config.overwrite else None
+    probe = ckpt.load_pruned(source, allow_import=config.model) if source is not None else None
     from .cluster_offer import check_request
-    from .runtime import init_ray, local_offer, shutdown_ray
+    from .runtime import init_ray, local_offer
     import ray
     own_ray = not ray.is_initialized()
     if config.ray_address:
@@ -247,173 +306,234 @@ def compress(config: CompressConfig, on_step=None) -> dict:
     check_request(planned_bundles(config), f"algorithm {config.algo}", offered=None if
                   (config.ray_address or not own_ray) else local_offer())
     data = load_data(config)
-    check_model(config, data, probe, checkpoint)
-    del probe
+    model = probe if probe is not None else open_base(config, data, None)
+    return Checked(data, model, source, check_model(config, data, model, source), own_ray)
 
+
+def reset_folder(config: CompressConfig, run: RunFolder) -> None:
+    """The output folder, ready: emptied of an earlier run's files (--overwrite),
+    cleared of temp files a kill left (--resume), with the config written and the
+    libraries' output going to its log.txt (not the terminal)."""
     if config.overwrite and run.root.exists():
         for p in [run.steps, run.history, run.base, run.curves, run.log, *[run.root / f for f in RESULT_FILES]]:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run.root.mkdir(parents=True, exist_ok=True)
-    console.attach_log(run.root)    # Ray's and other libraries' output: log.txt (not the terminal)
+    console.attach_log(run.root)
     if config.resume:   # temp files of writes a kill cut short (their targets are intact)
         ckpt.remove_stale_temps(run.root, run.steps, run.history)
     ckpt.atomic_write_json(run.config, config.to_dict())
 
-    # the compute this run executes; a resumed run continues the counts of its last
-    # checkpoint (like its wall time, work a kill threw away is not counted)
-    ledger = compute.Ledger()
-    base = load_or_train_base(config, data, run, device, ledger).to(device).eval()
-    base_graph = PruningGraph(base, data.example_inputs(1).to(device), exclude=config.exclude,
-                              min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
-    original = base_graph.sizes()
-    if not base_graph.masking_exact:
-        log.info("masked scoring is not exact for %d group(s), which need the physical path: %s",
-                 len(base_graph.inexact), "; ".join(sorted(set(base_graph.inexact.values())))[:300])
-    targets = StepTargets.of(config, original["total_channels"])
 
-    # ---- resume
-    model, teacher, teacher_acc = base, base, None
-    steps: list[dict] = []
-    algo_state: dict = {}
-    spent_before = 0.0            # wall time of the earlier processes of this run (kept work only)
+def restore(config: CompressConfig, run: RunFolder, device: str, ledger: compute.Ledger, base,
+            started: float) -> RunState:
+    """The state after the last finished step (a resumed run, its ledger and wall
+    time included), or before the first: ``base`` to prune, ``ledger`` counting."""
     done = run.finished_steps()
-    if done:
-        state = ckpt.load_tensors(run.step_file(done[-1]))
-        model = ckpt.model_from_record(state["model"], allow_import=config.model).to(device)
-        steps = list(state["steps"])
-        algo_state = state["algo_state"]
-        teacher = (ckpt.model_from_record(state["teacher"], allow_import=config.model).to(device)
-                   if state["teacher"] is not None else base)
-        teacher_acc = state["teacher_acc"]
-        spent_before = float(state.get("wall_seconds", 0.0))
-        # (a run of a version without compute records is refused earlier: its config.json
-        # lacks selection_fraction, so --resume finds different settings)
-        ledger = compute.Ledger(state["compute"])
-        log.info("resuming after step %d of %d", done[-1], config.num_steps)
-    if teacher_acc is None:
-        teacher_acc = evaluate(base, data, "val", device=device, ledger=ledger)["top1"]
-    base_top1 = teacher_acc if not steps else None   # the drop guard's reference at step 0
+    if not done:
+        return RunState(model=base, ledger=ledger, started=started)
+    state = RunState.load(run.step_file(done[-1]), allow_import=config.model, device=device, started=started)
+    log.info("resuming after step %d of %d", done[-1], config.num_steps)
+    return state
+
+
+@dataclass
+class Loop:
+    """What every step of a run shares: its fixed inputs, the base model's sizes,
+    and the services it opened (the model store, the algorithm and its evaluation
+    pool, the history and the learning curves). ``version``: the step whose base
+    model the store holds (-1: none yet)."""
+    config: CompressConfig
+    run: RunFolder
+    data: Dataset
+    device: str
+    base: torch.nn.Module
+    base_graph: PruningGraph
+    original: dict
+    targets: StepTargets
+    base_top1: float | None          # the drop guard's reference at step 0
+    store: object
+    store_name: str
+    history: HistoryWriter
+    curves: LearningCurves
+    algo: object = None
+    pool: object = None
+    graph: PruningGraph | None = None
+    context: dict | None = None
+    version: int = -1
+
+    def close(self) -> None:
+        import ray
+        self.curves.close()
+        if self.pool is not None:
+            self.pool.close()
+        if self.algo is not None:
+            self.algo.close()
+        ray.kill(self.store)
+
+
+def open_loop(config: CompressConfig, run: RunFolder, data: Dataset, device: str, base, base_graph: PruningGraph,
+              state: RunState) -> Loop:
+    """The teacher's accuracy (a fresh run measures the base model), Ray, the model
+    store, the history and the learning curves."""
+    if state.teacher_acc is None:
+        state.teacher_acc = evaluate(base, data, "val", device=device, ledger=state.ledger)["top1"]
     curves = LearningCurves(run.curves)
-    if not steps:
-        curves.step(0, {"val_top1": teacher_acc, "sparsity": 0.0, "macs_kept": 1.0, "params_kept": 1.0})
-
+    if not state.steps:
+        curves.step(0, {"val_top1": state.teacher_acc, "sparsity": 0.0, "macs_kept": 1.0, "params_kept": 1.0})
+    from .model_store import start_store
+    from .runtime import init_ray
     init_ray(config.ray_address, run.root)
-    from .model_store import make_payload, start_store
-    from .search.workers import EvaluationPool
     store, store_name = start_store()
-    algo = pool = None
-    history = HistoryWriter(run.history, algo=config.algo, base_macs=original_macs(original))
-    try:
-        start = len(steps)
-        if start < config.num_steps:   # (a run killed after its last step goes straight to the report)
-            graph = build_graph(config, model, data, device, ledger)
-            context = targets.context(start, original, graph)
-            ray.get(store.publish.remote(make_payload(model, graph, context, version=start)))
-            algo = make_algorithm(config, store_name=store_name)
-            algo.load_state_dict(algo_state)
-            if done:
-                algo.load_extra(run.algo_dir(done[-1]))
-            if algo.uses_pool:
-                pool = EvaluationPool(config, store_name)
-        for step in range(start, config.num_steps):
-            t0 = time.perf_counter()
-            if step > start:
-                graph = build_graph(config, model, data, device, ledger)
-                context = targets.context(step, original, graph)
-                ray.get(store.publish.remote(make_payload(model, graph, context, version=step)))
-                algo.on_new_base(step)
-            number = step + 1     # (step: 0-based index for seeds and contexts; number: what people read)
-            label = f"step {number}/{config.num_steps}"
-            spent = sum(s["evaluations"] for s in steps)
-            searching = console.Progress(config.evaluations_per_step, f"{label} evaluations")
+    original = base_graph.sizes()
+    return Loop(config, run, data, device, base, base_graph, original,
+                StepTargets.of(config, original["total_channels"]),
+                state.teacher_acc if not state.steps else None, store, store_name,
+                HistoryWriter(run.history, algo=config.algo, base_macs=original_macs(original)), curves)
 
-            def on_candidate(c, seconds, spent=spent, bar=searching):
-                history.add(c, seconds)
-                curves.evaluation(spent + c.index + 1, c)
-                bar.update()
 
-            # an algorithm without evaluation actors (RLlib's) scores what it asks the
-            # evaluator for on the driver
-            score = (lambda ds, v=step: pool.evaluate(ds, v)) if pool is not None else algo.score
-            evaluator = Evaluator(score, config.evaluations_per_step, on_candidate=on_candidate)
-            ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
-                              reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
-                              extras={k: context.get(k) for k in ("num_filters", "cost_target")})
-            searched = time.perf_counter()
-            with searching:
-                chosen = algo.search(ctx, evaluator)
-            for skip in ctx.skipped:
-                log.warning("step %d/%d: the %s candidate is skipped: %s", number, config.num_steps,
-                            skip["candidate"], skip["reason"])
-            search_s = time.perf_counter() - t0
-            charge_search(ledger, evaluator.candidates, time.perf_counter() - searched)
+def start_search(loop: Loop, state: RunState) -> None:
+    """The first step of this process: its base model published, the algorithm made
+    (with the state it had after the last finished step) and its evaluation pool.
+    A run killed after its last step has none (it goes straight to the report)."""
+    start = len(state.steps)
+    if start >= loop.config.num_steps:
+        return
+    # a fresh run's first base is the base model, whose graph is already built
+    graph = (score_graph(loop.config, loop.base_graph, loop.data, loop.device, state.ledger) if start == 0
+             else None)
+    publish_base(loop, state, start, graph)
+    loop.algo = make_algorithm(loop.config, store_name=loop.store_name)
+    loop.algo.load_state_dict(state.algo_state)
+    if start:
+        loop.algo.load_extra(loop.run.algo_dir(start))
+    if loop.algo.uses_pool:
+        from .search.workers import EvaluationPool
+        loop.pool = EvaluationPool(loop.config, loop.store_name)
 
-            small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
-            before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
-            epochs = finetune_epochs(config, data)
-            bar, counted = training_progress(config, data, epochs, f"{label} fine-tuning", finetune=True)
-            with bar:
-                ft = finetune_kd(small, teacher, counted,
-                                 train_settings(config, epochs=epochs, lr=config.finetune_lr,
-                                                seed=config.seed + step + 1, device=device, finetune=True,
-                                                label=f"{label} fine-tuning"),
-                                 temperature=config.kd_temperature, alpha=config.kd_alpha, ledger=ledger)
-            after = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
-            if after > teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
-                teacher, teacher_acc = small, after
-            macs, params = macs_params(small, data.example_inputs(1).to(device))
-            removed = original["total_channels"] - (graph.total_channels - int(chosen.counts.sum()))
-            record = {
-                "step": number, "filters_removed": int(removed),
-                "sparsity": removed / original["total_channels"],
-                "macs": macs, "params": params,
-                "macs_reduction": 1 - macs / original["macs"], "params_reduction": 1 - params / original["params"],
-                "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy, "chosen_source": chosen.source,
-                "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
-                "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": ft.best_epoch,
-                "finetune_batches": ft.batches,
-                "macs_executed": sum(c.macs_executed for c in evaluator.candidates),
-                "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
-                "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
-                "counts": chosen.counts.tolist(),
-                "skipped": list(ctx.skipped),
-            }
-            if pool is not None:
-                record.update(pool.scoring_choice())
-            steps.append(record)
-            curves.step(number, {"val_top1": after, "val_top1_before_finetune": before, "sparsity": record["sparsity"],
-                                 "macs_kept": 1 - record["macs_reduction"], "params_kept": 1 - record["params_reduction"],
-                                 "best_reward": evaluator.best.reward, "chosen_reward": chosen.reward})
-            history.flush(number, chosen.index)
-            algo.save_extra(run.algo_dir(number))
-            ckpt.save_tensors(run.step_file(number), {
-                "model": ckpt.model_record(small), "steps": steps, "algo_state": algo.state_dict(),
-                "teacher": None if teacher is base else ckpt.model_record(teacher), "teacher_acc": teacher_acc,
-                "wall_seconds": spent_before + time.perf_counter() - started, "compute": ledger.state_dict()})
-            log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
-                     "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
-                     evaluator.used, evaluator.best.reward, 100 * record["sparsity"],
-                     100 * macs / original["macs"], before, after, record["step_seconds"])
-            model = small
-            if on_step is not None:
-                on_step(record, run)
-    except (RLPrunerError, KeyboardInterrupt):
-        raise
-    except Exception as exc:    # the step under way is the one after the last recorded
-        raise _step_failed(run, config, f"step {len(steps) + 1}/{config.num_steps}", exc) from exc
-    finally:
-        curves.close()
-        if pool is not None:
-            pool.close()
-        if algo is not None:
-            algo.close()
-        ray.kill(store)
-        if own_ray:
-            shutdown_ray()
 
-    return finish(config, run, data, base, model, steps, original, device,
-                  wall_seconds=lambda: spent_before + time.perf_counter() - started,
-                  exactness=base_graph.exactness(), ledger=ledger)
+def publish_base(loop: Loop, state: RunState, step: int, graph: PruningGraph | None = None) -> None:
+    """Step ``step``'s base model (``state.model``) and its graph (built here unless
+    given) and context, published to every environment through the store."""
+    import ray
+    from .model_store import make_payload
+    graph = graph or build_graph(loop.config, state.model, loop.data, loop.device, state.ledger)
+    context = loop.targets.context(step, loop.original, graph)
+    ray.get(loop.store.publish.remote(make_payload(state.model, graph, context, version=step)))
+    loop.graph, loop.context, loop.version = graph, context, step
+
+
+def run_step(loop: Loop, state: RunState, step: int) -> dict:
+    """One pruning step (``step``: 0-based, for seeds and contexts): the new base
+    published, the search, the chosen plan applied and KD fine-tuned, the step's
+    record, history and curves, and the checkpoint. Returns the record."""
+    config, data, device, ledger = loop.config, loop.data, loop.device, state.ledger
+    t0 = time.perf_counter()
+    if loop.version != step:
+        publish_base(loop, state, step)
+        loop.algo.on_new_base(step)
+    graph = loop.graph
+    number = step + 1     # what people read
+    label = f"step {number}/{config.num_steps}"
+    found = search_step(loop, state, step, label, t0)
+    chosen = found.chosen
+    small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
+    before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
+    epochs = finetune_epochs(config, data)
+    bar, counted = training_progress(config, data, epochs, f"{label} fine-tuning", finetune=True)
+    teacher = state.teacher if state.teacher is not None else loop.base
+    with bar:
+        ft = finetune_kd(small, teacher, counted,
+                         train_settings(config, epochs=epochs, lr=config.finetune_lr, seed=config.seed + step + 1,
+                                        device=device, finetune=True, label=f"{label} fine-tuning"),
+                         temperature=config.kd_temperature, alpha=config.kd_alpha, ledger=ledger)
+    after = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
+    if after > state.teacher_acc:  # a better pruned model becomes the teacher (as in the paper)
+        state.teacher, state.teacher_acc = small, after
+    record = step_record(loop, number, small, found, before=before, after=after, finetuned=ft, t0=t0)
+    state.steps.append(record)
+    loop.curves.step(number, {"val_top1": after, "val_top1_before_finetune": before,
+                              "sparsity": record["sparsity"], "macs_kept": 1 - record["macs_reduction"],
+                              "params_kept": 1 - record["params_reduction"], "best_reward": found.evaluator.best.reward,
+                              "chosen_reward": chosen.reward})
+    loop.history.flush(number, chosen.index)
+    loop.algo.save_extra(loop.run.algo_dir(number))
+    state.model, state.algo_state = small, loop.algo.state_dict()
+    state.checkpoint(loop.run.step_file(number))
+    log.info("step %d/%d: %d evaluations, best reward %.4f; %.1f%% filters removed, MACs %.1f%% of "
+             "base; val %.4f -> %.4f after fine-tuning (%.1fs)", number, config.num_steps,
+             found.evaluator.used, found.evaluator.best.reward, 100 * record["sparsity"],
+             100 * record["macs"] / loop.original["macs"], before, after, record["step_seconds"])
+    return record
+
+
+@dataclass
+class Search:
+    """A step's search: the chosen candidate, the evaluator (every candidate it
+    scored), the step context (``skipped`` candidates) and its seconds since the
+    step began (the new base's graph included)."""
+    chosen: object
+    evaluator: Evaluator
+    ctx: StepContext
+    seconds: float
+
+
+def search_step(loop: Loop, state: RunState, step: int, label: str, t0: float) -> Search:
+    """The step's search over ``loop.graph``, its compute charged; candidates go to
+    the history and the curves as they come."""
+    config, number = loop.config, step + 1
+    spent = sum(s["evaluations"] for s in state.steps)
+    searching = console.Progress(config.evaluations_per_step, f"{label} evaluations")
+
+    def on_candidate(c, seconds):
+        loop.history.add(c, seconds)
+        loop.curves.evaluation(spent + c.index + 1, c)
+        searching.update()
+
+    # an algorithm without evaluation actors (RLlib's) scores what it asks the
+    # evaluator for on the driver
+    pool = loop.pool
+    score = (lambda ds, v=step: pool.evaluate(ds, v)) if pool is not None else loop.algo.score
+    evaluator = Evaluator(score, config.evaluations_per_step, on_candidate=on_candidate)
+    ctx = StepContext(step, config.num_steps, loop.graph, np.random.default_rng([config.seed, step]),
+                      reference_accuracy=state.steps[-1]["chosen_accuracy"] if state.steps else loop.base_top1,
+                      extras={k: loop.context.get(k) for k in ("num_filters", "cost_target")})
+    searched = time.perf_counter()
+    with searching:
+        chosen = loop.algo.search(ctx, evaluator)
+    for skip in ctx.skipped:
+        log.warning("step %d/%d: the %s candidate is skipped: %s", number, config.num_steps,
+                    skip["candidate"], skip["reason"])
+    seconds = time.perf_counter() - t0
+    charge_search(state.ledger, evaluator.candidates, time.perf_counter() - searched)
+    return Search(chosen, evaluator, ctx, seconds)
+
+
+def step_record(loop: Loop, number: int, small, found: Search, *, before: float, after: float, finetuned,
+                t0: float) -> dict:
+    """What summary.json's ``steps`` and the step checkpoint keep of step ``number``:
+    ``small`` (the pruned and fine-tuned model) against the base model, the search's
+    choice, val accuracy ``before`` and ``after`` fine-tuning."""
+    original, chosen, evaluator = loop.original, found.chosen, found.evaluator
+    macs, params = macs_params(small, loop.data.example_inputs(1).to(loop.device))
+    removed = original["total_channels"] - (loop.graph.total_channels - int(chosen.counts.sum()))
+    record = {
+        "step": number, "filters_removed": int(removed),
+        "sparsity": removed / original["total_channels"],
+        "macs": macs, "params": params,
+        "macs_reduction": 1 - macs / original["macs"], "params_reduction": 1 - params / original["params"],
+        "chosen_reward": chosen.reward, "chosen_accuracy": chosen.accuracy, "chosen_source": chosen.source,
+        "best_reward": evaluator.best.reward, "evaluations": evaluator.used,
+        "val_top1_before_finetune": before, "val_top1": after, "finetune_best_epoch": finetuned.best_epoch,
+        "finetune_batches": finetuned.batches,
+        "macs_executed": sum(c.macs_executed for c in evaluator.candidates),
+        "search_seconds": found.seconds, "step_seconds": time.perf_counter() - t0,
+        "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
+        "counts": chosen.counts.tolist(),
+        "skipped": list(found.ctx.skipped),
+    }
+    if loop.pool is not None:
+        record.update(loop.pool.scoring_choice())
+    return record
 
 
 def original_macs(original: dict) -> int:
@@ -470,7 +590,7 @@ def finish(config, run: RunFolder, data, base, model, steps, original, device, *
     return summary
 
 
-# ---------------------------------------------------------------------- other commands
+# ---------------------------------------------------------------------- checks for other commands
 def check_inputs(config: CompressConfig, base=None) -> Dataset:
     """Refuse what a run could not use, before it writes anything (``sweep`` and
     ``compare`` before their first trial; ``compress`` makes the same checks in its
@@ -483,84 +603,3 @@ def check_inputs(config: CompressConfig, base=None) -> Dataset:
     return data
 
 
-def train_command(config: CompressConfig) -> dict:
-    """``rlpruner train``: train a base model, save ``base_model.pt`` in out_dir."""
-    run = RunFolder(config.out_dir)
-    if run.base.exists() and not config.overwrite:
-        raise ConfigError(f"{run.base} exists; pass --overwrite to replace it")
-    data = load_data(config)
-    device = config.resolved_device()
-    run.base.unlink(missing_ok=True)
-    model = load_or_train_base(config, data, run, device)
-    m = measure_model(model, data, device, test=False)
-    return {"model_file": str(run.base), **m}
-
-
-def evaluate_command(path, config: CompressConfig, *, split: str) -> dict:
-    """``rlpruner evaluate``: accuracy, MACs, params and CPU latency of a model file."""
-    model = ckpt.load_pruned(path, allow_import=config.model)
-    data = load_data(config)
-    check_fits(model, data, path)
-    device = config.resolved_device()
-    r = evaluate(model, data, split, device=device)
-    macs, params = macs_params(model.cpu(), data.example_inputs(1))
-    shape = tuple(data.example_inputs(1).shape[1:])
-    return {"split": split, "top1": r["top1"], "top5": r["top5"], "macs": macs, "params": params,
-            "latency_ms_cpu_b1": latency_ms(model, shape, batch_size=1)}
-
-
-def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
-    """``rlpruner prune``: one-shot pruning with a non-learned strategy, then
-    optional KD fine-tuning; writes ``pruned_model.pt`` and ``summary.json``."""
-    run = RunFolder(config.out_dir)
-    if (run.model.exists() or run.summary.exists()) and not config.overwrite:
-        raise ConfigError(f"{run.root} already holds results; pass --overwrite to replace them")
-    # the file's and Torch-Pruning's refusals come before the data's lines and before training
-    given = ckpt.load_pruned(config.base_checkpoint, allow_import=config.model) if config.base_checkpoint else None
-    started = time.perf_counter()
-    ledger = compute.Ledger()
-    device = config.resolved_device()
-    data = load_data(config)
-    check_model(config, data, given, config.base_checkpoint)
-    if given is not None:
-        base = given
-    else:
-        base = load_or_train_base(config, data, run, device, ledger)
-    base = base.to(device).eval()
-    graph = build_graph(config, base, data, device, ledger)
-    original = {"macs": graph.base_macs, "params": graph.base_params}
-    rng = np.random.default_rng(config.seed)
-    if config.target == "filters":
-        context = {"num_filters": int(round(config.sparsity * graph.total_channels))}
-    else:
-        context = {"cost_target": {"kind": config.target, "value": original[config.target] * (1 - config.sparsity)}}
-    indices = None
-    if config.algo == "global":          # the global threshold itself, not rescaled by a plan
-        counts = global_plan(graph, context)
-    elif config.algo in ("tp-uniform", "tp-global"):
-        counts, indices = tp_plan(graph, context, global_pruning=config.algo == "tp-global")
-    else:
-        distribution = (rng.dirichlet(graph.initial_distribution() * graph.num_groups + 1e-3)
-                        if config.algo == "random" else graph.initial_distribution())
-        counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
-    small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
-    before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
-    ft = finetune_kd(small, base, data, train_settings(config, epochs=finetune_epochs(config, data),
-                                                       lr=config.finetune_lr, seed=config.seed, device=device,
-                                                       finetune=True, label="fine-tuning"),
-                     temperature=config.kd_temperature, alpha=config.kd_alpha, ledger=ledger)
-    base_m, pruned_m = measure_pair(base, small, data, device, ledger)
-    run.root.mkdir(parents=True, exist_ok=True)
-    ckpt.save_pruned(small.cpu(), run.model, meta={"config": config.to_dict()})
-    if export:
-        ckpt.export_model(small, run.root / f"pruned_model.{'onnx' if export == 'onnx' else 'ts'}", export)
-    summary = {"config": config.to_dict(), "strategy": config.algo, "counts": counts.tolist(),
-               "base": base_m, "pruned": {**pruned_m, "val_top1_before_finetune": before},
-               "reductions": {"filters": float(counts.sum() / graph.total_channels),
-                              "macs": 1 - pruned_m["macs"] / base_m["macs"],
-                              "params": 1 - pruned_m["params"] / base_m["params"]},
-               "finetune_batches": ft.batches, "model_file": str(run.model)}
-    summary["wall_seconds"] = time.perf_counter() - started
-    summary["compute"] = ledger.summary(original_macs(graph.sizes()), summary["wall_seconds"])
-    ckpt.atomic_write_json(run.summary, summary)
-    return summary

@@ -78,17 +78,29 @@ def calibration_batch(config: CompressConfig, data: Dataset, device: str):
     return x, y
 
 
-def build_graph(config: CompressConfig, model, data: Dataset, device: str,
+def new_graph(config: CompressConfig, model, example_inputs) -> PruningGraph:
+    """``model``'s PruningGraph under the run's floors and exclusions (traced, with
+    its masking check), importance not yet scored."""
+    return PruningGraph(model, example_inputs, exclude=config.exclude, min_channels=config.min_channels,
+                        max_group_sparsity=config.max_group_sparsity)
+
+
+def score_graph(config: CompressConfig, graph: PruningGraph, data: Dataset, device: str,
                 ledger: compute.Ledger | None = None) -> PruningGraph:
-    graph = PruningGraph(model, data.example_inputs(1).to(device), exclude=config.exclude,
-                         min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    """Score ``graph``'s filters by the run's criterion (its compute charged to ``ledger``)."""
     x, y = calibration_batch(config, data, device)
     with (ledger or compute.Ledger()).timed("importance"), \
-            compute.counting_forwards(model, int(round(graph.base_macs))) as forward:
+            compute.counting_forwards(graph.model, int(round(graph.base_macs))) as forward:
         graph.compute_scores(config.criterion, x, y, seed=config.seed)
     if ledger is not None:      # a criterion that runs the model (taylor) takes gradients of that pass
         ledger.add("importance", forward[0] * (1 + compute.BACKWARD_FACTOR))
     return graph
+
+
+def build_graph(config: CompressConfig, model, data: Dataset, device: str,
+                ledger: compute.Ledger | None = None) -> PruningGraph:
+    """``model``'s PruningGraph, scored: what one step searches over."""
+    return score_graph(config, new_graph(config, model, data.example_inputs(1).to(device)), data, device, ledger)
 
 
 def check_fits(model, data: Dataset, source) -> None:
@@ -116,22 +128,23 @@ def check_reachable(config: CompressConfig, graph: PruningGraph, original: dict)
                               f"{1 - floor / original[config.target]:.1%} reduction at most")
 
 
-def check_model(config: CompressConfig, data: Dataset, probe=None, source=None) -> None:
+def check_model(config: CompressConfig, data: Dataset, probe=None, source=None) -> PruningGraph:
     """Refusals that need the model, before any work: it fits the data, the graph
     can be built, the target is reachable within the floors, and Torch-Pruning's
     pruner handles it when ``--algo`` is one of its baselines. ``probe``: the base
-    model loaded from the file ``source`` (else an untrained model of the same
-    structure is built)."""
+    model (loaded from the file ``source``, or about to be trained), else an
+    untrained model of the same structure is built. Returns the probe's graph,
+    unscored (a run builds its base model's graph once, here)."""
     if probe is not None:
         check_fits(probe, data, source)
     else:
         probe = build_model(config.model, data.num_classes, data.in_channels)
-    graph = PruningGraph(probe, data.example_inputs(1), exclude=config.exclude,
-                         min_channels=config.min_channels, max_group_sparsity=config.max_group_sparsity)
+    graph = new_graph(config, probe, data.example_inputs(1))
     check_reachable(config, graph, {"macs": graph.base_macs, "params": graph.base_params})
     if config.algo in ("tp-uniform", "tp-global"):
         from .plans import check_tp_supported      # (Torch-Pruning is imported only for its baselines)
         check_tp_supported(graph, global_pruning=config.algo == "tp-global")
+    return graph
 
 
 def env_settings(config: CompressConfig, *, store: str | None = None, device: str = "cpu") -> dict:

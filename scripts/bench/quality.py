@@ -140,7 +140,7 @@ def task_train(p: dict) -> dict:
     per-epoch batch cap, which that command does not expose)."""
     from rlpruner_ray.config import CompressConfig
     import logging
-    from rlpruner_ray.pipeline import train_command
+    from rlpruner_ray.commands import train_command
     logging.basicConfig(level=logging.WARNING, format="[rlpruner] %(message)s", stream=sys.stderr)
     logging.getLogger("rlpruner_ray").setLevel(logging.INFO)      # one line per epoch
     _threads(p.get("threads", 1))
@@ -499,7 +499,7 @@ def render(bench, st) -> tuple[str, list[str]]:
         trained = (f"reused, trained by an earlier run in {base['seconds']:.0f} s" if base.get("reused") else
                    f"trained in this run in {base['seconds']:.0f} s")
         made = (f"{P['train_epochs']} epochs x {P['train_batches']} batches of 128, lr {P['train_lr']}, trained by "
-                f"`pipeline.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
+                f"`commands.train_command` and cached in `{_rel(Path(base['file']))}` ({trained}).")
     searches = [m for m in P["methods"] if m in SEARCHES]
     one_shot = ", ".join(m for m in P["methods"] if algo_of(m) in ONE_SHOT and m not in VARIANTS
                          and not matched_of(m))
