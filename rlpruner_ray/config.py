@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 ALGORITHMS_NATIVE = ("rlpruner", "random", "cmaes", "uniform", "global", "tp-uniform", "tp-global")
-CRITERIA = ("taylor", "l1", "l2", "fpgm", "random")
+CRITERIA = ("taylor", "l1", "l2", "fpgm", "random", "tp-magnitude")
 REWARDS = ("acc", "flops", "params")
 REWARD_METRICS = ("top1", "kl", "loss")
 NOISE_TYPES = ("additive", "multiplicative")
@@ -80,7 +80,8 @@ class CompressConfig:
     # ---- importance and reward
     # L1 by default: measured above Taylor in every rlpruner search and in global
     # (BENCHMARKS.md section 3); ppo was the exception, within its interval
-    criterion: str = _f("l1", "filter importance criterion (paper: taylor)", "search", choices=CRITERIA)
+    criterion: str = _f("l1", "filter importance criterion (paper: taylor); tp-magnitude: Torch-Pruning's group "
+                        "L1 magnitude, the channel ranking tp-global prunes by", "search", choices=CRITERIA)
     calibration_samples: int = _f(100, "training images for the taylor criterion", "search", lo=1)
     reward: str = _f("acc", "acc, or acc plus a bonus for the MACs (flops) or params reduction", "search",
                      choices=REWARDS)

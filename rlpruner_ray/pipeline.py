@@ -32,7 +32,7 @@ from .measure import compare_latency, latency_ms, macs_params
 from .models import build_model, model_spec
 from .problem import StepTargets, build_graph, check_fits, check_model, load_data, train_settings
 from .report import HistoryWriter, LearningCurves, write_report
-from .plans import global_plan, plan_for_step, tp_plan
+from .plans import apply_plan, global_plan, plan_for_step, tp_plan
 from .search.base import Evaluator, StepContext
 from .search.registry import check_algorithm, make_algorithm, planned_bundles
 from .train import evaluate, finetune_kd, train_base
@@ -353,7 +353,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             search_s = time.perf_counter() - t0
             charge_search(ledger, evaluator.candidates, time.perf_counter() - searched)
 
-            small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
+            small = apply_plan(graph, chosen.counts, chosen.indices)
             before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
             epochs = finetune_epochs(config, data)
             bar, counted = training_progress(config, data, epochs, f"{label} fine-tuning", finetune=True)
@@ -548,7 +548,7 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
         distribution = (rng.dirichlet(graph.initial_distribution() * graph.num_groups + 1e-3)
                         if config.algo == "random" else graph.initial_distribution())
         counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
-    small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
+    small = apply_plan(graph, counts, indices)
     before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
     ft = finetune_kd(small, base, data, train_settings(config, epochs=finetune_epochs(config, data),
                                                        lr=config.finetune_lr, seed=config.seed, device=device,

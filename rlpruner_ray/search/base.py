@@ -74,9 +74,13 @@ class Evaluator:
         seconds = (time.perf_counter() - started) / len(items)
         out = []
         for d, r, name in zip(items, results, sources):
+            indices = None
             if isinstance(d, dict):
+                indices = d.get("indices")     # explicit channels: what the step applies if chosen
                 d = d["counts"] / max(d["counts"].sum(), 1)
-            out.append(self.record(candidate_from(d, r, iteration, name), seconds))
+            c = candidate_from(d, r, iteration, name)
+            c.indices = indices
+            out.append(self.record(c, seconds))
         return out
 
     def record(self, c: Candidate, seconds: float = 0.0) -> Candidate:
@@ -93,10 +97,12 @@ class Evaluator:
         return c
 
 
-def plans_for(env, items: list) -> list[np.ndarray]:
-    """Counts to score for each item: exact plans as they are, distributions
+def plans_for(env, items: list) -> list:
+    """What to score for each item: exact plans as counts, or as the plan itself
+    when it names its channels (the scorer prunes exactly those); distributions
     planned by ``env`` for its step."""
-    return [np.asarray(d["counts"]) if isinstance(d, dict) else env.plan_distribution(d) for d in items]
+    return [(d if d.get("indices") is not None else np.asarray(d["counts"])) if isinstance(d, dict)
+            else env.plan_distribution(d) for d in items]
 
 
 def candidate_from(distribution, result: dict, iteration: int, source: str = "sample",
