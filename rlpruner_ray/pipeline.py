@@ -12,6 +12,7 @@ with ``--resume`` ends with the same result files as an uninterrupted run.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import shutil
 import time
@@ -28,6 +29,7 @@ from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset
 from .errors import ConfigError, ModelError, RLPrunerError, StepFailed, one_line
 from .graph import PruningGraph, group_widths
+from .incumbent import Rescorer
 from .measure import compare_latency, latency_ms, macs_params
 from .models import build_model, model_spec
 from .problem import StepTargets, build_graph, check_fits, check_model, load_data, train_settings
@@ -320,6 +322,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 algo.load_extra(run.algo_dir(done[-1]))
             if algo.uses_pool:
                 pool = EvaluationPool(config, store_name)
+        rescorer = (Rescorer(config, data, device, ledger) if config.incumbent_rule and config.include_baselines
+                    and algo is not None and algo.searches else None)
         for step in range(start, config.num_steps):
             t0 = time.perf_counter()
             if step > start:
@@ -343,7 +347,8 @@ def compress(config: CompressConfig, on_step=None) -> dict:
             evaluator = Evaluator(score, config.evaluations_per_step, on_candidate=on_candidate)
             ctx = StepContext(step, config.num_steps, graph, np.random.default_rng([config.seed, step]),
                               reference_accuracy=steps[-1]["chosen_accuracy"] if steps else base_top1,
-                              extras={k: context.get(k) for k in ("num_filters", "cost_target")})
+                              extras={k: context.get(k) for k in ("num_filters", "cost_target")},
+                              rescore=functools.partial(rescorer, graph) if rescorer is not None else None)
             searched = time.perf_counter()
             with searching:
                 chosen = algo.search(ctx, evaluator)
@@ -352,6 +357,13 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                             skip["candidate"], skip["reason"])
             search_s = time.perf_counter() - t0
             charge_search(ledger, evaluator.candidates, time.perf_counter() - searched)
+            chosen = algo.keep_incumbent(ctx, evaluator, chosen)    # (its passes: the ledger's rescore)
+            if ctx.incumbent and "images" in ctx.incumbent:
+                r = ctx.incumbent
+                log.info("step %d/%d: the %s is applied (re-score on %d images: incumbent %s %.4f, challenger "
+                         "%s %.4f, gain %+.4f, s.e. %s, z %.2f)", number, config.num_steps, r["applied"],
+                         r["images"], r["incumbent_source"], r["incumbent_top1"], r["challenger_source"],
+                         r["challenger_top1"], r["difference"], r["standard_error"], r["z"])
 
             small = apply_plan(graph, chosen.counts, chosen.indices)
             before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
@@ -381,7 +393,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 "search_seconds": search_s, "step_seconds": time.perf_counter() - t0,
                 "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
                 "counts": chosen.counts.tolist(),
-                "skipped": list(ctx.skipped),
+                "skipped": list(ctx.skipped), "incumbent_rule": ctx.incumbent,
             }
             if pool is not None:
                 record.update(pool.scoring_choice())

@@ -10,6 +10,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..config import CompressConfig
+from ..incumbent import hold_to_incumbent
 from ..plans import BASELINE_SOURCES, baseline_plans
 
 
@@ -127,6 +128,11 @@ class StepContext:
     # optional candidates the search could not build, {"candidate": name, "reason": one line}:
     # the pipeline logs them and keeps them in the step's record
     skipped: list = field(default_factory=list)
+    # the incumbent rule's re-score, ``rescore(candidates) -> (per-image correctness, info)``
+    # (``incumbent.Rescorer`` on the step's graph); None: the rule is not applied
+    rescore: Callable | None = None
+    # the rule's decision and re-score figures (``incumbent.hold_to_incumbent``), for the step's record
+    incumbent: dict | None = None
 
     @property
     def initial(self) -> np.ndarray:
@@ -151,6 +157,19 @@ class SearchAlgorithm(ABC):
 
     @abstractmethod
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate: ...
+
+    def keep_incumbent(self, ctx: StepContext, evaluate: Evaluator, chosen: Candidate) -> Candidate:
+        """The candidate the step applies, for every search alike: with
+        ``incumbent_rule`` the best starting candidate stays unless the search's
+        ``chosen`` wins the re-score (:mod:`rlpruner_ray.incumbent`); the decision
+        and its figures go to ``ctx.incumbent``. One-shot methods, a run without
+        starting candidates or without a re-score apply ``chosen``."""
+        if not (self.searches and self.config.include_baselines and self.config.incumbent_rule) \
+                or ctx.rescore is None:
+            return chosen
+        applied, ctx.incumbent = hold_to_incumbent(evaluate.candidates, chosen, ctx.rescore,
+                                                   self.config.rescore_z)
+        return applied
 
     def starting_candidates(self, ctx: StepContext, evaluate: Evaluator) -> list[Candidate]:
         """With ``include_baselines``: the step's baseline plans (uniform, global
