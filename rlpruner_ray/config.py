@@ -138,10 +138,10 @@ class CompressConfig:
                               "errors of the paired per-image difference (--no-incumbent-rule: apply the "
                               "search's best by reward)", "search")
     rescore_samples: int = _f(2048, "incumbent rule: validation images of the re-score, taken after the "
-                              "reward images (all validation images when none are left after them)",
+                              "reward images (the first ones when the reward images are all there are)",
                               "search", lo=1)
     rescore_z: float = _f(1.64, "incumbent rule: standard errors by which the challenger's mean per-image "
-                          "gain must exceed zero (1.64: one-sided 5%)", "search", lo=0)
+                          "gain must exceed zero (1.64: a one-sided test at the 5 percent level)", "search", lo=0)
     cmaes_sigma: float = _f(0.3, "cmaes: initial step size in log space (each group's share is the initial "
                             "one times exp(x))", "search", lo=0, lo_open=True)
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",

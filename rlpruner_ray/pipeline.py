@@ -322,8 +322,7 @@ def compress(config: CompressConfig, on_step=None) -> dict:
                 algo.load_extra(run.algo_dir(done[-1]))
             if algo.uses_pool:
                 pool = EvaluationPool(config, store_name)
-        rescorer = (Rescorer(config, data, device, ledger) if config.incumbent_rule and config.include_baselines
-                    and algo is not None and algo.searches else None)
+        rescorer = Rescorer(config, data, device, ledger) if algo is not None and algo.holds_incumbent else None
         for step in range(start, config.num_steps):
             t0 = time.perf_counter()
             if step > start:

@@ -201,3 +201,9 @@ def test_compress_summary_adds_up_and_only_the_end_reads_the_test_halves(tmp_pat
     assert sum(r["macs_executed"] for r in history) == (c["by_stage"]["search"]["macs"]
                                                         + c["by_stage"]["bn_recalibration"]["macs"])
     assert all(r["forward_equivalents"] == r["macs_executed"] / base_macs for r in history)
+    # the incumbent rule's re-score (when the search's choice was not the incumbent) is
+    # its own stage, exactly what the step record says it spent
+    rule = step["incumbent_rule"]
+    assert rule["incumbent_source"] in ("uniform", "global", "tp-global")
+    assert c["by_stage"]["rescore"]["macs"] == rule.get("macs", 0)
+    assert ("macs" in rule) == (rule["challenger_index"] != rule["incumbent_index"])

@@ -158,14 +158,20 @@ class SearchAlgorithm(ABC):
     @abstractmethod
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate: ...
 
+    @property
+    def holds_incumbent(self) -> bool:
+        """Whether :meth:`keep_incumbent` re-scores (a search with starting candidates
+        and ``incumbent_rule``): the pipeline builds the re-score only then."""
+        c = self.config
+        return self.searches and c.include_baselines and c.incumbent_rule
+
     def keep_incumbent(self, ctx: StepContext, evaluate: Evaluator, chosen: Candidate) -> Candidate:
         """The candidate the step applies, for every search alike: with
         ``incumbent_rule`` the best starting candidate stays unless the search's
         ``chosen`` wins the re-score (:mod:`rlpruner_ray.incumbent`); the decision
         and its figures go to ``ctx.incumbent``. One-shot methods, a run without
         starting candidates or without a re-score apply ``chosen``."""
-        if not (self.searches and self.config.include_baselines and self.config.incumbent_rule) \
-                or ctx.rescore is None:
+        if not self.holds_incumbent or ctx.rescore is None:
             return chosen
         applied, ctx.incumbent = hold_to_incumbent(evaluate.candidates, chosen, ctx.rescore,
                                                    self.config.rescore_z)
