@@ -109,7 +109,12 @@ def _tp_scores(graph) -> list[torch.Tensor]:
     importance = tp_importance()
     scores = []
     for group in graph.groups:
-        score = tp_group_scores(graph.dg, group, importance)
+        try:
+            score = tp_group_scores(graph.dg, group, importance)
+        except Exception as exc:  # noqa: BLE001 - the third-party library's failure, in its words
+            raise ConfigError(f"--criterion tp-magnitude: Torch-Pruning's importance fails on group "
+                              f"{group.key!r} of this model ({type(exc).__name__}: {str(exc)[:160]}); "
+                              "choose another criterion (l1, l2, ...)") from None
         # a group Torch-Pruning finds no weights to score in (its pruner skips it) ranks
         # by the project's l1, so every group still has an order
         scores.append(score.float() if score is not None else _group_score(group, "l1"))
