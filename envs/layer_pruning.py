@@ -152,8 +152,11 @@ class LayerPruningEnv(gym.Env):
         return counts if already_removed is None else counts + already_removed
 
     def evaluate_plans(self, plans: list) -> list[dict]:
+        """Score per-group counts (or exact plans naming their channels, see
+        ``StepScorer.score_many``)."""
         results = self.scorer.score_many(plans)
-        for counts, result in zip(plans, results):
+        for plan, result in zip(plans, results):
+            counts = np.asarray(plan["counts"]) if isinstance(plan, dict) else plan
             result.update(counts=counts, version=self.scorer.version)
         return results
 

@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from . import console
-from .config import CompressConfig, field_groups
+from .config import CRITERIA, CompressConfig, field_groups
 from .errors import RLPrunerError, StepFailed
 
 EXIT_BAD_INPUT = 2
@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--algo", dest="algo", choices=("uniform", "global", "random", "tp-uniform", "tp-global"),
                     default="uniform",
                     help="how the filters to remove are spread across groups (default: uniform)")
-    pr.add_argument("--criterion", choices=("taylor", "l1", "l2", "fpgm", "random"), default="l1",
-                    help="filter importance criterion (default: l1)")
+    pr.add_argument("--criterion", choices=CRITERIA, default="l1",
+                    help="filter importance criterion (default: l1); tp-magnitude: Torch-Pruning's group L1 "
+                         "magnitude, the channel ranking tp-global prunes by")
     pr.add_argument("--export", choices=("torchscript", "onnx"), help="also export the pruned model")
     for name in ("sweep", "compare", "report"):
         _register_later(sub, name)

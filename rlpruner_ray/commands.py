@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .measure import latency_ms, macs_params
 from .pipeline import (RunFolder, base_source, finetune_epochs, measure_model, measure_pair, open_base,
                        original_macs, prepare_base)
-from .plans import global_plan, plan_for_step, tp_plan
+from .plans import apply_plan, global_plan, plan_for_step, tp_plan
 from .problem import check_fits, check_model, load_data, score_graph, train_settings
 from .train import evaluate, finetune_kd
 
@@ -80,7 +80,7 @@ def prune_command(config: CompressConfig, *, export: str | None = None) -> dict:
         distribution = (rng.dirichlet(graph.initial_distribution() * graph.num_groups + 1e-3)
                         if config.algo == "random" else graph.initial_distribution())
         counts = plan_for_step(graph, distribution, context, round_to=config.round_to)
-    small = graph.prune(counts) if indices is None else graph.prune_channels(indices)
+    small = apply_plan(graph, counts, indices)
     before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
     ft = finetune_kd(small, base, data, train_settings(config, epochs=finetune_epochs(config, data),
                                                        lr=config.finetune_lr, seed=config.seed, device=device,

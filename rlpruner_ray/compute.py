@@ -28,7 +28,7 @@ import torch.nn as nn
 BACKWARD_FACTOR = 2
 
 # every stage a run can spend compute in, in the order a run reaches them
-STAGES = ("base_training", "importance", "search", "bn_recalibration", "fine_tune", "evaluation",
+STAGES = ("base_training", "importance", "search", "bn_recalibration", "rescore", "fine_tune", "evaluation",
           "latency_timing")
 
 # what every scored candidate carries about its compute (Candidate fields of the same

@@ -4,6 +4,14 @@ Each member (slice) of a group is scored per channel, its scores are divided by
 their mean so that a conv's big weight sums and a BN's small gammas weigh the
 same, and the members are averaged. The result ranks a group's channels; the
 pruning code removes the lowest first.
+
+``tp-magnitude`` is Torch-Pruning's own group magnitude importance, the one its
+pruner ranks channels by in ``tp-uniform`` / ``tp-global``
+(:func:`tp_importance`): raw L1 magnitudes summed over the coupled group's
+members (a conv's weight sums dominate a BN's gammas), averaged over them and
+divided by the group's mean. It is computed by Torch-Pruning's importance object
+on the graph's own dependency group, so any method ranking channels with it
+removes, within a group, the channels Torch-Pruning's pruner would.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch_pruning as tp
 
 from .config import CRITERIA
 from .errors import ConfigError
@@ -19,6 +28,23 @@ from .errors import ConfigError
 def validate_criterion(name: str) -> None:
     if name not in CRITERIA:
         raise ConfigError(f"unknown importance criterion {name!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def tp_importance():
+    """Torch-Pruning's importance as ``tp-uniform`` / ``tp-global`` use it: group L1
+    magnitude (its default reduction, the mean over members, and its default
+    normaliser, the group's mean). One object for the baselines and the
+    ``tp-magnitude`` criterion, so the two cannot drift apart."""
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+def tp_group_scores(dg, group, importance=None) -> torch.Tensor | None:
+    """Torch-Pruning's importance of every root channel of ``group`` (a
+    :class:`~rlpruner_ray.graph.Group`), read on the dependency graph ``dg`` that
+    holds its module; None for a group without weights it scores."""
+    full = dg.get_pruning_group(group.root_module, group.pruning_fn, list(range(int(group.channels))))
+    scores = (importance or tp_importance())(full)
+    return None if scores is None else scores.detach()
 
 
 def _per_channel(tensor: torch.Tensor, dim: int, reduce) -> torch.Tensor:
@@ -68,6 +94,8 @@ def channel_scores(graph, criterion: str, inputs=None, targets=None, *, seed: in
         with torch.enable_grad():
             F.cross_entropy(model(inputs), targets).backward()
         model.train(was_training)
+    if criterion == "tp-magnitude":
+        return _tp_scores(graph)
     scores = []
     for group in graph.groups:
         # fpgm scores filters only; a group without one (a BN-only tie) falls back to l2
@@ -75,6 +103,22 @@ def channel_scores(graph, criterion: str, inputs=None, targets=None, *, seed: in
         scores.append(score if score is not None else _group_score(group, "l2"))
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)
+    return scores
+
+
+def _tp_scores(graph) -> list[torch.Tensor]:
+    importance = tp_importance()
+    scores = []
+    for group in graph.groups:
+        try:
+            score = tp_group_scores(graph.dg, group, importance)
+        except Exception as exc:  # noqa: BLE001 - the third-party library's failure, in its words
+            raise ConfigError(f"--criterion tp-magnitude: Torch-Pruning's importance fails on group "
+                              f"{group.key!r} of this model ({type(exc).__name__}: {str(exc)[:160]}); "
+                              "choose another criterion (l1, l2, ...)") from None
+        # a group Torch-Pruning finds no weights to score in (its pruner skips it) ranks
+        # by the project's l1, so every group still has an order
+        scores.append(score.float() if score is not None else _group_score(group, "l1"))
     return scores
 
 

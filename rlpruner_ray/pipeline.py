@@ -15,6 +15,7 @@ as an uninterrupted run. The one-shot commands are in :mod:`rlpruner_ray.command
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import shutil
 import time
@@ -32,6 +33,7 @@ from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset
 from .errors import ConfigError, RLPrunerError, StepFailed, one_line
 from .graph import PruningGraph, group_widths
+from .incumbent import Rescorer
 from .measure import GPU_LATENCY_SETTING, LATENCY_SETTINGS, macs_params, time_against_base
 from .models import build_model, model_spec
 from .problem import StepTargets, build_graph, check_model, load_data, score_graph, train_settings
@@ -357,6 +359,7 @@ class Loop:
     curves: LearningCurves
     algo: object = None
     pool: object = None
+    rescorer: Rescorer | None = None      # the incumbent rule's re-score (searches that hold to it)
     graph: PruningGraph | None = None
     context: dict | None = None
     version: int = -1
@@ -409,6 +412,8 @@ def start_search(loop: Loop, state: RunState) -> None:
     if loop.algo.uses_pool:
         from .search.workers import EvaluationPool
         loop.pool = EvaluationPool(loop.config, loop.store_name)
+    if loop.algo.holds_incumbent:
+        loop.rescorer = Rescorer(loop.config, loop.data, loop.device, state.ledger)
 
 
 def publish_base(loop: Loop, state: RunState, step: int, graph: PruningGraph | None = None) -> None:
@@ -436,7 +441,7 @@ def run_step(loop: Loop, state: RunState, step: int) -> dict:
     label = f"step {number}/{config.num_steps}"
     found = search_step(loop, state, step, label, t0)
     chosen = found.chosen
-    small = graph.prune(chosen.counts) if chosen.indices is None else graph.prune_channels(chosen.indices)
+    small = apply_plan(graph, chosen.counts, chosen.indices)
     before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
     epochs = finetune_epochs(config, data)
     bar, counted = training_progress(config, data, epochs, f"{label} fine-tuning", finetune=True)
@@ -496,7 +501,8 @@ def search_step(loop: Loop, state: RunState, step: int, label: str, t0: float) -
     evaluator = Evaluator(score, config.evaluations_per_step, on_candidate=on_candidate)
     ctx = StepContext(step, config.num_steps, loop.graph, np.random.default_rng([config.seed, step]),
                       reference_accuracy=state.steps[-1]["chosen_accuracy"] if state.steps else loop.base_top1,
-                      extras={k: loop.context.get(k) for k in ("num_filters", "cost_target")})
+                      extras={k: loop.context.get(k) for k in ("num_filters", "cost_target")},
+                      rescore=functools.partial(loop.rescorer, loop.graph) if loop.rescorer is not None else None)
     searched = time.perf_counter()
     with searching:
         chosen = loop.algo.search(ctx, evaluator)
@@ -505,6 +511,13 @@ def search_step(loop: Loop, state: RunState, step: int, label: str, t0: float) -
                     skip["candidate"], skip["reason"])
     seconds = time.perf_counter() - t0
     charge_search(state.ledger, evaluator.candidates, time.perf_counter() - searched)
+    chosen = loop.algo.keep_incumbent(ctx, evaluator, chosen)    # (its passes: the ledger's rescore)
+    if ctx.incumbent and "images" in ctx.incumbent:
+        r = ctx.incumbent
+        log.info("step %d/%d: the %s is applied (re-score on %d images: incumbent %s %.4f, challenger "
+                 "%s %.4f, gain %+.4f, s.e. %s, z %.2f)", number, config.num_steps, r["applied"],
+                 r["images"], r["incumbent_source"], r["incumbent_top1"], r["challenger_source"],
+                 r["challenger_top1"], r["difference"], r["standard_error"], r["z"])
     return Search(chosen, evaluator, ctx, seconds)
 
 
@@ -529,7 +542,7 @@ def step_record(loop: Loop, number: int, small, found: Search, *, before: float,
         "search_seconds": found.seconds, "step_seconds": time.perf_counter() - t0,
         "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
         "counts": chosen.counts.tolist(),
-        "skipped": list(found.ctx.skipped),
+        "skipped": list(found.ctx.skipped), "incumbent_rule": found.ctx.incumbent,
     }
     if loop.pool is not None:
         record.update(loop.pool.scoring_choice())

@@ -10,7 +10,8 @@ what a search scores and what a command applies are planned the same way.
 * :func:`baseline_plans`: the uniform, global and Torch-Pruning plans every
   search starts from;
 * :func:`give_back_overshoot`: the channels handed back so that methods compared
-  at one cost target land on it alike.
+  at one cost target land on it alike;
+* :func:`apply_plan`: the network a plan (counts, or explicit channels) stands for.
 """
 from __future__ import annotations
 
@@ -24,12 +25,36 @@ import torch_pruning as tp
 from .cost import cost_axis, smallest_meeting
 from .errors import ConfigError, PlanError, one_line
 from .graph import PruningGraph
+from .importance import tp_importance
 
 
-def exact_plan(counts) -> dict:
+def exact_plan(counts, indices=None) -> dict:
     """An item for an :class:`~rlpruner_ray.search.base.Evaluator` scored as these counts,
-    not re-planned from a distribution (a threshold's plan, Torch-Pruning's)."""
-    return {"counts": np.asarray(counts, dtype=np.int64)}
+    not re-planned from a distribution (a threshold's plan, Torch-Pruning's). With
+    ``indices`` (root channels per group, ``len(indices[g]) == counts[g]``) it is
+    scored, and applied, as exactly those channels rather than each group's least
+    important ``counts[g]`` in the run's importance order: Torch-Pruning's plan
+    carries Torch-Pruning's channels."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if indices is None:
+        return {"counts": counts}
+    indices = [sorted(int(i) for i in idx) for idx in indices]
+    if [len(i) for i in indices] != counts.tolist():
+        raise PlanError("an exact plan's channel lists do not match its counts")
+    return {"counts": counts, "indices": indices}
+
+
+def apply_plan(graph: PruningGraph, counts, indices=None):
+    """The physically pruned copy of ``graph``'s model that a plan stands for: its
+    explicit channels when it has them, else each group's least important
+    ``counts``. The one place a chosen candidate becomes a network (the step
+    applies it, the incumbent rule re-scores it)."""
+    return graph.prune(counts) if indices is None else graph.prune_channels(indices)
+
+
+def removed_channels(graph: PruningGraph, counts, indices=None) -> list[list[int]]:
+    """Root channels per group that :func:`apply_plan` removes."""
+    return graph.pruned_indices(counts) if indices is None else [list(i) for i in indices]
 
 
 def plan_for_step(graph: PruningGraph, distribution, context: dict, *, round_to: int = 1,
@@ -140,7 +165,7 @@ def tp_channels(graph, ratio: float, global_pruning: bool, model=None, limits=No
     model = model if model is not None else copy.deepcopy(graph.model)
     names = dict(model.named_modules())
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    importance = tp.importance.GroupMagnitudeImportance(p=1)
+    importance = tp_importance()        # the same importance as the tp-magnitude criterion
     with torch.enable_grad():   # torch-pruning traces with autograd
         pruner = tp.pruner.BasePruner(model, graph.example_inputs, importance=importance,
                                       global_pruning=global_pruning, pruning_ratio=ratio,
@@ -220,15 +245,16 @@ BASELINE_SOURCES = ("uniform", "global", "tp-global")
 def baseline_plans(ctx, config) -> list[tuple[str, object]]:
     """(source, item) of the uniform, global-threshold and Torch-Pruning global plans
     of the step of ``ctx`` (a :class:`~rlpruner_ray.search.base.StepContext`): the
-    starting candidates of every search. Torch-Pruning's plan is scored as its
-    per-group counts in the run's importance order, like every other candidate.
-    It is optional: where Torch-Pruning cannot reach the step's target,
+    starting candidates of every search. Torch-Pruning's plan carries Torch-Pruning's
+    own channels (:func:`exact_plan` with indices): its reward is that of
+    ``tp-global``'s network and applying it gives exactly that network, whatever
+    ``--criterion`` orders the other candidates' channels by. It is optional: where Torch-Pruning cannot reach the step's target,
     or its pruner fails on the model (a third-party library meeting a structure it
     does not handle), it is left out and the reason goes to ``ctx.skipped`` (the
     log, the step's record and summary.json)."""
     plans = [ctx.initial, exact_plan(global_plan(ctx.graph, ctx.extras, step_fraction=config.step_share))]
     try:
-        plans.append(exact_plan(tp_plan(ctx.graph, ctx.extras, global_pruning=True)[0]))
+        plans.append(exact_plan(*tp_plan(ctx.graph, ctx.extras, global_pruning=True)))
     except Exception as exc:  # noqa: BLE001 - any failure of the optional candidate only skips it
         ctx.skipped.append({"candidate": BASELINE_SOURCES[2], "reason": one_line(exc)})
     return list(zip(BASELINE_SOURCES, plans))

@@ -38,7 +38,7 @@ from .config import SCORING
 from .data import Dataset
 from .errors import ConfigError
 from .graph import PruningGraph
-from .plans import plan_for_step
+from .plans import apply_plan, plan_for_step
 
 
 def quality_of(measured: dict, settings: dict) -> float:
@@ -204,11 +204,19 @@ class StepScorer:
         return self.score_many([counts])[0]
 
     def score_many(self, plans: list) -> list[dict]:
-        """``score`` for each plan, through the scorer's path (same results)."""
+        """``score`` for each plan, through the scorer's path (same results). A plan
+        that names its channels (``plans.exact_plan`` with indices: Torch-Pruning's)
+        is scored on the pruned copy of exactly those channels, the network the
+        step would apply."""
+        counted = [p for p in plans if not isinstance(p, dict)]
         if self.path == "batched":
-            measured = self._batched_passes(plans)
+            measured = self._batched_passes(counted)
         else:
-            measured = [self._masked_measure(p) for p in plans]
+            measured = [self._masked_measure(p) for p in counted]
+        for i, p in enumerate(plans):        # (ascending: each lands at its own position)
+            if isinstance(p, dict):
+                measured.insert(i, self._masked_measure(p["counts"], p["indices"]))
+        plans = [p["counts"] if isinstance(p, dict) else p for p in plans]
         if measured:
             measured[0]["macs_executed"] += self.pending_macs
             self.pending_macs = 0
@@ -220,14 +228,17 @@ class StepScorer:
                         **m, "macs": macs, "params": params})
         return out
 
-    def _masked_measure(self, counts) -> dict:
+    def _masked_measure(self, counts, indices=None) -> dict:
         """One candidate's measures, and the compute its passes executed: at the base
         model's full size when masked (zeroed channels still cost), at the pruned
-        copy's size otherwise; BN recalibration's share counted apart."""
+        copy's size otherwise; BN recalibration's share counted apart. With
+        ``indices``, on the pruned copy of those channels."""
         started = time.perf_counter()
         bn_macs, bn_s = [0], 0.0
         # masked in place where that is exact, else (LayerNorm over channels ...) a pruned copy
-        with self.graph.scored(counts) as model:
+        scored = (self.graph.scored(counts) if indices is None
+                  else contextlib.nullcontext(apply_plan(self.graph, counts, indices)))
+        with scored as model:
             per_image = self.image_macs if model is self.model else int(round(self.graph.cost(counts)[0]))
             with compute.counting_forwards(model, per_image) as passes, \
                     recalibrated(model, self.bn_batches, self._autocast) as model:

@@ -167,7 +167,7 @@ def test_compress_summary_adds_up_and_only_the_end_reads_the_test_halves(tmp_pat
     config = CompressConfig(out_dir=str(tmp_path / "run"), train_epochs=1, max_batches_per_epoch=2,
                             batch_size=64, sparsity=0.3, evaluations_per_step=4, samples_per_iteration=2,
                             finetune_epochs=1, num_workers=1, bn_recalibration_batches=1,
-                            selection_fraction=0.5, seed=1)
+                            selection_fraction=0.5, seed=1, incumbent_rule=True)
     summary = pipeline.compress(config)
 
     # nothing but the final evaluation reads the test split or its halves; it reads each
@@ -201,3 +201,9 @@ def test_compress_summary_adds_up_and_only_the_end_reads_the_test_halves(tmp_pat
     assert sum(r["macs_executed"] for r in history) == (c["by_stage"]["search"]["macs"]
                                                         + c["by_stage"]["bn_recalibration"]["macs"])
     assert all(r["forward_equivalents"] == r["macs_executed"] / base_macs for r in history)
+    # the incumbent rule's re-score (when the search's choice was not the incumbent) is
+    # its own stage, exactly what the step record says it spent
+    rule = step["incumbent_rule"]
+    assert rule["incumbent_source"] in ("uniform", "global", "tp-global")
+    assert c["by_stage"]["rescore"]["macs"] == rule.get("macs", 0)
+    assert ("macs" in rule) == (rule["challenger_index"] != rule["incumbent_index"])

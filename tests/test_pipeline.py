@@ -118,7 +118,8 @@ def test_cmaes_compress_end_to_end_with_the_shared_starting_candidates(tmp_path,
     out = tmp_path / "cmaes"
     done = _cli(["compress", "--out-dir", str(out), "--base-checkpoint", str(base_checkpoint), "--algo", "cmaes",
                  "--sparsity", "0.3", "--evaluations-per-step", "9", "--samples-per-iteration", "3",
-                 "--finetune-epochs", "1", "--max-batches-per-epoch", "2", "--num-workers", "2"])
+                 "--finetune-epochs", "1", "--max-batches-per-epoch", "2", "--num-workers", "2",
+                 "--incumbent-rule"])
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluations"] == 9 and len(summary["steps"]) == 1
@@ -127,4 +128,9 @@ def test_cmaes_compress_end_to_end_with_the_shared_starting_candidates(tmp_path,
     assert [r["iteration"] for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert all(r["algo"] == "cmaes" for r in rows) and sum(r["chosen"] for r in rows) == 1
     chosen = next(r for r in rows if r["chosen"])
-    assert chosen["reward"] == max(r["reward"] for r in rows)
+    # the best by reward, unless the incumbent rule kept the best starting candidate
+    rule = summary["steps"][0]["incumbent_rule"]
+    if rule["applied"] == "challenger":
+        assert chosen["reward"] == max(r["reward"] for r in rows)
+    else:
+        assert chosen["reward"] == max(r["reward"] for r in rows[:3]) and chosen["source"] == rule["incumbent_source"]

@@ -10,6 +10,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..config import CompressConfig
+from ..incumbent import hold_to_incumbent
 from ..plans import BASELINE_SOURCES, baseline_plans
 
 
@@ -74,9 +75,13 @@ class Evaluator:
         seconds = (time.perf_counter() - started) / len(items)
         out = []
         for d, r, name in zip(items, results, sources):
+            indices = None
             if isinstance(d, dict):
+                indices = d.get("indices")     # explicit channels: what the step applies if chosen
                 d = d["counts"] / max(d["counts"].sum(), 1)
-            out.append(self.record(candidate_from(d, r, iteration, name), seconds))
+            c = candidate_from(d, r, iteration, name)
+            c.indices = indices
+            out.append(self.record(c, seconds))
         return out
 
     def record(self, c: Candidate, seconds: float = 0.0) -> Candidate:
@@ -93,10 +98,12 @@ class Evaluator:
         return c
 
 
-def plans_for(env, items: list) -> list[np.ndarray]:
-    """Counts to score for each item: exact plans as they are, distributions
+def plans_for(env, items: list) -> list:
+    """What to score for each item: exact plans as counts, or as the plan itself
+    when it names its channels (the scorer prunes exactly those); distributions
     planned by ``env`` for its step."""
-    return [np.asarray(d["counts"]) if isinstance(d, dict) else env.plan_distribution(d) for d in items]
+    return [(d if d.get("indices") is not None else np.asarray(d["counts"])) if isinstance(d, dict)
+            else env.plan_distribution(d) for d in items]
 
 
 def candidate_from(distribution, result: dict, iteration: int, source: str = "sample",
@@ -121,6 +128,11 @@ class StepContext:
     # optional candidates the search could not build, {"candidate": name, "reason": one line}:
     # the pipeline logs them and keeps them in the step's record
     skipped: list = field(default_factory=list)
+    # the incumbent rule's re-score, ``rescore(candidates) -> (per-image correctness, info)``
+    # (``incumbent.Rescorer`` on the step's graph); None: the rule is not applied
+    rescore: Callable | None = None
+    # the rule's decision and re-score figures (``incumbent.hold_to_incumbent``), for the step's record
+    incumbent: dict | None = None
 
     @property
     def initial(self) -> np.ndarray:
@@ -145,6 +157,25 @@ class SearchAlgorithm(ABC):
 
     @abstractmethod
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate: ...
+
+    @property
+    def holds_incumbent(self) -> bool:
+        """Whether :meth:`keep_incumbent` re-scores (a search with starting candidates
+        and ``incumbent_rule``): the pipeline builds the re-score only then."""
+        c = self.config
+        return self.searches and c.include_baselines and c.incumbent_rule
+
+    def keep_incumbent(self, ctx: StepContext, evaluate: Evaluator, chosen: Candidate) -> Candidate:
+        """The candidate the step applies, for every search alike: with
+        ``incumbent_rule`` the best starting candidate stays unless the search's
+        ``chosen`` wins the re-score (:mod:`rlpruner_ray.incumbent`); the decision
+        and its figures go to ``ctx.incumbent``. One-shot methods, a run without
+        starting candidates or without a re-score apply ``chosen``."""
+        if not self.holds_incumbent or ctx.rescore is None:
+            return chosen
+        applied, ctx.incumbent = hold_to_incumbent(evaluate.candidates, chosen, ctx.rescore,
+                                                   self.config.rescore_z)
+        return applied
 
     def starting_candidates(self, ctx: StepContext, evaluate: Evaluator) -> list[Candidate]:
         """With ``include_baselines``: the step's baseline plans (uniform, global

@@ -4,11 +4,10 @@ importances), both with ``GroupMagnitudeImportance(p=1)`` and the classifier
 ignored, the ratio bisected until the step's target (filters, MACs or params)
 is met.
 
-The channels Torch-Pruning picks are what the step applies (``Candidate.indices``);
-the step's one evaluation (budget counted like any one-shot baseline) scores the
-same per-group counts in the run's importance order, so its reward is close to,
-not exactly, that of Torch-Pruning's channels. The plans themselves are
-:func:`rlpruner_ray.plans.tp_plan`.
+The channels Torch-Pruning picks are what the step scores (its one evaluation,
+budget counted like any one-shot baseline) and applies (``Candidate.indices``),
+exactly as the searches' Torch-Pruning starting candidate. The plans themselves
+are :func:`rlpruner_ray.plans.tp_plan`.
 """
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ class _TorchPruningSearch(SearchAlgorithm):
     global_pruning = False
 
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
-        counts, indices = tp_plan(ctx.graph, ctx.extras, self.global_pruning)
-        chosen = evaluate([exact_plan(counts)], 0)[0]
-        chosen.indices, chosen.source = indices, "torch-pruning"   # the channels the step applies
+        chosen = evaluate([exact_plan(*tp_plan(ctx.graph, ctx.extras, self.global_pruning))], 0)[0]
+        chosen.source = "torch-pruning"
         return chosen
 
 
