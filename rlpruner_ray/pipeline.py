@@ -36,6 +36,7 @@ from .graph import PruningGraph, group_widths
 from .incumbent import Rescorer
 from .measure import GPU_LATENCY_SETTING, LATENCY_SETTINGS, macs_params, time_against_base
 from .models import build_model, model_spec
+from .plans import apply_plan
 from .problem import StepTargets, build_graph, check_model, load_data, score_graph, train_settings
 from .report import HistoryWriter, LearningCurves, write_report
 from .run_state import RunState
@@ -247,9 +248,9 @@ def compress(config: CompressConfig, on_step=None) -> dict:
         log.info("the run in %s is already finished; its results are unchanged", run.root)
         return ckpt.load_json(run.summary)
     started = time.perf_counter()
+    device = config.resolved_device()      # (a GPU that is not there: refused before anything is written)
     checked = preflight(config, run)
     reset_folder(config, run)
-    device = config.resolved_device()
     # the compute this run executes; a resumed run continues the counts of its last
     # checkpoint (like its wall time, work a kill threw away is not counted)
     ledger = compute.Ledger()
