@@ -28,8 +28,8 @@ import torch.nn as nn
 BACKWARD_FACTOR = 2
 
 # every stage a run can spend compute in, in the order a run reaches them
-STAGES = ("base_training", "importance", "search", "bn_recalibration", "rescore", "fine_tune", "evaluation",
-          "latency_timing")
+STAGES = ("base_training", "importance", "search", "bn_recalibration", "rescore", "selection_kd", "fine_tune",
+          "evaluation", "latency_timing")
 
 # what every scored candidate carries about its compute (Candidate fields of the same
 # names): all its passes, BN recalibration's share of them, and the scoring worker's

@@ -143,6 +143,20 @@ class CompressConfig:
                               "search", lo=1)
     rescore_z: float = _f(1.64, "incumbent rule: standard errors by which the challenger's mean per-image "
                           "gain must exceed zero (1.64: a one-sided test at the 5 percent level)", "search", lo=0)
+    # Successive halving (rlpruner_ray/halving.py): the reward ranks candidates before
+    # fine-tuning and on few images, the step is judged after it; the few best are
+    # re-scored on more images and the best of those briefly fine-tuned before one is
+    # chosen. Off by default until measured on the selection split.
+    halving: bool = _f(False, "every search: choose the step's plan by successive halving: the "
+                       "--halving-top best plans by reward (and the incumbent) re-scored on half of the "
+                       "re-score images, the --halving-finalists best of them (and the incumbent) KD "
+                       "fine-tuned for --halving-kd-batches batches and judged on the other half; the winner "
+                       "keeps its fine-tuned weights (off by default until measured)", "search")
+    halving_top: int = _f(8, "successive halving: plans re-scored on more images", "search", lo=1)
+    halving_finalists: int = _f(2, "successive halving: plans briefly fine-tuned (besides the incumbent)",
+                                "search", lo=1)
+    halving_kd_batches: int = _f(30, "successive halving: KD batches of each finalist's short fine-tune",
+                                 "search", lo=1)
     cmaes_sigma: float = _f(0.3, "cmaes: initial step size in log space (each group's share is the initial "
                             "one times exp(x))", "search", lo=0, lo_open=True)
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",

@@ -96,21 +96,35 @@ class Rescorer:
         self.bn_batches = ([x for x, _ in data.batches("train", self.batch_size, device=self.device, limit=nb)]
                            if nb else [])
 
-    def __call__(self, graph, candidates) -> tuple[list[torch.Tensor], dict]:
-        """Per-image correctness of each candidate's network on the re-score images."""
+    def __call__(self, graph, candidates, part: slice = slice(None)) -> tuple[list[torch.Tensor], dict]:
+        """Per-image correctness of each candidate's network on the re-score images
+        (``part`` of them: successive halving judges its two stages on two halves)."""
         before = self.ledger.macs["rescore"]
         with self.ledger.timed("rescore"):
-            correct = [self._correct(graph, c) for c in candidates]
+            correct = [self.correct(apply_plan(graph, c.counts, c.indices), graph.cost(c.counts)[0], part=part)
+                       for c in candidates]
         return correct, {"disjoint": self.disjoint, "macs": self.ledger.macs["rescore"] - before}
 
-    def _correct(self, graph, candidate) -> torch.Tensor:
-        model = apply_plan(graph, candidate.counts, candidate.indices).to(self.device).eval()
-        per_image = int(round(graph.cost(candidate.counts)[0]))   # the pruned network's size
+    def halves(self) -> tuple[slice, slice]:
+        """The re-score images in two disjoint halves (successive halving's stages)."""
+        mid = len(self.labels) // 2
+        return slice(0, mid), slice(mid, len(self.labels))
+
+    def correct(self, model, macs_per_image, *, part: slice = slice(None), recalibrate: bool = True,
+                stage: str = "rescore") -> torch.Tensor:
+        """Per-image top-1 correctness of ``model`` (of ``macs_per_image``: its size)
+        on ``part`` of the re-score images, its BN statistics re-estimated first as
+        the reward's are (``recalibrate``; a fine-tuned network keeps its own), its
+        passes charged to ``stage``."""
+        model = model.to(self.device).eval()
+        per_image = int(round(macs_per_image))
         hits = []
+        images, labels = self.images[part], self.labels[part]
         with compute.counting_forwards(model, per_image) as passes, \
-                recalibrated(model, self.bn_batches, lambda: autocast(self.device, self.precision)) as model:
+                recalibrated(model, self.bn_batches if recalibrate else [],
+                             lambda: autocast(self.device, self.precision)) as model:
             with torch.inference_mode(), autocast(self.device, self.precision):
-                for x, y in zip(torch.split(self.images, self.batch_size), torch.split(self.labels, self.batch_size)):
+                for x, y in zip(torch.split(images, self.batch_size), torch.split(labels, self.batch_size)):
                     hits.append(model(x).argmax(-1) == y)
-        self.ledger.add("rescore", passes[0])
+        self.ledger.add(stage, passes[0])
         return torch.cat(hits).cpu()

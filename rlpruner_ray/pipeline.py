@@ -15,6 +15,7 @@ as an uninterrupted run. The one-shot commands are in :mod:`rlpruner_ray.command
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import shutil
@@ -29,6 +30,7 @@ import torch
 from . import checkpoint as ckpt
 from . import compute
 from . import console
+from . import halving
 from .config import RESULT_KEYS, CompressConfig
 from .data import Dataset
 from .errors import ConfigError, RLPrunerError, StepFailed, one_line
@@ -360,7 +362,7 @@ class Loop:
     curves: LearningCurves
     algo: object = None
     pool: object = None
-    rescorer: Rescorer | None = None      # the incumbent rule's re-score (searches that hold to it)
+    rescorer: Rescorer | None = None      # the re-score of the incumbent rule and of successive halving
     graph: PruningGraph | None = None
     context: dict | None = None
     version: int = -1
@@ -413,7 +415,7 @@ def start_search(loop: Loop, state: RunState) -> None:
     if loop.algo.uses_pool:
         from .search.workers import EvaluationPool
         loop.pool = EvaluationPool(loop.config, loop.store_name)
-    if loop.algo.holds_incumbent:
+    if loop.algo.holds_incumbent or loop.algo.selects_by_halving:
         loop.rescorer = Rescorer(loop.config, loop.data, loop.device, state.ledger)
 
 
@@ -442,7 +444,7 @@ def run_step(loop: Loop, state: RunState, step: int) -> dict:
     label = f"step {number}/{config.num_steps}"
     found = search_step(loop, state, step, label, t0)
     chosen = found.chosen
-    small = apply_plan(graph, chosen.counts, chosen.indices)
+    small = found.model if found.model is not None else apply_plan(graph, chosen.counts, chosen.indices)
     before = evaluate(small, data, "val", device=device, ledger=ledger)["top1"]
     epochs = finetune_epochs(config, data)
     bar, counted = training_progress(config, data, epochs, f"{label} fine-tuning", finetune=True)
@@ -481,6 +483,8 @@ class Search:
     evaluator: Evaluator
     ctx: StepContext
     seconds: float
+    model: torch.nn.Module | None = None     # the chosen plan's network, when selection fine-tuned it
+    halving: dict | None = None              # successive halving's stages (halving.select)
 
 
 def search_step(loop: Loop, state: RunState, step: int, label: str, t0: float) -> Search:
@@ -512,14 +516,31 @@ def search_step(loop: Loop, state: RunState, step: int, label: str, t0: float) -
                     skip["candidate"], skip["reason"])
     seconds = time.perf_counter() - t0
     charge_search(state.ledger, evaluator.candidates, time.perf_counter() - searched)
-    chosen = loop.algo.keep_incumbent(ctx, evaluator, chosen)    # (its passes: the ledger's rescore)
+    return choose(loop, state, Search(chosen, evaluator, ctx, seconds), label)
+
+
+def choose(loop: Loop, state: RunState, found: Search, label: str) -> Search:
+    """The plan the step applies, after the search chose ``found.chosen``: by
+    successive halving (``halving``: its winner comes with its fine-tuned network),
+    by the incumbent rule, or the search's choice itself."""
+    config, number, ctx = loop.config, found.ctx.step + 1, found.ctx
+    if loop.algo.selects_by_halving:
+        teacher = state.teacher if state.teacher is not None else loop.base
+        picked = halving.select(config, loop.graph, found.evaluator.candidates, loop.rescorer, teacher,
+                                loop.data, loop.device, state.ledger, seed=config.seed + 1000 + number, label=label)
+        r = picked.record
+        log.info("step %d/%d: successive halving applies the %s candidate %d (top-1 %.4f on %d images after "
+                 "%d KD batches)", number, config.num_steps, r["winner_source"], r["winner_index"],
+                 r["winner_top1"], r["stage2_images"], r["kd_batches"])
+        return dataclasses.replace(found, chosen=picked.chosen, model=picked.model, halving=r)
+    found.chosen = loop.algo.keep_incumbent(ctx, found.evaluator, found.chosen)   # (passes: the ledger's rescore)
     if ctx.incumbent and "images" in ctx.incumbent:
         r = ctx.incumbent
         log.info("step %d/%d: the %s is applied (re-score on %d images: incumbent %s %.4f, challenger "
                  "%s %.4f, gain %+.4f, s.e. %s, z %.2f)", number, config.num_steps, r["applied"],
                  r["images"], r["incumbent_source"], r["incumbent_top1"], r["challenger_source"],
                  r["challenger_top1"], r["difference"], r["standard_error"], r["z"])
-    return Search(chosen, evaluator, ctx, seconds)
+    return found
 
 
 def step_record(loop: Loop, number: int, small, found: Search, *, before: float, after: float, finetuned,
@@ -544,6 +565,7 @@ def step_record(loop: Loop, number: int, small, found: Search, *, before: float,
         "distribution": (chosen.counts / max(chosen.counts.sum(), 1)).tolist(),
         "counts": chosen.counts.tolist(),
         "skipped": list(found.ctx.skipped), "incumbent_rule": found.ctx.incumbent,
+        "halving": found.halving,
     }
     if loop.pool is not None:
         record.update(loop.pool.scoring_choice())

@@ -42,6 +42,9 @@ class TrainSettings:
     precision: str = "fp32"                   # "bf16": autocast forward and loss (no grad scaler needed)
     channels_last: bool = False               # channels-last weights and images (faster convs on GPUs)
     label: str = ""                           # what the epoch lines belong to ("step 1/5 fine-tuning")
+    # False: no val pass at the start or after each epoch, the weights of the last
+    # batch are kept (a short selection fine-tune judged on other images)
+    validate: bool = True
 
 
 @dataclass
@@ -169,12 +172,13 @@ def train_base(model: nn.Module, data: Dataset, settings: TrainSettings, *,
 def finetune_kd(student: nn.Module, teacher: nn.Module, data: Dataset, settings: TrainSettings, *,
                 temperature: float = 2.0, alpha: float = 0.25,
                 on_epoch: Callable[[dict], None] | None = None,
-                ledger: compute.Ledger | None = None) -> TrainResult:
+                ledger: compute.Ledger | None = None, stage: str = "fine_tune") -> TrainResult:
     """Fine-tune `student` towards `teacher`'s softened outputs plus a share `alpha` of hard-label CE.
 
     The untrained student counts as epoch 0: fine-tuning never returns weights
-    that score worse on val than the ones it was given. KD batches are charged to
-    ``ledger``'s fine_tune stage (``compute.kd_batch_macs``), val passes to evaluation.
+    that score worse on val than the ones it was given (unless ``settings.validate``
+    is off). KD batches are charged to ``ledger``'s ``stage`` (``compute.kd_batch_macs``),
+    val passes to evaluation.
     """
     device = _check_settings(settings)
     if not _is_num(temperature) or temperature <= 0:
@@ -197,7 +201,7 @@ def finetune_kd(student: nn.Module, teacher: nn.Module, data: Dataset, settings:
     if ledger is not None:
         example = data.example_inputs(1)
         student_macs, teacher_macs = compute.model_macs(student, example), compute.model_macs(teacher, example)
-        charge = ("fine_tune", lambda rows: compute.kd_batch_macs(student_macs, teacher_macs, rows))
+        charge = (stage, lambda rows: compute.kd_batch_macs(student_macs, teacher_macs, rows))
     try:
         return _fit(student, data, settings, device, loss_fn, on_epoch, keep_start=True, ledger=ledger,
                     charge=charge)
@@ -231,7 +235,7 @@ def _fit_loop(model, data, settings, device, loss_fn, on_epoch, keep_start, ledg
         return TrainResult(0, start["top1"], [])
 
     best_state, best_epoch, best_top1 = None, 0, -1.0
-    if keep_start:
+    if keep_start and settings.validate:
         best_top1 = evaluate(model, data, "val", device=device, ledger=ledger)["top1"]
         best_state = _snapshot(model)
 
@@ -271,14 +275,17 @@ def _fit_loop(model, data, settings, device, loss_fn, on_epoch, keep_start, ledg
             if ledger is not None:
                 ledger.add(charge[0], charge[1](len(y)))
         train_loss = loss_sum.item() / max(seen, 1)
-        val = evaluate(model, data, "val", device=device, ledger=ledger)
+        val = (evaluate(model, data, "val", device=device, ledger=ledger) if settings.validate
+               else {"top1": math.nan, "loss": math.nan})
         row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_top1": val["top1"],
                "val_loss": val["loss"], "seconds": time.perf_counter() - began}
         history.append(row)
         log.info("%sepoch %d/%d lr %.5f train_loss %.4f val_top1 %.4f val_loss %.4f (%.1fs)",
                  f"{settings.label}: " if settings.label else "", epoch, settings.epochs, lr, train_loss,
                  val["top1"], val["loss"], row["seconds"])
-        if val["top1"] > best_top1:  # strict: ties keep the earlier (or the original) weights
+        if not settings.validate:
+            best_epoch, best_top1 = epoch, math.nan
+        elif val["top1"] > best_top1:  # strict: ties keep the earlier (or the original) weights
             best_state, best_epoch, best_top1 = _snapshot(model), epoch, val["top1"]
         if on_epoch is not None:
             on_epoch(row)

@@ -165,6 +165,13 @@ class SearchAlgorithm(ABC):
         c = self.config
         return self.searches and c.include_baselines and c.incumbent_rule
 
+    @property
+    def selects_by_halving(self) -> bool:
+        """Whether the step's plan is chosen by successive halving (``halving``, a
+        search): the pipeline runs :func:`rlpruner_ray.halving.select` instead of
+        :meth:`keep_incumbent`."""
+        return self.searches and self.config.halving
+
     def keep_incumbent(self, ctx: StepContext, evaluate: Evaluator, chosen: Candidate) -> Candidate:
         """The candidate the step applies, for every search alike: with
         ``incumbent_rule`` the best starting candidate stays unless the search's
