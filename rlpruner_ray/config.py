@@ -157,6 +157,12 @@ class CompressConfig:
                                 "search", lo=1)
     halving_kd_batches: int = _f(30, "successive halving: KD batches of each finalist's short fine-tune",
                                  "search", lo=1)
+    # proposals around the incumbent (issue 28): the best one-shot plan is already good,
+    # and samples around the uniform distribution spend the budget far from it
+    around_incumbent: bool = _f(False, "rlpruner, random: propose around the incumbent (the best starting "
+                                "candidate) in log space with --multiplicative-noise as the width, instead of "
+                                "around the uniform distribution (cmaes always starts at the incumbent; off by "
+                                "default until measured)", "search")
     cmaes_sigma: float = _f(0.3, "cmaes: initial step size in log space (each group's share is the initial "
                             "one times exp(x))", "search", lo=0, lo_open=True)
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
@@ -174,6 +180,9 @@ class CompressConfig:
                                "reward) of the candidate that tripped it and the redo's choice (the "
                                "reference applies the redo's; measured better, BENCHMARKS.md section 3)",
                                "rlpruner")
+    guard_skip_hopeless: bool = _f(False, "rlpruner: keep no budget for the drop guard's redo when every "
+                                   "starting candidate already trips the guard (the redo starts from the "
+                                   "uniform one; off by default until measured)", "rlpruner")
     guard_reserve: float = _f(0.25, "rlpruner: share of the step's budget kept for a redo (spent on the "
                               "same search when the guard does not fire)", "rlpruner", lo=0, hi=1, hi_open=True)
     # ---- RLlib

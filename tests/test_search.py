@@ -358,6 +358,69 @@ def test_guard_keep_best_applies_the_better_of_the_tripping_candidate_and_the_re
         assert chosen is expected
 
 
+def _with_starting_candidates(algo, graph, **config):
+    """A search whose starting candidates are two fixed distributions (a FakeGraph
+    has no baseline plans): the uniform one, and one that spares the sensitive group
+    (the better one under ``sensitive_problem``)."""
+    search = make_algorithm(CompressConfig(algo=algo, **{**PAPER, **config}))
+    init = graph.initial_distribution()
+    spare = init.copy()
+    spare[SENSITIVE] /= 2
+    start = [init, spare]
+    search.starting_candidates = lambda ctx, evaluate: evaluate([d / d.sum() for d in start], 0,
+                                                                source=["uniform", "global"])
+    return search
+
+
+def _falling_rewards(graph, start_accuracy):
+    """Scores whose rewards fall with every sample (the first sample is the best),
+    the two starting candidates rewarded 0 with ``start_accuracy``, every sample 0.85."""
+    problem = sensitive_problem(graph)
+
+    def score(distributions):
+        out = problem(distributions)
+        for i, r in enumerate(out):
+            n = len(problem.calls) - len(out) + i          # the evaluation's number
+            r["reward"] = 0.0 if n < 2 else 1.0 - 0.01 * n
+            r["accuracy"] = start_accuracy if n < 2 else 0.85
+        return out
+    return score
+
+
+@pytest.mark.parametrize("hopeless", [False, True])
+def test_a_guard_that_every_starting_candidate_trips_keeps_no_reserve_when_asked(hopeless):
+    graph = FakeGraph([16] * 8)
+    settings = dict(reference=1.0, drop_guard=0.1, guard_reserve=0.25, epsilon=0.0, budget=42, seed=0)
+    # every candidate, the starting ones too, trips the guard (0.85 < 0.9 x 1.0)
+    search = _with_starting_candidates("rlpruner", graph, guard_skip_hopeless=hopeless)
+    _, evaluator, chosen = run_search("rlpruner", graph, _falling_rewards(graph, 0.85), search=search, **settings)
+    assert evaluator.used == 42
+    if hopeless:                       # one search over the whole budget, no redo
+        assert chosen is evaluator.best and chosen.index == 2
+    else:                              # the redo's choice (the reference's rule) on the last 10 of the 42
+        assert chosen.index >= 32
+    # a starting candidate that passes the guard keeps it armed: the redo happens either way
+    search = _with_starting_candidates("rlpruner", graph, guard_skip_hopeless=hopeless)
+    _, evaluator, chosen = run_search("rlpruner", graph, _falling_rewards(graph, 0.95), search=search, **settings)
+    assert chosen.index >= 32
+
+
+@pytest.mark.parametrize("algo", ["rlpruner", "random"])
+def test_proposals_around_the_incumbent_sample_around_its_distribution(algo):
+    graph = FakeGraph([16] * 8)
+    for around in (False, True):
+        problem = sensitive_problem(graph)
+        search = _with_starting_candidates(algo, graph, around_incumbent=around, multiplicative_noise=0.0)
+        _, evaluator, _ = run_search(algo, graph, problem, budget=22, seed=0, search=search, epsilon=0.0)
+        incumbent = max(evaluator.candidates[:2], key=lambda c: c.reward)
+        assert incumbent.source == "global"        # the one that spares the sensitive group
+        samples = np.array(problem.calls[2:])
+        # with no width every proposal is the incumbent's distribution itself; without the
+        # option they come from around the uniform distribution (moved toward the best, or a Dirichlet)
+        at_incumbent = np.isclose(samples, incumbent.distribution / incumbent.distribution.sum()).all(axis=1)
+        assert at_incumbent.all() if around else not at_incumbent.any()
+
+
 def test_drop_guard_does_not_fire_on_a_small_drop_and_the_reserve_continues_the_search():
     graph = FakeGraph([16] * 8)
     init = graph.initial_distribution()

@@ -8,15 +8,19 @@
   or params) is met; no search, one evaluation.
 * ``random``: random search — the whole budget (after the starting candidates
   every search shares, :func:`~rlpruner_ray.plans.baseline_plans`) on distributions drawn from a
-  Dirichlet whose mean is the initial distribution; the best one wins.
+  Dirichlet whose mean is the initial distribution (with ``around_incumbent``:
+  rlpruner's log-space samples around the incumbent's distribution, which
+  rlpruner's proposal is without its updates); the best one wins.
 
 ``tp-uniform`` and ``tp-global`` (Torch-Pruning's own pruner) are in
 ``tp_baselines``.
 """
 from __future__ import annotations
 
+from ..incumbent import incumbent_of
 from ..plans import exact_plan, global_plan
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext
+from .rlpruner import sample_around
 
 
 class UniformSearch(SearchAlgorithm):
@@ -40,9 +44,12 @@ class RandomSearch(SearchAlgorithm):
 
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
         alpha = ctx.initial * len(ctx.initial) + 1e-3
-        iteration = 1 if self.starting_candidates(ctx, evaluate) else 0
+        start = self.starting_candidates(ctx, evaluate)
+        iteration = 1 if start else 0
+        centre = incumbent_of(start).distribution if start and self.config.around_incumbent else None
         while evaluate.remaining > 0:
             n = min(self.config.samples_per_iteration, evaluate.remaining)
-            evaluate(list(ctx.rng.dirichlet(alpha, size=n)), iteration)
+            evaluate(list(ctx.rng.dirichlet(alpha, size=n)) if centre is None
+                     else sample_around(centre, n, ctx.rng, self.config), iteration)
             iteration += 1
         return evaluate.best

@@ -34,6 +34,13 @@ to ~0 often; ``multiplicative`` perturbs log PD instead
 (``PD * exp(randn * multiplicative_noise * U(0, 1))``), the same relative
 exploration for small and large groups.
 
+With ``around_incumbent`` the search proposes around the incumbent (the best
+starting candidate, a one-shot plan): PD starts at its distribution and samples
+are taken in log space. With ``guard_skip_hopeless`` the guard keeps no reserve
+when every starting candidate already trips it: the redo would start from the
+uniform distribution, one of them (after a large one-shot cut every candidate is
+far below the previous accuracy until it is fine-tuned).
+
 There are no gradients: it is a hill-climb toward elite samples.
 """
 from __future__ import annotations
@@ -42,6 +49,7 @@ import math
 
 import numpy as np
 
+from ..incumbent import incumbent_of
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext
 
 
@@ -58,10 +66,11 @@ def _normalise(d: np.ndarray) -> np.ndarray:
 
 
 def sample_around(pd: np.ndarray, n: int, rng: np.random.Generator, config) -> list[np.ndarray]:
-    """``n`` noisy variants of ``pd`` (see the module docstring for the two kinds)."""
+    """``n`` noisy variants of ``pd`` (see the module docstring for the two kinds;
+    proposals around the incumbent are always in log space)."""
     z = rng.standard_normal((n, len(pd)))      # (this draw order keeps the paper's noise as it was)
     scale = rng.uniform(0, 1, (n, 1))
-    if config.noise_type == "multiplicative":
+    if config.noise_type == "multiplicative" or config.around_incumbent:
         return [_normalise(pd * np.exp(row)) for row in z * config.multiplicative_noise * scale]
     return [_normalise(pd + row) for row in z * config.noise * scale]
 
@@ -78,17 +87,22 @@ class RLPrunerSearch(SearchAlgorithm):
         c = self.config
         if self.pd is None or len(self.pd) != ctx.graph.num_groups:
             self.pd = ctx.initial.copy()
-        armed = c.drop_guard > 0 and ctx.reference_accuracy is not None
-        reserve = int(c.guard_reserve * evaluate.remaining) if armed else 0
+        budget = evaluate.remaining
         state = {"buffer": [], "best": -math.inf, "iteration": 0}
         start = self.starting_candidates(ctx, evaluate)
         if start:                      # the first iteration: PD moves toward the best of them
             state["iteration"] += 1
             self._update(state, start)
+            if c.around_incumbent:
+                self.pd = _normalise(incumbent_of(start).distribution.copy())
+        armed = c.drop_guard > 0 and ctx.reference_accuracy is not None
+        if armed and start and c.guard_skip_hopeless:
+            armed = any(not self._trips(ctx, s) for s in start)
+        reserve = int(c.guard_reserve * budget) if armed else 0
         self._run(ctx, evaluate, state, evaluate.remaining - reserve)
         chosen = self._choose(ctx, state["buffer"])
         tripped = None
-        if armed and chosen.accuracy < (1.0 - c.drop_guard) * ctx.reference_accuracy and evaluate.remaining:
+        if armed and self._trips(ctx, chosen) and evaluate.remaining:
             # redo the step from the initial distribution with what is left
             tripped = chosen
             self.pd = ctx.initial.copy()
@@ -99,6 +113,10 @@ class RLPrunerSearch(SearchAlgorithm):
         if tripped is not None and c.guard_keep_best and tripped.reward > chosen.reward:
             return tripped
         return chosen
+
+    def _trips(self, ctx: StepContext, candidate: Candidate) -> bool:
+        """Whether ``candidate``'s accuracy is more than ``drop_guard`` below the reference."""
+        return candidate.accuracy < (1.0 - self.config.drop_guard) * ctx.reference_accuracy
 
     def _run(self, ctx: StepContext, evaluate: Evaluator, state: dict, budget: int) -> None:
         """Sample-score-update iterations until ``budget`` evaluations are spent."""
