@@ -343,6 +343,11 @@ def test_bench_rlpruner_is_the_project_default_search():
     assert (paper["criterion"], paper["epsilon"], paper["include_baselines"], paper["guard_keep_best"],
             paper["bn_recalibration_batches"], paper["step_fraction"]) == ("taylor", 0.4, False, False, 0, 0.25)
     assert {f.name for f in dataclasses.fields(CompressConfig)} >= set(cfg) - {"one_step"}
+    # every variant --methods accepts is a configuration compress accepts
+    common = _package("common")
+    for method in [*common.VARIANTS, *common.MATCHED]:
+        changes = dict(quality.run_config(bench, method, 1, "base.pt"))
+        CompressConfig(**changes).validate()
 
 
 def test_fidelity_report_judges_the_default_reward_against_the_target():

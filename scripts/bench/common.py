@@ -91,7 +91,14 @@ VARIANTS = {"rlpruner": ("rlpruner", DEFAULT_RLPRUNER),
             # Taylor importance for the methods that now run with L1
             "ppo-taylor": ("ppo", {"criterion": "taylor"}),
             "global-taylor": ("global", {"criterion": "taylor"}),
-            "uniform-taylor": ("uniform", {"criterion": "taylor"})}
+            "uniform-taylor": ("uniform", {"criterion": "taylor"}),
+            # issue 28's levers, each alone on top of the project's rlpruner, to be chosen
+            # between on the selection half (all off by default until then)
+            "rlpruner-incumbent": ("rlpruner", {**DEFAULT_RLPRUNER, "incumbent_rule": True}),
+            "rlpruner-halving": ("rlpruner", {**DEFAULT_RLPRUNER, "halving": True}),
+            "rlpruner-around": ("rlpruner", {**DEFAULT_RLPRUNER, "around_incumbent": True}),
+            "rlpruner-hopeless": ("rlpruner", {**DEFAULT_RLPRUNER, "guard_skip_hopeless": True}),
+            "rlpruner-tpmag": ("rlpruner", {**DEFAULT_RLPRUNER, "criterion": "tp-magnitude"})}
 # the searches' settings before a method's changes: the paper's (no BN recalibration, no
 # starting candidates); plain "rlpruner" also starts from the paper's search
 PINNED_SEARCH = {"bn_recalibration_batches": 0, "include_baselines": False}
