@@ -1,9 +1,11 @@
 """LayerPruningEnv: the pruning problem as a Gymnasium environment.
 
 **Action** ``Box(-1, 1, (G,))``, one entry per prunable group. It maps to the
-distribution ``d_g ∝ init_g * exp(action_scale * a_g)`` where ``init`` is the
-paper's initial distribution (each group's share of the channels): action 0
-is that distribution, ±1 multiply a group's weight by ``exp(±action_scale)``.
+distribution ``d_g ∝ c_g * exp(action_scale * a_g)`` where the centre ``c`` is
+the paper's initial distribution (each group's share of the channels), or the
+one :meth:`LayerPruningEnv.set_centre` gave (a search around its incumbent sets
+the incumbent's; budgeted envs take it from the store's step): action 0 is that
+distribution, ±1 multiply a group's weight by ``exp(±action_scale)``.
 Actions outside the box are clipped; NaN entries count as 0.
 
 **Observation** ``G * 5 + 3`` floats: per group the fraction of its original
@@ -91,6 +93,7 @@ class LayerPruningEnv(gym.Env):
         self._static_obs = np.concatenate([
             graph.channels / original, graph.macs_share, graph.params_share,
             features[:, 0], features[:, 1]]).astype(np.float32)
+        self._centre = None                  # a new base: its step sets its own
         self._original_total = float(ctx["original"]["total_channels"])
         self._removed_before = float(ctx["original"]["total_channels"] - graph.total_channels)
         self._progress = ctx["step"] / max(ctx["num_steps"], 1)
@@ -127,12 +130,25 @@ class LayerPruningEnv(gym.Env):
         self._removed = np.zeros(self.scorer.graph.num_groups, np.int64)
         return self._obs(), {"version": self.scorer.version}
 
+    def set_centre(self, distribution) -> None:
+        """Make ``distribution`` (one share per group) what action 0 stands for, until
+        the base model changes; None: the initial distribution again."""
+        if distribution is None:
+            self._centre = None
+            return
+        d = np.asarray(distribution, dtype=np.float64).reshape(-1)
+        if d.shape[0] != self._init.shape[0] or not np.isfinite(d).all() or (d < 0).any() or d.sum() <= 0:
+            raise ValueError(f"a centre needs {self._init.shape[0]} finite non-negative shares with a positive sum")
+        d = np.maximum(d / d.sum(), 1e-5)          # a group at 0 could never be pruned again by any action
+        self._centre = d / d.sum()
+
     def action_to_distribution(self, action) -> np.ndarray:
         a = np.nan_to_num(np.asarray(action, dtype=np.float64).reshape(-1), nan=0.0)
         if a.shape[0] != self._init.shape[0]:
             raise ValueError(f"action has {a.shape[0]} entries, expected {self._init.shape[0]}")
         a = np.clip(a, -1.0, 1.0)
-        w = self._init * np.exp(float(self.settings.get("action_scale", 3.0)) * a)
+        centre = self._init if self._centre is None else self._centre
+        w = centre * np.exp(float(self.settings.get("action_scale", 3.0)) * a)
         return w / w.sum()
 
     def evaluate_distribution(self, distribution, *, fraction: float = 1.0, already_removed=None) -> dict:
@@ -191,6 +207,9 @@ class LayerPruningEnv(gym.Env):
             episodes = [(0, np.zeros(self.scorer.graph.num_groups, np.int64))] * n
         spent = tickets == SPENT
         tickets = [] if spent else tickets
+        if tickets and tickets[0] is not None:     # budgeted: the step's centre, as the driver set it
+            import ray
+            self.set_centre(ray.get(self._store_actor().centre.remote(self.scorer.version)))
         started = time.perf_counter()
         distributions = [self.action_to_distribution(a) for a in actions[:len(tickets)]]
         plans = [self.plan_distribution(d, (episodes[i][0] + 1) / self.horizon, episodes[i][1])

@@ -161,8 +161,9 @@ class CompressConfig:
     # and samples around the uniform distribution spend the budget far from it
     around_incumbent: bool = _f(False, "rlpruner, random: propose around the incumbent (the best starting "
                                 "candidate) in log space with --multiplicative-noise as the width, instead of "
-                                "around the uniform distribution (cmaes always starts at the incumbent; off by "
-                                "default until measured)", "search")
+                                "around the uniform distribution; RLlib's: action 0 is the incumbent's "
+                                "distribution (cmaes always starts at the incumbent; off by default until "
+                                "measured)", "search")
     cmaes_sigma: float = _f(0.3, "cmaes: initial step size in log space (each group's share is the initial "
                             "one times exp(x))", "search", lo=0, lo_open=True)
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",

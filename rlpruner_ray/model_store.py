@@ -51,6 +51,7 @@ class ModelStore:
         self._closed = False
         self._release_when_spent = False
         self._reward_sum, self._reward_n = 0.0, 0
+        self._centre = None                   # the step's action-0 distribution (None: the initial one)
 
     def publish(self, payload: dict) -> int:
         self._version = payload["version"]
@@ -64,15 +65,24 @@ class ModelStore:
         return self._payload
 
     # ---- tickets: one per evaluation, so a budget is never overspent
-    def begin_step(self, version: int, tickets: int, timeout_s: float, release_when_spent: bool = False) -> None:
+    def begin_step(self, version: int, tickets: int, timeout_s: float, release_when_spent: bool = False,
+                   centre: list | None = None) -> None:
         """``release_when_spent``: once every ticket of the step is recorded, answer
-        SPENT instead of "wait" (synchronous algorithms, see ``take_ticket``)."""
+        SPENT instead of "wait" (synchronous algorithms, see ``take_ticket``).
+        ``centre``: the distribution the step's action 0 stands for (the incumbent's),
+        for every environment of base ``version``; None: each env's initial one."""
         self._closed = False                  # a new search may follow a closed one
+        self._centre = (version, centre)
         self._tickets, self._timeout = tickets, timeout_s
         self._release_when_spent = release_when_spent
         self._reward_sum, self._reward_n = 0.0, 0
         self._out.clear()
         self._rows.clear()
+
+    def centre(self, version: int) -> list | None:
+        """The action-0 distribution of base ``version``'s step (None: not set for it)."""
+        step_version, centre = self._centre or (None, None)
+        return centre if step_version == version else None
 
     def _expire(self) -> None:
         now = time.monotonic()

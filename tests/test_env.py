@@ -125,6 +125,29 @@ def test_action_scale_shapes_the_distribution(env, base):
     assert d.sum() == pytest.approx(1.0)
 
 
+def test_a_centre_makes_action_zero_its_distribution_until_the_base_changes(base):
+    env, graph = new_env(base), base["graph"]
+    g, scale = graph.num_groups, base["settings"]["action_scale"]
+    centre = np.linspace(1.0, 2.0, g)
+    centre /= centre.sum()
+    env.set_centre(centre)
+    np.testing.assert_allclose(env.action_to_distribution(np.zeros(g)), centre, rtol=1e-12)
+    _, info = reward_of_action(env, np.zeros(g))          # what is scored is that distribution
+    np.testing.assert_allclose(info["distribution"], centre, rtol=1e-12)
+    a = np.zeros(g)
+    a[0] = 0.5
+    d = env.action_to_distribution(a)
+    assert d[0] / d[1] == pytest.approx(centre[0] / centre[1] * np.exp(0.5 * scale))
+    for bad in (centre[:-1], -centre, np.full(g, np.nan), np.zeros(g)):
+        with pytest.raises(ValueError):
+            env.set_centre(bad)
+    env.set_base(base["payload"])                           # a new base: the initial distribution again
+    np.testing.assert_allclose(env.action_to_distribution(np.zeros(g)), graph.initial_distribution(), atol=1e-12)
+    env.set_centre(centre)
+    env.set_centre(None)
+    np.testing.assert_allclose(env.action_to_distribution(np.zeros(g)), graph.initial_distribution(), atol=1e-12)
+
+
 def test_out_of_box_actions_are_clipped(env, base):
     g = base["graph"].num_groups
     wild = np.array([5.0, -7.0, 0.3, 100.0, -0.2, -1e6][:g] + [0.0] * max(0, g - 6))

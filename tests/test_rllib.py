@@ -129,6 +129,32 @@ def test_a_spent_budget_releases_synchronous_env_runners_unscored(rllib_setup):
     assert answer and answer[0][4] == {"closed": True}
 
 
+def test_budgeted_envs_take_the_steps_centre_from_the_store(rllib_setup):
+    """Around the incumbent, the driver gives the store the step's centre: a budgeted
+    env's action 0 is scored as that distribution, and only for that base version."""
+    import ray
+    import envs
+    from rlpruner_ray.search.workers import env_settings
+    store, graph = rllib_setup["store"], rllib_setup["graph"]
+    env = envs.LayerPruningEnv({**env_settings(rllib_setup["config"], store=rllib_setup["name"], device="cpu"),
+                                "budgeted": True})
+    env.reset(seed=0)
+    version = ray.get(store.version.remote())
+    centre = np.linspace(1.0, 3.0, graph.num_groups)
+    centre = (centre / centre.sum()).tolist()
+    ray.get(store.begin_step.remote(version, 1, 60.0, release_when_spent=True, centre=centre))
+    assert ray.get(store.centre.remote(version)) == centre and ray.get(store.centre.remote(version + 1)) is None
+    _, _, _, _, info = env.step(np.zeros(env.action_space.shape, np.float32))
+    np.testing.assert_allclose(info["distribution"], centre, rtol=1e-12)
+    deadline = time.time() + 30
+    while ray.get(store.status.remote())["ready"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    row, = ray.get(store.drain.remote())
+    np.testing.assert_allclose(row["distribution"], centre, rtol=1e-12)
+    ray.get(store.begin_step.remote(version, 0, 60.0))            # a step without a centre: none
+
+
 def test_a_vector_env_takes_its_tickets_at_once(rllib_setup):
     """Three sub-envs, two tickets left: both are taken in one call and scored in one
     batch, the third sub-env answers unscored; a runner never holds part of what it

@@ -10,7 +10,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from ..config import CompressConfig
-from ..incumbent import hold_to_incumbent
+from ..incumbent import hold_to_incumbent, incumbent_of
 from ..plans import BASELINE_SOURCES, baseline_plans
 
 
@@ -193,6 +193,15 @@ class SearchAlgorithm(ABC):
             return []
         sources, items = zip(*baseline_plans(ctx, self.config))
         return evaluate(list(items), 0, source=list(sources))
+
+    def proposal_centre(self, start: list[Candidate]) -> np.ndarray | None:
+        """With ``around_incumbent``, the distribution a search proposes around: the
+        incumbent's (the best of the scored ``start``ing candidates); else None (the
+        search's own centre, the uniform distribution)."""
+        if not (self.config.around_incumbent and start):
+            return None
+        best = incumbent_of(start)
+        return best.distribution / best.distribution.sum()
 
     @classmethod
     def search_budget(cls, config: CompressConfig) -> int:

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-from ..incumbent import incumbent_of
 from ..plans import exact_plan, global_plan
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext
 from .rlpruner import sample_around
@@ -46,7 +45,7 @@ class RandomSearch(SearchAlgorithm):
         alpha = ctx.initial * len(ctx.initial) + 1e-3
         start = self.starting_candidates(ctx, evaluate)
         iteration = 1 if start else 0
-        centre = incumbent_of(start).distribution if start and self.config.around_incumbent else None
+        centre = self.proposal_centre(start)
         while evaluate.remaining > 0:
             n = min(self.config.samples_per_iteration, evaluate.remaining)
             evaluate(list(ctx.rng.dirichlet(alpha, size=n)) if centre is None

@@ -226,10 +226,14 @@ class RLlibSearch(SearchAlgorithm):
 
     def search(self, ctx: StepContext, evaluate: Evaluator) -> Candidate:
         version = ctx.step
-        self.starting_candidates(ctx, evaluate)      # scored on the driver (``score``)
+        start = self.starting_candidates(ctx, evaluate)      # scored on the driver (``score``)
+        # around the incumbent: action 0 is the best starting candidate's distribution
+        centre = self.proposal_centre(start)
+        centre = None if centre is None else centre.tolist()
         tickets = min(self.plan.tickets, evaluate.remaining - 1)
         ray.get(self.store.begin_step.remote(version, tickets, TICKET_TIMEOUT_S,
-                                             release_when_spent=self.config.algo.lower() not in ASYNCHRONOUS))
+                                             release_when_spent=self.config.algo.lower() not in ASYNCHRONOUS,
+                                             centre=centre))
         received = 0
         while received < tickets:
             status = ray.get(self.store.status.remote())
@@ -246,6 +250,7 @@ class RLlibSearch(SearchAlgorithm):
                 self._record(evaluate, row, stats)
                 received += 1
         self.local_env.sync()
+        self.local_env.set_centre(centre)
         # the rest of the budget: the policy's deterministic action, then (when the
         # env-runner rounds did not divide the budget) more samples of the policy
         obs, _ = self.local_env.reset()

@@ -49,7 +49,6 @@ import math
 
 import numpy as np
 
-from ..incumbent import incumbent_of
 from .base import Candidate, Evaluator, SearchAlgorithm, StepContext
 
 
@@ -93,8 +92,9 @@ class RLPrunerSearch(SearchAlgorithm):
         if start:                      # the first iteration: PD moves toward the best of them
             state["iteration"] += 1
             self._update(state, start)
-            if c.around_incumbent:
-                self.pd = _normalise(incumbent_of(start).distribution.copy())
+            centre = self.proposal_centre(start)
+            if centre is not None:
+                self.pd = _normalise(centre)
         armed = c.drop_guard > 0 and ctx.reference_accuracy is not None
         if armed and start and c.guard_skip_hopeless:
             armed = any(not self._trips(ctx, s) for s in start)
