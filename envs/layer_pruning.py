@@ -8,11 +8,14 @@ the incumbent's; budgeted envs take it from the store's step): action 0 is that
 distribution, ±1 multiply a group's weight by ``exp(±action_scale)``.
 Actions outside the box are clipped; NaN entries count as 0.
 
-**Observation** ``G * 5 + 3`` floats: per group the fraction of its original
-channels left, its share of the model's MACs and params, and two scale-free
-importance statistics (coefficient of variation; share of channels scoring
-under half the group mean); then the sparsity reached, the step's progress
-through the run, and the sub-step's progress through the episode.
+**Observation** ``G * 5 + 4`` floats: per group the fraction of its original
+channels left after the episode's cuts so far, its share of the model's MACs
+and params, and two scale-free importance statistics (coefficient of
+variation; share of channels scoring under half the group mean); then the
+episode's last reward (0 at its start), the sparsity reached, the step's
+progress through the run, and the sub-step's progress through the episode (so
+with ``horizon`` above 1 the observation changes within an episode: the widths,
+the reward and the target left).
 
 **Episode** ``horizon`` sub-steps (default 1, the paper's setting); sub-step t
 removes the next ``1/horizon`` of the step's filters with the action's
@@ -37,7 +40,7 @@ from rlpruner_ray.scoring import StepScorer
 from rlpruner_ray.model_store import CLOSED, SPENT
 
 FEATURES_PER_GROUP = 5
-GLOBAL_FEATURES = 3
+GLOBAL_FEATURES = 4
 
 
 class LayerPruningEnv(gym.Env):
@@ -70,11 +73,13 @@ class LayerPruningEnv(gym.Env):
         self._adopt(payload)
         g = self.scorer.graph.num_groups
         self.action_space = gym.spaces.Box(-1.0, 1.0, (g,), np.float32)
-        self.observation_space = gym.spaces.Box(0.0, np.inf, (g * FEATURES_PER_GROUP + GLOBAL_FEATURES,),
-                                                np.float32)
+        low = np.zeros(g * FEATURES_PER_GROUP + GLOBAL_FEATURES, np.float32)
+        low[-GLOBAL_FEATURES] = -np.inf                  # the last reward (a cost-weighted one can be < 0)
+        self.observation_space = gym.spaces.Box(low, np.full_like(low, np.inf), dtype=np.float32)
         self.horizon = int(config.get("horizon", 1))
         self._t = 0
         self._removed = np.zeros(g, np.int64)
+        self._last_reward = 0.0
 
     # ------------------------------------------------------------------ base model
     def _store_actor(self):
@@ -90,9 +95,9 @@ class LayerPruningEnv(gym.Env):
         original = np.array([ctx["original"]["channels"][k] for k in graph.keys], dtype=np.float64)
         self._init = graph.initial_distribution()
         features = graph.group_features()
+        self._channels, self._original_channels = graph.channels.astype(np.float64), original
         self._static_obs = np.concatenate([
-            graph.channels / original, graph.macs_share, graph.params_share,
-            features[:, 0], features[:, 1]]).astype(np.float32)
+            graph.macs_share, graph.params_share, features[:, 0], features[:, 1]]).astype(np.float32)
         self._centre = None                  # a new base: its step sets its own
         self._original_total = float(ctx["original"]["total_channels"])
         self._removed_before = float(ctx["original"]["total_channels"] - graph.total_channels)
@@ -114,19 +119,22 @@ class LayerPruningEnv(gym.Env):
             self._adopt(ray.get(store.get.remote()))
 
     # ------------------------------------------------------------------ gym API
-    def _obs(self, t: int | None = None, removed: np.ndarray | None = None) -> np.ndarray:
-        """Observation of an episode at sub-step ``t`` having removed ``removed``
-        (default: this env's own episode)."""
+    def _obs(self, t: int | None = None, removed: np.ndarray | None = None,
+             last_reward: float | None = None) -> np.ndarray:
+        """Observation of an episode at sub-step ``t`` having removed ``removed``, its
+        last reward ``last_reward`` (default: this env's own episode)."""
         t = self._t if t is None else t
         removed = self._removed if removed is None else removed
+        last_reward = self._last_reward if last_reward is None else last_reward
         done = self._removed_before + float(removed.sum())
-        extra = np.array([done / self._original_total, self._progress, t / self.horizon], np.float32)
-        return np.concatenate([np.maximum(self._static_obs, 0.0), extra]).astype(np.float32)
+        left = np.maximum(self._channels - removed, 0.0) / self._original_channels
+        extra = [last_reward, done / self._original_total, self._progress, t / self.horizon]
+        return np.concatenate([left, np.maximum(self._static_obs, 0.0), extra]).astype(np.float32)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.sync()
-        self._t = 0
+        self._t, self._last_reward = 0, 0.0
         self._removed = np.zeros(self.scorer.graph.num_groups, np.int64)
         return self._obs(), {"version": self.scorer.version}
 
@@ -242,5 +250,5 @@ class LayerPruningEnv(gym.Env):
 
     def step(self, action):
         t, removed, reward, terminated, info = self.advance([(self._t, self._removed)], [action])[0]
-        self._t, self._removed = t, removed
+        self._t, self._removed, self._last_reward = t, removed, reward
         return self._obs(), reward, terminated, False, info

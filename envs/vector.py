@@ -42,7 +42,7 @@ class LayerPruningVectorEnv(gym.vector.VectorEnv):
         self.env.reset(seed=seed)          # follows the store to the current base model
         self._episodes = [self._fresh() for _ in range(self.num_envs)]
         self._needs_reset[:] = False
-        obs = np.stack([self.env._obs(*e) for e in self._episodes])
+        obs = np.stack([self.env._obs(*e, 0.0) for e in self._episodes])
         return obs, {}
 
     def step(self, actions):
@@ -54,13 +54,13 @@ class LayerPruningVectorEnv(gym.vector.VectorEnv):
             self.env.sync()
         for i in np.flatnonzero(self._needs_reset):
             self._episodes[i] = self._fresh()
-            obs[i] = self.env._obs(*self._episodes[i])
+            obs[i] = self.env._obs(*self._episodes[i], 0.0)
         active = [i for i in range(n) if not self._needs_reset[i]]
         self._needs_reset[:] = False
         steps = self.env.advance([self._episodes[i] for i in active], [actions[i] for i in active])
         for i, (t, removed, reward, done, _) in zip(active, steps):
             self._episodes[i] = (t, removed)
-            obs[i] = self.env._obs(t, removed)
+            obs[i] = self.env._obs(t, removed, reward)
             rewards[i], terminated[i] = reward, done
             self._needs_reset[i] = done
         return obs, rewards, terminated, np.zeros(n, bool), {}

@@ -95,7 +95,7 @@ def test_spaces_shapes(env, base):
     g = base["graph"].num_groups
     assert env.action_space.shape == (g,)
     assert float(env.action_space.low.min()) == -1.0 and float(env.action_space.high.max()) == 1.0
-    assert env.observation_space.shape == (g * 5 + 3,)
+    assert env.observation_space.shape == (g * 5 + 4,)
 
 
 # ---------------------------------------------------------------------- actions
@@ -273,6 +273,10 @@ def test_horizon_three_substeps(base):
         flags.append(terminated)
         progress.append(obs[-1])
         counts = np.asarray(info["counts"])
+        # the observation follows the episode: the widths left after its cuts, its last reward
+        g = graph.num_groups
+        np.testing.assert_allclose(obs[:g], (graph.channels - counts) / graph.channels, rtol=1e-6)
+        assert obs[-4] == pytest.approx(reward, rel=1e-6)
         assert np.all(counts >= previous), (t, previous, counts)
         assert counts.sum() > previous.sum()
         previous = counts
@@ -281,7 +285,8 @@ def test_horizon_three_substeps(base):
     assert np.all(previous <= graph.channels - graph.floors)
     assert progress == pytest.approx([1 / 3, 2 / 3, 1.0])
     # a new episode starts from nothing again
-    env.reset()
+    obs, _ = env.reset()
+    assert obs[-4] == 0.0 and np.allclose(obs[:graph.num_groups], 1.0)
     _, _, terminated, _, info = env.step(action)
     assert not terminated and info["counts"].sum() == pytest.approx(base["context"]["num_filters"] / 3, abs=1)
 
