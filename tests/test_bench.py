@@ -312,6 +312,20 @@ def test_merge_adds_the_section_3_runs_of_a_run_that_measured_some_methods_only(
         bench.merge(other)
 
 
+def test_the_kd_budget_can_be_overridden_for_the_longer_fine_tuning_check(tmp_path, capsys):
+    report, quality, cli = _package("report"), _package("quality"), _package("cli")
+    bench = report.Bench(cli.parse_args(["--work-dir", str(tmp_path), "--data", str(tmp_path),
+                                         "--kd-epochs", "3", "--kd-batches", "211"]))
+    assert (bench.P["finetune_total_epochs"], bench.P["finetune_batches"]) == (3, 211)
+    cfg = quality.run_config(bench, "tp-global", 0, "base.pt")
+    assert (cfg["finetune_epochs"], cfg["max_batches_per_epoch"]) == (3, 211) and quality.kd_batches(bench.P) == 633
+    for bad in ("0", "-2", "three"):
+        with pytest.raises(SystemExit) as refused:
+            cli.parse_args(["--kd-epochs", bad])
+        assert refused.value.code == 2
+    assert "--kd-epochs" in capsys.readouterr().err
+
+
 def test_retired_variants_stay_runnable_and_leave_the_full_profile():
     common = _package("common")
     full = common.PROFILES["full"]["methods"]

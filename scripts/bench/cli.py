@@ -33,6 +33,12 @@ def parse_args(argv=None, description: str = ""):
                    help="override the methods of section 3 (<one-shot>@compute: at equal compute with rlpruner, "
                         "which needs rlpruner's and the one-shot method's runs of the same seeds, from this "
                         "invocation or an earlier one with the same --work-dir)")
+    p.add_argument("--kd-epochs", type=_at_least_one, metavar="N",
+                   help="override the profile's KD fine-tuning epochs in total for section 3 (full profile: 2), "
+                        "e.g. the check at 3 epochs; give the run its own --work-dir and --rows")
+    p.add_argument("--kd-batches", type=_at_least_one, metavar="B",
+                   help="override the profile's cap of KD batches per epoch (full profile: 50); 211 is a whole "
+                        "epoch of the CIFAR-10 copy's 27,000 training images in batches of 128")
     p.add_argument("--report-only", action="store_true",
                    help="re-render --out from --rows and its _state.json, without measuring")
     p.add_argument("--merge", metavar="ROWS",
@@ -50,6 +56,16 @@ def parse_args(argv=None, description: str = ""):
     p.add_argument("--task-in", help=argparse.SUPPRESS)
     p.add_argument("--task-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def main(argv=None, description: str = "") -> int:
