@@ -63,6 +63,7 @@ class LayerPruningEnv(gym.Env):
             import torch
             torch.set_num_threads(int(config["threads"]))
         data = load_dataset(**config["dataset"])
+        self.data = data                     # (an evaluation actor also fine-tunes on it: halving)
         self.scorer = StepScorer(config, data)
         self._store = None
         payload = config.get("payload")

@@ -23,17 +23,23 @@ The winner keeps its fine-tuned weights, and the step's fine-tuning goes on from
 them, so its short fine-tune is not spent twice. Stage 1's passes are charged to
 the ledger's ``rescore`` stage, stage 2's KD batches and passes to ``selection_kd``.
 
-The stages run on the driver, one finalist after another (the driver holds the
-teacher and the training data).
+Stage 2's short fine-tunes run in parallel on the run's evaluation actors when
+there is a pool (each actor holds the step's base model, its graph and the
+training data; the driver sends the plans and the teacher's weights, and gets
+back the fine-tuned weights and their correctness), one after another on the
+driver otherwise; both give the same networks.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
-from .incumbent import incumbent_of, paired_comparison
+from .checkpoint import load_pruned, model_to_bytes
+from .incumbent import Rescorer, incumbent_of, paired_comparison
 from .plans import apply_plan, removed_channels
 from .problem import train_settings
 from .train import batches_per_epoch, finetune_kd
@@ -70,18 +76,22 @@ def _row(c, **figures) -> dict:
 
 
 def select(config, graph, candidates, rescorer, teacher, data, device: str, ledger, seed: int,
-           label: str = "") -> Selection:
-    """Run stages 1 and 2 over the step's ``candidates`` (every one the search scored)."""
+           label: str = "", pool=None, version: int | None = None) -> Selection:
+    """Run stages 1 and 2 over the step's ``candidates`` (every one the search scored);
+    stage 2 on ``pool``'s actors (base model ``version``) when given."""
     first_half, second_half = rescorer.halves()
     incumbent = incumbent_of(candidates)
-    pool = _with(shortlist(graph, candidates, config.halving_top), incumbent)
-    correct, _ = rescorer(graph, pool, part=first_half)
+    contenders = _with(shortlist(graph, candidates, config.halving_top), incumbent)
+    correct, _ = rescorer(graph, contenders, part=first_half)
     top1 = [float(c.double().mean()) for c in correct]
-    stage1 = [_row(c, top1=t) for c, t in zip(pool, top1)]
-    ranked = [c for _, c in sorted(zip(top1, pool), key=lambda p: -p[0])]     # stable: reward order on ties
+    stage1 = [_row(c, top1=t) for c, t in zip(contenders, top1)]
+    ranked = [c for _, c in sorted(zip(top1, contenders), key=lambda p: -p[0])]     # stable: reward order on ties
     finalists = _with(ranked[: config.halving_finalists], incumbent)
-    results = [_short_finetune(config, graph, c, rescorer, second_half, teacher, data, device, ledger, seed,
-                               label) for c in finalists]
+    if pool is None:
+        results = [_short_finetune(config, graph, c, rescorer, second_half, teacher, data, device, ledger, seed,
+                                   label) for c in finalists]
+    else:
+        results = _on_pool(pool, version, config, finalists, teacher, ledger, seed, label)
     scores = [float(r[1].double().mean()) for r in results]
     best = max(range(len(finalists)), key=lambda i: scores[i])   # the first of equals
     record = {"stage1_images": first_half.stop - first_half.start,
@@ -114,3 +124,37 @@ def _short_finetune(config, graph, candidate, rescorer, part, teacher, data, dev
         hits = rescorer.correct(model, graph.cost(candidate.counts)[0], part=part, recalibrate=False,
                                 stage="selection_kd")
     return model, hits
+
+
+def _on_pool(pool, version, config, finalists, teacher, ledger, seed, label) -> list:
+    """Stage 2's short fine-tunes on the evaluation actors, in parallel; their
+    compute is added to ``ledger`` (the wall time is the driver's wait)."""
+    plans = [{"counts": np.asarray(c.counts).tolist(), "indices": c.indices, "index": c.index} for c in finalists]
+    with ledger.timed("selection_kd"):
+        outs = pool.short_finetunes(plans, model_to_bytes(teacher), config.to_dict(), seed, label, version)
+    ledger.add("selection_kd", sum(o["macs"] for o in outs))
+    # the actors' networks: the driver's own model code (loaded there under the user's allow_import)
+    return [(load_pruned(o["model"], allow_import=True), torch.as_tensor(o["hits"])) for o in outs]
+
+
+def finetune_on_actor(env, plans: list, teacher_bytes: bytes, config_values: dict, seed: int, label: str) -> list:
+    """An evaluation actor's part of stage 2 (``EvalWorker.short_finetunes``): each
+    plan pruned from the actor's base model, fine-tuned and judged as the driver
+    would, with the actor's own copy of the data and re-score images."""
+    from . import compute
+    from .config import CompressConfig
+    config = CompressConfig.from_dict(config_values)
+    device = str(env.scorer.device)
+    teacher = load_pruned(teacher_bytes, allow_import=True)
+    ledger = compute.Ledger()
+    rescorer = Rescorer(config, env.data, device, ledger)
+    out = []
+    for plan in plans:
+        before = ledger.macs["selection_kd"]
+        candidate = SimpleNamespace(counts=np.asarray(plan["counts"], dtype=np.int64), indices=plan["indices"],
+                                    index=plan["index"])
+        model, hits = _short_finetune(config, env.scorer.graph, candidate, rescorer, rescorer.halves()[1], teacher,
+                                      env.data, device, ledger, seed, label)
+        out.append({"model": model_to_bytes(model.cpu()), "hits": hits.numpy(),
+                    "macs": ledger.macs["selection_kd"] - before})
+    return out

@@ -527,7 +527,8 @@ def choose(loop: Loop, state: RunState, found: Search, label: str) -> Search:
     if loop.algo.selects_by_halving:
         teacher = state.teacher if state.teacher is not None else loop.base
         picked = halving.select(config, loop.graph, found.evaluator.candidates, loop.rescorer, teacher,
-                                loop.data, loop.device, state.ledger, seed=config.seed + 1000 + number, label=label)
+                                loop.data, loop.device, state.ledger, seed=config.seed + 1000 + number, label=label,
+                                pool=loop.pool, version=loop.version)
         r = picked.record
         log.info("step %d/%d: successive halving applies the %s candidate %d (top-1 %.4f on %d images after "
                  "%d KD batches)", number, config.num_steps, r["winner_source"], r["winner_index"],

@@ -159,3 +159,36 @@ def test_the_step_fine_tunes_the_network_that_won_the_selection(tmp_path, base_c
     assert step["counts"] == picked[0].chosen.counts.tolist()
     by_stage = summary["compute"]["by_stage"]
     assert by_stage["rescore"]["macs"] > 0 and by_stage["selection_kd"]["macs"] > 0
+
+
+@pytest.mark.slow
+def test_the_short_fine_tunes_on_the_evaluation_actors_give_the_drivers_networks(step, digits16, ray_session):
+    """Stage 2 spread over the run's evaluation actors (each holds the base model, its
+    graph and the data) chooses the same plan, with the same weights and compute, as
+    the driver does alone."""
+    ray = ray_session
+    from rlpruner_ray.search.workers import EvaluationPool, make_payload, start_store
+    graph, candidates, model = step
+    config = _config(num_workers=2)
+    context = {"step": 0, "num_steps": 1, "original": graph.sizes(), "num_filters": graph.max_removable // 2}
+    store, store_name = start_store()
+    pool = None
+    try:
+        ray.get(store.publish.remote(make_payload(model, graph, context, version=0)))
+        pool = EvaluationPool(config, store_name)
+        picked = {}
+        for where in ("driver", "actors"):
+            ledger = compute.Ledger()
+            picked[where] = (halving.select(config, graph, candidates, Rescorer(config, digits16, "cpu", ledger),
+                                            model, digits16, "cpu", ledger, seed=5,
+                                            pool=pool if where == "actors" else None, version=0), ledger)
+        (mine, mine_ledger), (theirs, their_ledger) = picked["driver"], picked["actors"]
+        assert theirs.record == mine.record and theirs.chosen is mine.chosen
+        a, b = mine.model.state_dict(), theirs.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+        assert their_ledger.macs == mine_ledger.macs
+        assert len({d["pid"] for d in pool.describe()}) == 2
+    finally:
+        if pool is not None:
+            pool.close()
+        ray.kill(store)

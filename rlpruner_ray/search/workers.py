@@ -34,6 +34,14 @@ class EvalWorker:
             self.env.sync()
         return self.env.evaluate_plans(plans_for(self.env, items))
 
+    def short_finetunes(self, plans: list, teacher_bytes: bytes, config_values: dict, seed: int, label: str,
+                        version: int) -> list[dict]:
+        """Successive halving's short KD fine-tunes of ``plans`` (``halving.finetune_on_actor``)."""
+        from ..halving import finetune_on_actor
+        if self.env.scorer.version != version:
+            self.env.sync()
+        return finetune_on_actor(self.env, plans, teacher_bytes, config_values, seed, label)
+
     def describe(self) -> dict:
         import os
         g = self.env.scorer.graph
@@ -69,6 +77,16 @@ class EvaluationPool:
                 raise exc.cause from None
             raise
         return [r for part in parts for r in part]
+
+    def short_finetunes(self, plans: list, teacher_bytes: bytes, config_values: dict, seed: int, label: str,
+                        version: int) -> list[dict]:
+        """Fine-tune ``plans`` briefly across the workers, in parallel (successive
+        halving's stage 2); results in submission order."""
+        chunks = np.array_split(np.arange(len(plans)), min(len(self.workers), max(1, len(plans))))
+        teacher = ray.put(teacher_bytes)
+        refs = [w.short_finetunes.remote([plans[i] for i in idx], teacher, config_values, seed, label, version)
+                for w, idx in zip(self.workers, chunks) if len(idx)]
+        return [r for part in ray.get(refs) for r in part]
 
     def describe(self) -> list[dict]:
         return ray.get([w.describe.remote() for w in self.workers])
