@@ -319,11 +319,17 @@ def test_the_kd_budget_can_be_overridden_for_the_longer_fine_tuning_check(tmp_pa
     assert (bench.P["finetune_total_epochs"], bench.P["finetune_batches"]) == (3, 211)
     cfg = quality.run_config(bench, "tp-global", 0, "base.pt")
     assert (cfg["finetune_epochs"], cfg["max_batches_per_epoch"]) == (3, 211) and quality.kd_batches(bench.P) == 633
-    for bad in ("0", "-2", "three"):
+    # a search-only study: no fine-tuning, a larger budget
+    study = report.Bench(cli.parse_args(["--work-dir", str(tmp_path), "--data", str(tmp_path), "--kd-epochs", "0",
+                                         "--evals-per-step", "100"]))
+    cfg = quality.run_config(study, "ppo", 0, "base.pt")
+    assert (cfg["finetune_epochs"], cfg["evaluations_per_step"]) == (0, 200)
+    for flag, bad in (("--kd-epochs", "-1"), ("--kd-epochs", "three"), ("--kd-batches", "0"),
+                      ("--evals-per-step", "0")):
         with pytest.raises(SystemExit) as refused:
-            cli.parse_args(["--kd-epochs", bad])
+            cli.parse_args([flag, bad])
         assert refused.value.code == 2
-    assert "--kd-epochs" in capsys.readouterr().err
+        assert flag in capsys.readouterr().err
 
 
 def test_retired_variants_stay_runnable_and_leave_the_full_profile():

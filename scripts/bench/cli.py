@@ -33,10 +33,15 @@ def parse_args(argv=None, description: str = ""):
                    help="override the methods of section 3 (<one-shot>@compute: at equal compute with rlpruner, "
                         "which needs rlpruner's and the one-shot method's runs of the same seeds, from this "
                         "invocation or an earlier one with the same --work-dir)")
-    p.add_argument("--kd-epochs", type=_at_least_one, metavar="N",
+    p.add_argument("--kd-epochs", type=_at_least(0), metavar="N",
                    help="override the profile's KD fine-tuning epochs in total for section 3 (full profile: 2), "
-                        "e.g. the check at 3 epochs; give the run its own --work-dir and --rows")
-    p.add_argument("--kd-batches", type=_at_least_one, metavar="B",
+                        "e.g. the check at 3 epochs, or 0 for a search-only study of the best-so-far curves; "
+                        "give the run its own --work-dir and --rows")
+    p.add_argument("--evals-per-step", type=_at_least(1), metavar="E",
+                   help="override the evaluations per step of section 3's multi-step searches (full profile: 40; "
+                        "the one-step searches get this times the steps: 80), e.g. 100 or 200 for the study of "
+                        "whether a policy learns")
+    p.add_argument("--kd-batches", type=_at_least(1), metavar="B",
                    help="override the profile's cap of KD batches per epoch (full profile: 50); 211 is a whole "
                         "epoch of the CIFAR-10 copy's 27,000 training images in batches of 128")
     p.add_argument("--report-only", action="store_true",
@@ -58,14 +63,17 @@ def parse_args(argv=None, description: str = ""):
     return p.parse_args(argv)
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+def _at_least(low: int):
+    """An argparse type: a whole number of at least ``low`` (else argparse's exit 2)."""
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {text!r}")
+        return value
+    return whole
 
 
 def main(argv=None, description: str = "") -> int:

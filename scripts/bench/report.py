@@ -25,7 +25,8 @@ class Bench:
             self.P["seeds"] = self.P["paired_seeds"] = args.seeds
         if args.methods is not None:
             self.P["methods"] = args.methods
-        for arg, key in (("kd_epochs", "finetune_total_epochs"), ("kd_batches", "finetune_batches")):
+        for arg, key in (("kd_epochs", "finetune_total_epochs"), ("kd_batches", "finetune_batches"),
+                         ("evals_per_step", "evals")):
             if getattr(args, arg, None) is not None:
                 self.P[key] = getattr(args, arg)
         if self.P["dataset"] == "cifar10":           # the real CIFAR-10 copy, --data or ../shared
