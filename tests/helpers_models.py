@@ -191,3 +191,26 @@ class ChannelNorm(nn.Module):
 
 def channel_norm(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return ChannelNorm(num_classes, in_channels)
+
+
+class ConcatDepthwise(nn.Module):
+    """Two branches concatenated, then a depthwise conv: the depthwise conv couples
+    the concatenation into one group of which each branch holds a part."""
+
+    def __init__(self, num_classes=10, in_channels=3):
+        super().__init__()
+        self.a = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.b = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.head = nn.Linear(12, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        x = F.relu(self.pw(F.relu(self.dw(x))))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def concat_depthwise(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return ConcatDepthwise(num_classes, in_channels)

@@ -281,3 +281,24 @@ def test_building_a_graph_leaves_a_training_model_unchanged(name):
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert not moved, moved[:3]
     assert all(m.training for m in model.modules())
+
+
+def test_masking_a_group_whose_members_each_hold_part_of_it_zeroes_the_planned_channels():
+    """A depthwise conv after a concatenation couples both branches into one group; a
+    plan's channels may fall in one branch or both, and masking must zero exactly
+    those (it once zeroed the first k channels of every branch)."""
+    from tests.helpers_models import concat_depthwise
+    torch.manual_seed(0)
+    model = concat_depthwise().eval()
+    x = torch.randn(4, 3, 16, 16)
+    graph = PruningGraph(model, x[:1])                      # its build-time check passes
+    dw = graph.keys.index("dw")
+    for scores, k in ((torch.arange(16.0), 3), (-torch.arange(16.0), 3),          # all in a, all in b
+                      (torch.tensor([5.0, 0, 9, 9, 9, 9, 9, 9, 1, 9, 9, 9, 9, 2, 9, 9]), 4)):  # both
+        graph.set_scores([scores if i == dw else torch.ones(c) for i, c in enumerate(graph.channels)], "test")
+        plan = np.zeros(graph.num_groups, np.int64)
+        plan[dw] = k
+        with torch.no_grad():
+            physical = graph.prune(plan).eval()(x)
+            with graph.masked(plan) as masked:
+                assert torch.allclose(masked(x), physical, atol=1e-5)
