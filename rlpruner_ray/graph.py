@@ -332,10 +332,12 @@ class PruningGraph:
                         # the channel reaches only members whose weights on it are zeroed
                         continue
                     # the positions whose root channel is among the k least important:
-                    # the first k (times the multiplicity) of a slice over the whole group,
-                    # fewer or none of a part of it (one input of a concatenation that a
+                    # the first k (times the multiplicity) of a slice over the whole group
+                    # (counted without reading values: a meta model has none), fewer or
+                    # none of a part of it (one input of a concatenation that a
                     # depthwise convolution after it couples into one group)
-                    idx = s.ordered[: int((s.rank < int(k)).sum())]
+                    whole = len(s.idx) == group.channels * s.multiplicity
+                    idx = s.ordered[: int(k) * s.multiplicity if whole else int((s.rank < int(k)).sum())]
                     tensors = [(s.tensor, s.weight_dim, s.weight_index(idx))]
                     if s.has_bias:
                         tensors.append((s.module.bias, 0, idx))
