@@ -259,30 +259,42 @@ def test_quick_benchmark_writes_a_well_formed_report(tmp_path):
     assert any(r["section"] == 4 and r["metric"] == "rho" for r in data)   # NaN if every candidate ties
 
 
+def _s3_run(method, seed, top1, curve=None):
+    """A section-3 run record as the quality section keeps it (a made-up summary)."""
+    s = {"base": {"test_top1": 0.85, "val_top1": 0.85, "macs": 4e7, "params": 2e5},
+         "pruned": {"test_top1": top1, "test_top5": 0.99, "val_top1": top1, "macs": 2e7, "params": 1e5},
+         "reductions": {"macs": 0.5, "params": 0.5}, "evaluations": len(curve or []) or 80, "wall_seconds": 100.0}
+    run = {"method": method, "seed": seed, "dir": "d", "ok": True, "summary": s}
+    if curve is not None:
+        run["curve"] = list(curve)
+    return f"{method}_s{seed}", run
+
+
+def _s3_state(tmp_path, name, runs, methods, pairs, base="base.pt", **budgets):
+    """Rows and state of a benchmark run that measured section 3 (and carried 4)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    common, quality = _package("common"), _package("quality")
+    P = dict(common.PROFILES["quick"], methods=methods, paired_methods=methods, pairs=pairs, bootstrap=200, **budgets)
+    st3 = {"base": {"file": base, "shared": True}, "runs": dict(runs)}
+    st3["paired"] = quality.paired_differences(st3["runs"], pairs, 200)
+    rows = tmp_path / f"{name}.parquet"
+    pq.write_table(pa.Table.from_pylist(quality.section_rows(st3) + [common.row(4, "x", "v", "y", 1.0)]), rows)
+    state = {"profile": "quick", "sections": {"3": st3, "4": {}}, "seconds": {"3": 5.0, "4": 1.0},
+             "failed": {}, "machine": {"date": name}, "command": f"bench {name}", "total_seconds": 60.0,
+             "profile_settings": P, "carried": {"sections": ["4"], "date": "old", "command": "bench old"}}
+    (tmp_path / f"{name}_state.json").write_text(json.dumps(state))
+    return rows
+
+
 def test_merge_adds_the_section_3_runs_of_a_run_that_measured_some_methods_only(tmp_path):
     """A new variant measured alone (--methods) joins the report run by run, and
     every pair is computed again over the union."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    common, report, cli, quality = _package("common"), _package("report"), _package("cli"), _package("quality")
+    report, cli = _package("report"), _package("cli")
+    run = _s3_run
 
-    def run(method, seed, top1):
-        s = {"base": {"test_top1": 0.85, "val_top1": 0.85, "macs": 4e7, "params": 2e5},
-             "pruned": {"test_top1": top1, "test_top5": 0.99, "val_top1": top1, "macs": 2e7, "params": 1e5},
-             "reductions": {"macs": 0.5, "params": 0.5}, "evaluations": 80, "wall_seconds": 100.0}
-        return f"{method}_s{seed}", {"method": method, "seed": seed, "dir": "d", "ok": True, "summary": s}
-
-    def write(name, runs, methods, pairs, base="base.pt"):
-        P = dict(common.PROFILES["quick"], methods=methods, paired_methods=methods, pairs=pairs, bootstrap=200)
-        st3 = {"base": {"file": base}, "runs": dict(runs)}
-        st3["paired"] = quality.paired_differences(st3["runs"], pairs, 200)
-        rows = tmp_path / f"{name}.parquet"
-        pq.write_table(pa.Table.from_pylist(quality.section_rows(st3) + [common.row(4, "x", "v", "y", 1.0)]), rows)
-        state = {"profile": "quick", "sections": {"3": st3, "4": {}}, "seconds": {"3": 5.0, "4": 1.0},
-                 "failed": {}, "machine": {"date": name}, "command": f"bench {name}", "total_seconds": 60.0,
-                 "profile_settings": P, "carried": {"sections": ["4"], "date": "old", "command": "bench old"}}
-        (tmp_path / f"{name}_state.json").write_text(json.dumps(state))
-        return rows
+    def write(*args, **kw):
+        return _s3_state(tmp_path, *args, **kw)
 
     main = write("main", [run("a", 0, 0.80), run("a", 1, 0.81), run("b", 0, 0.70), run("b", 1, 0.71)],
                  ["a", "b"], [["a", "b"]])
@@ -309,6 +321,55 @@ def test_merge_adds_the_section_3_runs_of_a_run_that_measured_some_methods_only(
     assert "3" in again.state["carried"]["sections"]
     other = write("other", [run("c", 0, 0.9)], ["c"], [], base="another.pt")
     with pytest.raises(SystemExit, match="different base models"):
+        bench.merge(other)
+
+
+def test_runs_with_other_budgets_join_the_report_as_studies_beside_the_headline(tmp_path):
+    """The 3-epoch check and the search-only study (other --kd-epochs/--kd-batches/
+    --evals-per-step) are merged as studies: their own tables and pairs, never the
+    headline's; the search-only one pairs the best reward so far."""
+    report, cli = _package("report"), _package("cli")
+    main = _s3_state(tmp_path, "main", [_s3_run("rlpruner", s, 0.80 + s / 100) for s in (0, 1)]
+                     + [_s3_run("tp-global", s, 0.81) for s in (0, 1)], ["rlpruner", "tp-global"],
+                     [["rlpruner", "tp-global"]])
+    longer = _s3_state(tmp_path, "longer", [_s3_run("rlpruner", s, 0.83 + s / 100) for s in (0, 1, 2)]
+                       + [_s3_run("tp-global", s, 0.832) for s in (0, 1, 2)], ["rlpruner", "tp-global"],
+                       [["rlpruner", "tp-global"]], finetune_total_epochs=3, finetune_batches=211)
+    curves = {("ppo", 0): [0.1, 0.3, 0.5, 0.6], ("ppo", 1): [0.2, 0.2, 0.4, 0.7],
+              ("random", 0): [0.1, 0.2, 0.2, 0.5], ("random", 1): [0.2, 0.2, 0.3, 0.6]}
+    search = _s3_state(tmp_path, "search", [_s3_run(m, s, 0.3, c) for (m, s), c in curves.items()],
+                       ["ppo", "random"], [["ppo", "random"]], finetune_total_epochs=0, evals=4, step_fraction=0.5)
+    bench = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path),
+                                         "--out", str(tmp_path / "B.md")]))
+    bench.load()
+    bench.merge(longer)
+    bench.merge(search)
+    st = bench.state
+    assert sorted(st["studies"]) == ["3 KD epochs of 211 batches", "search only, 4 evaluations"]
+    assert set(st["sections"]["3"]["runs"]) == {"rlpruner_s0", "rlpruner_s1", "tp-global_s0", "tp-global_s1"}
+    assert bench.P["finetune_total_epochs"] == 1 and "merged" not in st     # the headline is untouched
+    items = {r["item"] for r in bench.rows if r["section"] == 3 and r["metric"] == "test_top1_diff_mean"}
+    assert items == {"rlpruner - tp-global", "3 KD epochs of 211 batches: rlpruner - tp-global",
+                     "search only, 4 evaluations: ppo - random"}
+    bench.save()
+    bench.state.update(machine=_package("common").machine(), load_start=0.0, load_end=0.0)
+    bench.write()
+    text = (tmp_path / "B.md").read_text()
+    assert "### Check: 3 KD epochs of 211 batches" in text and "### Check: search only, 4 evaluations" in text
+    # rlpruner - tp-global at 3 epochs: -0.2, +0.8, +1.8 points: not below
+    assert "rlpruner - tp-global +0.80 pts at equal KD (interval spans 0): target (not below) met" in text
+    # best so far after 1, 2 and 4 evaluations: ppo - random 0 and 0, +10 and 0, +10 and +10 points
+    assert "| ppo - random | 2 | +0.00 [+0.00, +0.00] | +5.00 [-26.57, +36.57] | +10.00 [+10.00, +10.00] |" in text
+    assert "Search-only study at 4 evaluations (best reward so far, paired, points, 2 seeds): ppo - random +10.00" \
+        in text
+    assert (tmp_path / "best_so_far_4evals.png").stat().st_size > 0
+    # a later run of another section keeps the studies; one on another footing is refused
+    again = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
+    again.carry_over({1})
+    assert sorted(again.state["studies"]) == sorted(st["studies"])
+    other = _s3_state(tmp_path, "other", [_s3_run("ppo", 0, 0.3, [0.1])], ["ppo"], [], finetune_total_epochs=0,
+                      sparsity=0.3)
+    with pytest.raises(SystemExit, match="differ in sparsity"):
         bench.merge(other)
 
 

@@ -55,6 +55,8 @@ class Bench:
         if old.get("profile") != self.profile or not kept:
             return
         self.state["sections"].update(kept)
+        if "3" in kept and old.get("studies"):       # (their rows are section 3's, kept below)
+            self.state["studies"] = old["studies"]
         self.state["seconds"].update({k: v for k, v in old.get("seconds", {}).items() if k in kept})
         self.rows += [r for r in pq.read_table(self.args.rows).to_pylist() if str(r["section"]) in kept]
         # sections the previous report merged in keep their own origin
@@ -84,7 +86,11 @@ class Bench:
             raise SystemExit(f"bench: {rows} is from the {other.get('profile')} profile, not {self.profile}")
         carried = set(other.get("carried", {}).get("sections", []))
         taken = sorted((k for k in other["sections"] if k not in carried), key=int)
-        if "3" in taken and "3" in self.state["sections"] and _subset_of_methods(other, self.P):
+        if "3" in taken and "3" in self.state["sections"] and quality.budgets_differ(self.P,
+                                                                                      other["profile_settings"]):
+            taken.remove("3")
+            self._attach_study(other)
+        elif "3" in taken and "3" in self.state["sections"] and _subset_of_methods(other, self.P):
             taken.remove("3")
             self._merge_runs(other)
         self.rows = [r for r in self.rows if str(r["section"]) not in taken]
@@ -109,12 +115,31 @@ class Bench:
         merged, methods = quality.merge_runs(self.state["sections"]["3"], self.P, other["sections"]["3"],
                                              other["profile_settings"])
         self.state["sections"]["3"] = merged
-        self.rows = [r for r in self.rows if str(r["section"]) != "3"] + quality.section_rows(merged)
+        self._section_3_rows()
         self.state.setdefault("merged", []).append({"sections": ["3"], "methods": methods,
                                                     "command": other["command"],
                                                     "date": other["machine"]["date"],
                                                     "seconds": other.get("total_seconds"),
                                                     "version_mismatches": other.get("version_mismatches", [])})
+
+    def _attach_study(self, other: dict) -> None:
+        """Section 3 of a run with other budgets (the check at longer fine-tuning, the
+        search-only study) joins as a study of its own beside the headline, under its
+        name (a later study of the same budgets replaces it)."""
+        P = other["profile_settings"]
+        quality.check_footing(self.state["sections"]["3"], self.P, other["sections"]["3"], P, quality.FOOTING)
+        self.state.setdefault("studies", {})[quality.study_name(P)] = {
+            "section": other["sections"]["3"], "P": P, "command": other["command"],
+            "date": other["machine"]["date"], "seconds": other.get("total_seconds") or 0.0,
+            "version_mismatches": other.get("version_mismatches", [])}
+        self._section_3_rows()
+
+    def _section_3_rows(self) -> None:
+        """Section 3's rows again from its state: the headline's, then each study's."""
+        rows = quality.section_rows(self.state["sections"]["3"])
+        for name, study in self.state.get("studies", {}).items():
+            rows += quality.study_rows(name, study["section"])
+        self.rows = [r for r in self.rows if str(r["section"]) != "3"] + rows
 
     def save(self) -> None:
         import pyarrow as pa
@@ -147,6 +172,10 @@ class Bench:
                 try:
                     bodies[k], lines = module.render(self, st["sections"][key])
                     summary += lines
+                    for name, study in (st.get("studies", {}) if k == 3 else {}).items():
+                        body, lines = quality.render_study(self, name, study)
+                        bodies[k] += "\n\n" + body
+                        summary += lines
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc()
                     bodies[k] = f"FAILED to render: {type(exc).__name__}: {exc}"
@@ -216,6 +245,8 @@ def _version_warning(st: dict) -> list[str]:
                      st["carried"].get("version_mismatches")))
     runs += [(f"the run of the merged section(s) {', '.join(m['sections'])} ({m['date']})",
               m.get("version_mismatches")) for m in st.get("merged", [])]
+    runs += [(f"the run of the study '{name}' ({s['date']})", s.get("version_mismatches"))
+             for name, s in st.get("studies", {}).items()]
     lines = [f"{who}: {describe_mismatches(found)}" for who, found in runs if found]
     if not lines:
         return []
