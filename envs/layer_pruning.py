@@ -100,6 +100,7 @@ class LayerPruningEnv(gym.Env):
         self._static_obs = np.concatenate([
             graph.macs_share, graph.params_share, features[:, 0], features[:, 1]]).astype(np.float32)
         self._centre = None                  # a new base: its step sets its own
+        self._ticket_centre = None           # the centre that came with the last tickets
         self._original_total = float(ctx["original"]["total_channels"])
         self._removed_before = float(ctx["original"]["total_channels"] - graph.total_channels)
         self._progress = ctx["step"] / max(ctx["num_steps"], 1)
@@ -190,11 +191,12 @@ class LayerPruningEnv(gym.Env):
         at once; wait while the step's budget is spent, and follow the base model
         when it moves on. CLOSED: the search is over (the algorithm is being
         stopped); SPENT: the step's budget is recorded but a synchronous
-        ``train()`` wants more samples."""
+        ``train()`` wants more samples. With tickets comes the step's centre (kept
+        for ``advance``), in the same call."""
         import ray
         store = self._store_actor()
         while True:
-            got = ray.get(store.take_tickets.remote(self.scorer.version, n))
+            got, self._ticket_centre = ray.get(store.take_tickets_and_centre.remote(self.scorer.version, n))
             if got is not None:
                 return got
             if ray.get(store.version.remote()) != self.scorer.version:
@@ -217,8 +219,7 @@ class LayerPruningEnv(gym.Env):
         spent = tickets == SPENT
         tickets = [] if spent else tickets
         if tickets and tickets[0] is not None:     # budgeted: the step's centre, as the driver set it
-            import ray
-            self.set_centre(ray.get(self._store_actor().centre.remote(self.scorer.version)))
+            self.set_centre(self._ticket_centre)
         started = time.perf_counter()
         distributions = [self.action_to_distribution(a) for a in actions[:len(tickets)]]
         plans = [self.plan_distribution(d, (episodes[i][0] + 1) / self.horizon, episodes[i][1])

@@ -144,6 +144,12 @@ def test_budgeted_envs_take_the_steps_centre_from_the_store(rllib_setup):
     centre = (centre / centre.sum()).tolist()
     ray.get(store.begin_step.remote(version, 1, 60.0, release_when_spent=True, centre=centre))
     assert ray.get(store.centre.remote(version)) == centre and ray.get(store.centre.remote(version + 1)) is None
+    # the centre comes with the tickets, in one call; no ticket, no centre
+    ray.get(store.begin_step.remote(version, 1, 60.0, release_when_spent=True, centre=centre))
+    tickets, got = ray.get(store.take_tickets_and_centre.remote(version, 2))
+    assert len(tickets) == 1 and got == centre
+    assert ray.get(store.take_tickets_and_centre.remote(version + 1, 1)) == (None, None)
+    ray.get(store.begin_step.remote(version, 1, 60.0, release_when_spent=True, centre=centre))
     _, _, _, _, info = env.step(np.zeros(env.action_space.shape, np.float32))
     np.testing.assert_allclose(info["distribution"], centre, rtol=1e-12)
     deadline = time.time() + 30
