@@ -197,6 +197,9 @@ def test_merge_takes_only_the_sections_the_other_run_measured(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--merge", str(side), "--rows", str(main)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--merge only goes with --report-only" in r.stderr
+    r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--report-only", "--study", "x", "--rows", str(main)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "bench: --study only goes with --merge"
     before = main.read_bytes()
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--report-only", "--merge", str(tmp_path / "none"),
                         "--rows", str(main), "--out", str(tmp_path / "B.md")],
@@ -344,13 +347,19 @@ def test_runs_with_other_budgets_join_the_report_as_studies_beside_the_headline(
     bench.load()
     bench.merge(longer)
     bench.merge(search)
+    # the same budgets at another commit: a study only when named so (else its runs would replace ours)
+    later = _s3_state(tmp_path, "later", [_s3_run(m, s, a) for s in (0, 1) for m, a in (("rlpruner", 0.79),
+                                                                                       ("tp-global", 0.81))],
+                      ["rlpruner", "tp-global"],
+                      [["rlpruner", "tp-global"]])
+    bench.merge(later, study="at a later commit")
     st = bench.state
-    assert sorted(st["studies"]) == ["3 KD epochs of 211 batches", "search only, 4 evaluations"]
+    assert sorted(st["studies"]) == ["3 KD epochs of 211 batches", "at a later commit", "search only, 4 evaluations"]
     assert set(st["sections"]["3"]["runs"]) == {"rlpruner_s0", "rlpruner_s1", "tp-global_s0", "tp-global_s1"}
     assert bench.P["finetune_total_epochs"] == 1 and "merged" not in st     # the headline is untouched
     items = {r["item"] for r in bench.rows if r["section"] == 3 and r["metric"] == "test_top1_diff_mean"}
     assert items == {"rlpruner - tp-global", "3 KD epochs of 211 batches: rlpruner - tp-global",
-                     "search only, 4 evaluations: ppo - random"}
+                     "search only, 4 evaluations: ppo - random", "at a later commit: rlpruner - tp-global"}
     bench.save()
     bench.state.update(machine=_package("common").machine(), load_start=0.0, load_end=0.0)
     bench.write()
@@ -363,6 +372,8 @@ def test_runs_with_other_budgets_join_the_report_as_studies_beside_the_headline(
     assert "Search-only study at 4 evaluations (best reward so far, paired, points, 2 seeds): ppo - random +10.00" \
         in text
     assert (tmp_path / "best_so_far_4evals.png").stat().st_size > 0
+    assert "### Check: at a later commit" in text and "with the same budgets." in text
+    assert "Check, at a later commit (2 seeds): rlpruner - tp-global" in text and "target MISSED" in text
     # a later run of another section keeps the studies; one on another footing is refused
     again = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path)]))
     again.carry_over({1})

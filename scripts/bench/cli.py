@@ -51,6 +51,11 @@ def parse_args(argv=None, description: str = ""):
                         "file next to its _state.json) into --rows, e.g. a fidelity study run alongside the "
                         "quality section with its own --rows; a section 3 of other --methods joins ours run by run, "
                         "its pairs computed again")
+    p.add_argument("--study", metavar="NAME",
+                   help="with --merge: set the merged run's section 3 beside this report's as a study under this "
+                        "heading, its pairs its own (a run with other --kd-epochs, --kd-batches or "
+                        "--evals-per-step always joins so, named by its budgets), e.g. the same methods measured "
+                        "at another commit")
     p.add_argument("--reuse-runs", action="store_true",
                    help="keep section-3 runs whose summary.json has the same settings instead of rerunning them")
     p.add_argument("--allow-version-mismatch", action="store_true",
@@ -85,13 +90,16 @@ def main(argv=None, description: str = "") -> int:
     if args.merge and not args.report_only:
         print("bench: --merge only goes with --report-only", file=sys.stderr)
         return 2
+    if args.study and not args.merge:
+        print("bench: --study only goes with --merge", file=sys.stderr)
+        return 2
     if args.report_only:
         bench.load()
         if args.merge:
             if not Path(args.merge).exists():
                 print(f"bench: no rows at {args.merge}", file=sys.stderr)
                 return 2
-            bench.merge(args.merge)
+            bench.merge(args.merge, study=args.study)
             bench.save()
         bench.write()
         return 0

@@ -410,7 +410,19 @@ def machine() -> dict:
             "torch_pruning": getattr(torch_pruning, "__version__", "?"), "numpy": numpy.__version__,
             # every package constraints.txt pins, as installed here
             "packages": installed_versions(pinned_versions()),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit()}
+
+
+def git_commit() -> str:
+    """The checkout's commit (short), "+changes" when files differ from it; "?" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+changes" if dirty else "")
 
 
 def _rel(p: Path) -> str:

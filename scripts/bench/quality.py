@@ -744,8 +744,11 @@ def render_study(bench, name: str, study: dict) -> tuple[str, list[str]]:
     search_only = P["finetune_total_epochs"] == 0
     changed = ", ".join(f"{k} {bench.P.get(k)} -> {P.get(k)}" for k in STUDY_BUDGETS if bench.P.get(k) != P.get(k))
     lines = [f"### Check: {name}", "",
-             f"Measured by `{study['command']}` (started {study['date']}, {study['seconds'] / 60:.1f} min), from "
-             f"the same base model and footing as the headline above, other budgets only ({changed})."
+             f"Measured by `{study['command']}` (started {study['date']}"
+             + (f" at commit {study['commit']}" if study.get("commit") else "")
+             + f", {study['seconds'] / 60:.1f} min), from "
+             "the same base model and footing as the headline above"
+             + (f", other budgets only ({changed})." if changed else ", with the same budgets.")
              + (" No fine-tuning: test top-1 is the chosen plan's pruned network as the search left it, so the "
                 "figure that compares searches is the best reward so far (validation images)." if search_only
                 else ""), ""]
@@ -774,13 +777,14 @@ def render_study(bench, name: str, study: dict) -> tuple[str, list[str]]:
                            f"{at[evals][names[0]].n} seeds): " + "; ".join(verdicts) + ".")
         lines += _curves_lines(bench, runs, P, f"best_so_far_{evals}evals.png")
     elif paired:
-        table, verdicts = _pairs_table(P, paired, target=False)
+        table, verdicts = _pairs_table(P, paired, target=not budgets_differ(bench.P, P))
         lines += table
         check = paired.get("rlpruner - tp-global")
-        if check:     # the target at longer fine-tuning: not below tp-global
+        if check and P["finetune_total_epochs"] > bench.P["finetune_total_epochs"]:
+            # the target at longer fine-tuning: not below tp-global
             verdicts = [v + (": target (not below) " + ("met" if check["mean"] >= 0 else "MISSED")
                              if v.startswith("rlpruner - tp-global ") else "") for v in verdicts]
-        summary.append(f"Check at {name} ({len(next(iter(paired.values()))['seeds'])} seeds): "
+        summary.append(f"Check, {name} ({len(next(iter(paired.values()))['seeds'])} seeds): "
                        + "; ".join(verdicts) + ".")
     if means and not search_only:
         order = sorted(means, key=lambda m: -means[m][0])

@@ -77,19 +77,20 @@ class Bench:
         rows = Path(rows or self.args.rows)
         return rows.with_name(rows.stem + "_state.json")
 
-    def merge(self, rows: str | Path) -> None:
+    def merge(self, rows: str | Path, study: str | None = None) -> None:
         """Replace the sections the run that wrote ``rows`` measured (not the ones it
-        carried over) with its figures, rows and wall times."""
+        carried over) with its figures, rows and wall times; its section 3 joins as
+        a study (``_attach_study``) when it has other budgets or ``study`` names it."""
         import pyarrow.parquet as pq
         other = json.loads(self.state_path(rows).read_text())
         if other.get("profile") != self.profile:
             raise SystemExit(f"bench: {rows} is from the {other.get('profile')} profile, not {self.profile}")
         carried = set(other.get("carried", {}).get("sections", []))
         taken = sorted((k for k in other["sections"] if k not in carried), key=int)
-        if "3" in taken and "3" in self.state["sections"] and quality.budgets_differ(self.P,
-                                                                                      other["profile_settings"]):
+        if "3" in taken and "3" in self.state["sections"] and (
+                study or quality.budgets_differ(self.P, other["profile_settings"])):
             taken.remove("3")
-            self._attach_study(other)
+            self._attach_study(other, study)
         elif "3" in taken and "3" in self.state["sections"] and _subset_of_methods(other, self.P):
             taken.remove("3")
             self._merge_runs(other)
@@ -122,15 +123,17 @@ class Bench:
                                                     "seconds": other.get("total_seconds"),
                                                     "version_mismatches": other.get("version_mismatches", [])})
 
-    def _attach_study(self, other: dict) -> None:
+    def _attach_study(self, other: dict, name: str | None = None) -> None:
         """Section 3 of a run with other budgets (the check at longer fine-tuning, the
-        search-only study) joins as a study of its own beside the headline, under its
-        name (a later study of the same budgets replaces it)."""
+        search-only study) or one named by ``--study`` joins as a study of its own
+        beside the headline, under ``name`` or one made from its budgets (a later
+        study of the same name replaces it)."""
         P = other["profile_settings"]
         quality.check_footing(self.state["sections"]["3"], self.P, other["sections"]["3"], P, quality.FOOTING)
-        self.state.setdefault("studies", {})[quality.study_name(P)] = {
+        self.state.setdefault("studies", {})[name or quality.study_name(P)] = {
             "section": other["sections"]["3"], "P": P, "command": other["command"],
-            "date": other["machine"]["date"], "seconds": other.get("total_seconds") or 0.0,
+            "date": other["machine"]["date"], "commit": other["machine"].get("commit"),
+            "seconds": other.get("total_seconds") or 0.0,
             "version_mismatches": other.get("version_mismatches", [])}
         self._section_3_rows()
 
@@ -222,6 +225,7 @@ class Bench:
             *[f"| {name} | {version or 'not installed'} |" for name, version in m.get("packages", {}).items()
               if name not in ("torch", "ray", "torch-pruning", "numpy")],
             f"| date (UTC) | {m['date']} |",
+            *([f"| commit | {m['commit']} |"] if m.get("commit") else []),
             f"| total wall time (s) | {total:.0f} |",
             "",
             "Section wall times (s): " + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(st["seconds"].items())) + ".",
