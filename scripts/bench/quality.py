@@ -658,12 +658,16 @@ def render(bench, st) -> tuple[str, list[str]]:
                   "runs with a selection split (`--methods`)."]
     lines += _curves_lines(bench, runs)
     if means:
-        order = sorted(means, key=lambda m: -means[m][0])
-        ranking = ", ".join(f"{m} {means[m][0]:.4f}" for m in order)
+        ranking = _ranking(means)
         lines += ["", f"Ranking by mean test top-1: {ranking}."]
         summary.insert(0, f"Quality at equal budgets ({P['model']}, {P['sparsity']:.0%} of the MACs removed): mean "
                           f"test top-1 {ranking}; base {b.get('test_top1', float('nan')):.4f}.")
     return "\n".join(lines), summary
+
+
+def _ranking(means: dict) -> str:
+    """'method mean, ...' by mean test top-1, best first."""
+    return ", ".join(f"{m} {means[m][0]:.4f}" for m in sorted(means, key=lambda m: -means[m][0]))
 
 
 def _method_table(P: dict, runs: dict, b: dict) -> tuple[list[str], dict, list[str]]:
@@ -787,6 +791,5 @@ def render_study(bench, name: str, study: dict) -> tuple[str, list[str]]:
         summary.append(f"Check, {name} ({len(next(iter(paired.values()))['seeds'])} seeds): "
                        + "; ".join(verdicts) + ".")
     if means and not search_only:
-        order = sorted(means, key=lambda m: -means[m][0])
-        lines += ["", "Ranking by mean test top-1: " + ", ".join(f"{m} {means[m][0]:.4f}" for m in order) + "."]
+        lines += ["", f"Ranking by mean test top-1: {_ranking(means)}."]
     return "\n".join(lines), summary
