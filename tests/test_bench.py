@@ -679,6 +679,44 @@ def test_section_3_reports_both_footings_judges_targets_with_t_and_plots_curves(
     assert "**These runs were measured under the earlier protocol**" in quality.render(bench, st)[0]
 
 
+def test_a_lever_is_chosen_on_the_selection_half_and_only_when_its_interval_is_above_0(tmp_path):
+    """Issue 28's levers against the project's rlpruner: the table pairs selection
+    top-1 (never test top-1) and adopts a lever only with its t interval above 0."""
+    quality = _package("quality")
+    bench = _bench(tmp_path)
+    methods = ["rlpruner", "rlpruner-halving", "rlpruner-tpmag"]
+    bench.P.update(methods=methods, paired_methods=methods, seeds=[0, 1, 2, 3, 4], paired_seeds=[0, 1, 2, 3, 4],
+                   pairs=[])
+    base = [0.50, 0.52, 0.51, 0.53, 0.49]
+    # halving: +1 pt on selection on every seed (+-0.1), but 5 pts lower on test top-1, at twice the compute;
+    # tpmag: better on test top-1, +-1 pt around 0 on selection
+    selection = {"rlpruner": base, "rlpruner-halving": [v + 0.01 + (0.001 if s % 2 else -0.001)
+                                                        for s, v in enumerate(base)],
+                 "rlpruner-tpmag": [v + (0.01 if s % 2 else -0.01) for s, v in enumerate(base)]}
+    test = {"rlpruner": base, "rlpruner-halving": [v - 0.05 for v in base], "rlpruner-tpmag": [v + 0.05 for v in base]}
+    fe = {"rlpruner": 1000.0, "rlpruner-halving": 2000.0, "rlpruner-tpmag": 1000.0}
+    runs = {f"{m}_s{s}": {"method": m, "seed": s, "ok": True, "dir": "d",
+                          "summary": _summary(test[m][s], fe[m], 100.0, selection=selection[m][s])}
+            for m in methods for s in range(5)}
+    choices = quality.lever_choices(runs, 100)
+    assert set(choices) == {"rlpruner-halving - rlpruner", "rlpruner-tpmag - rlpruner"}
+    halving, tpmag = choices["rlpruner-halving - rlpruner"], choices["rlpruner-tpmag - rlpruner"]
+    assert abs(halving["mean"] - 0.0098) < 1e-9 and halving["low"] > 0 and halving["adopt"]
+    assert halving["compute_ratio"] == 2.0
+    assert not tpmag["adopt"] and tpmag["low"] < 0           # its test lead does not choose it
+    st = {"base": {"file": "b.pt", "shared": True}, "runs": runs, **quality.all_pairs(runs, bench.P)}
+    text, summary = quality.render(bench, st)
+    assert "| rlpruner-halving - rlpruner | `--halving` | 5 | +0.98 |" in text and "| 2.00x | adopt |" in text
+    assert "| rlpruner-tpmag - rlpruner | `--criterion tp-magnitude` | 5 |" in text and "stays off |" in text
+    assert any(line.startswith("Levers on the selection half") and "--halving +0.98" in line for line in summary)
+    for header, body in _tables(text):
+        for cells in body:
+            assert len(cells) == len(header), cells
+    without = {k: r for k, r in runs.items() if r["method"] == "rlpruner"}
+    assert quality.lever_choices(without, 100) == {}
+    assert "Levers, each" not in quality.render(bench, {**st, "runs": without})[0]
+
+
 def test_section_3_computes_its_intervals_from_the_runs_not_from_a_saved_state(tmp_path):
     """A state written before the t interval kept the bootstrap interval under the
     same keys: re-rendering it must print the t interval of its runs, not those."""

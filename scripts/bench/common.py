@@ -113,6 +113,12 @@ DEFAULT_CHOICES = tuple((what, _ON_TEST) for what in (
     "one step of the whole sparsity", "--bn-recalibration-batches 4", "--include-baselines", "--epsilon 0",
     "--guard-keep-best", "--criterion l1"))
 DEFAULTS_PAIR = ("rlpruner", "rlpruner-paper")
+# issue 28's levers: each a variant of the project's rlpruner with one setting switched
+# on (VARIANTS); a lever becomes a default only when it beats rlpruner on the selection
+# half (selection top-1, paired t interval above 0). variant -> the option it sets
+LEVERS = {"rlpruner-tpmag": "--criterion tp-magnitude", "rlpruner-incumbent": "--incumbent-rule",
+          "rlpruner-halving": "--halving", "rlpruner-around": "--around-incumbent",
+          "rlpruner-hopeless": "--guard-skip-hopeless"}
 # variants whose question is answered: still runnable with --methods, no longer in the
 # full profile (which must fit one background run of 100 minutes); name -> where
 # BENCHMARKS.md section 3 has their figures and what they showed. Until 2026-12-06

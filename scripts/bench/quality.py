@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlpruner_ray.stats import PairedDifference, bootstrap_interval, paired_difference
 
-from .common import (AT_COMPUTE, COMPUTE_REFERENCE, DEFAULT_CHOICES, DEFAULTS_PAIR, ONE_SHOT, PAPER_RLPRUNER,
+from .common import (AT_COMPUTE, COMPUTE_REFERENCE, DEFAULT_CHOICES, DEFAULTS_PAIR, LEVERS, ONE_SHOT, PAPER_RLPRUNER,
                      PINNED_SEARCH, PROTOCOL, RETIRED_VARIANTS, SEARCHES, VARIANTS, _mean, _rel, _threads, log, matched_of, num,
                      row, run_task, task)
 
@@ -656,6 +656,9 @@ def render(bench, st) -> tuple[str, list[str]]:
     else:
         lines += ["", f"Not checked on the selection half in this report: it needs {' and '.join(DEFAULTS_PAIR)} "
                   "runs with a selection split (`--methods`)."]
+    lever_lines, lever_summary = _levers_lines(P, runs)
+    lines += lever_lines
+    summary += lever_summary
     lines += _curves_lines(bench, runs)
     if means:
         ranking = _ranking(means)
@@ -663,6 +666,47 @@ def render(bench, st) -> tuple[str, list[str]]:
         summary.insert(0, f"Quality at equal budgets ({P['model']}, {P['sparsity']:.0%} of the MACs removed): mean "
                           f"test top-1 {ranking}; base {b.get('test_top1', float('nan')):.4f}.")
     return "\n".join(lines), summary
+
+
+def lever_choices(runs: dict, resamples: int) -> dict:
+    """Each lever (LEVERS) that ran against the project's rlpruner on the same seeds:
+    the paired difference of selection top-1 (the half that chooses defaults) and the
+    ratio of their mean compute."""
+    present = [lever for lever in LEVERS if any(r["method"] == lever for r in runs.values())]
+    out = paired_differences(runs, [(lever, COMPUTE_REFERENCE) for lever in present], resamples,
+                             metric="selection_top1")
+    fwd = {(r["method"], r["seed"]): r["summary"]["compute"]["forward_equivalents"] for r in runs.values()
+           if r.get("summary") and "compute" in r["summary"]}
+    for name, d in out.items():
+        lever = name.split(" - ")[0]
+        both = [s for s in d["seeds"] if (lever, s) in fwd and (COMPUTE_REFERENCE, s) in fwd]
+        d["compute_ratio"] = (_mean([fwd[(lever, s)] for s in both]) / _mean([fwd[(COMPUTE_REFERENCE, s)] for s in both])
+                              if both else math.nan)
+        d["option"] = LEVERS[lever]
+        d["adopt"] = math.isfinite(d["low"]) and d["low"] > 0
+    return {n: d for n, d in out.items() if d["seeds"]}
+
+
+def _levers_lines(P: dict, runs: dict) -> tuple[list[str], list[str]]:
+    """The levers' table (selection half) and one summary line; nothing without lever runs."""
+    choices = lever_choices(runs, P["bootstrap"])
+    if not choices:
+        return [], []
+    lines = ["", f"Levers, each switched on alone in the project's {COMPUTE_REFERENCE}, chosen on the selection half "
+             "(selection top-1, which the reported test top-1 never reads): first minus second on the same seed, in "
+             "points, 90% paired Student t interval; compute: the lever's mean forward-equivalents over "
+             f"{COMPUTE_REFERENCE}'s. A lever becomes a default only when its interval is above 0.", "",
+             "| pair | option | seeds | mean difference (pts) | t 90% low | t 90% high | compute ratio | default |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, d in choices.items():
+        lines.append(f"| {name} | `{d['option']}` | {len(d['seeds'])} | {num(100 * d['mean'], '+.2f')} "
+                     f"| {num(100 * d['low'], '+.2f')} | {num(100 * d['high'], '+.2f')} "
+                     f"| {num(d['compute_ratio'], '.2f')}x | {'adopt' if d['adopt'] else 'stays off'} |")
+    verdicts = [f"{d['option']} {num(100 * d['mean'], '+.2f')} [{num(100 * d['low'], '+.2f')}, "
+                f"{num(100 * d['high'], '+.2f')}] ({'adopt' if d['adopt'] else 'stays off'})"
+                for d in choices.values()]
+    return lines, [f"Levers on the selection half ({COMPUTE_REFERENCE} with one option on, minus {COMPUTE_REFERENCE}, "
+                   "points, t 90%): " + "; ".join(verdicts) + "."]
 
 
 def _ranking(means: dict) -> str:
@@ -790,6 +834,9 @@ def render_study(bench, name: str, study: dict) -> tuple[str, list[str]]:
                              if v.startswith("rlpruner - tp-global ") else "") for v in verdicts]
         summary.append(f"Check, {name} ({len(next(iter(paired.values()))['seeds'])} seeds): "
                        + "; ".join(verdicts) + ".")
+    lever_lines, lever_summary = _levers_lines(P, runs)
+    lines += lever_lines
+    summary += lever_summary
     if means and not search_only:
         lines += ["", f"Ranking by mean test top-1: {_ranking(means)}."]
     return "\n".join(lines), summary
