@@ -134,7 +134,13 @@ def _on_pool(pool, version, config, finalists, teacher, ledger, seed, label) -> 
         outs = pool.short_finetunes(plans, model_to_bytes(teacher), config.to_dict(), seed, label, version)
     ledger.add("selection_kd", sum(o["macs"] for o in outs))
     # the actors' networks: the driver's own model code (loaded there under the user's allow_import)
-    return [(load_pruned(o["model"], allow_import=True), torch.as_tensor(o["hits"])) for o in outs]
+    return [(load_pruned(o["model"], allow_import=True), own_tensor(o["hits"])) for o in outs]
+
+
+def own_tensor(values) -> torch.Tensor:
+    """A tensor with its own memory: arrays that come back from Ray's object store are
+    read-only, and a tensor sharing their memory must never be written (torch warns)."""
+    return torch.from_numpy(np.array(values, copy=True))
 
 
 def finetune_on_actor(env, plans: list, teacher_bytes: bytes, config_values: dict, seed: int, label: str) -> list:

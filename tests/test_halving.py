@@ -5,6 +5,7 @@ every stage's compute is on the ledger."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -159,6 +160,17 @@ def test_the_step_fine_tunes_the_network_that_won_the_selection(tmp_path, base_c
     assert step["counts"] == picked[0].chosen.counts.tolist()
     by_stage = summary["compute"]["by_stage"]
     assert by_stage["rescore"]["macs"] > 0 and by_stage["selection_kd"]["macs"] > 0
+
+
+def test_the_actors_hits_become_a_tensor_of_their_own():
+    """Ray hands numpy arrays back read-only; the hits tensor must not share their memory."""
+    hits = np.array([1, 0, 1], dtype=np.int64)
+    hits.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mine = halving.own_tensor(hits)
+    mine += 1
+    assert hits.tolist() == [1, 0, 1] and mine.tolist() == [2, 1, 2]
 
 
 @pytest.mark.slow
