@@ -79,7 +79,8 @@ class CompressConfig:
     exclude: tuple = _f((), "module names never pruned", "target", multi=True)
     # ---- importance and reward
     # L1 by default: measured above Taylor in every rlpruner search and in global
-    # (BENCHMARKS.md section 3); ppo was the exception, within its interval
+    # (BENCHMARKS.md section 3); ppo was the exception, within its interval. tp-magnitude
+    # in rlpruner was not above L1 on the selection half (issue 28's levers)
     criterion: str = _f("l1", "filter importance criterion (paper: taylor); tp-magnitude: Torch-Pruning's group "
                         "L1 magnitude, the channel ranking tp-global prunes by", "search", choices=CRITERIA)
     calibration_samples: int = _f(100, "training images for the taylor criterion", "search", lo=1)
@@ -132,12 +133,13 @@ class CompressConfig:
     # 2,048 fresh images (a paired difference of two similar networks has a standard
     # error well under a point there). Its cost is two candidates' passes at their
     # pruned size, about 1% of a 200-evaluation step. Off by default until it is
-    # measured on the selection split (a default is chosen there, never on reasoning).
+    # measured on the selection split (a default is chosen there, never on reasoning):
+    # it was, and it stays off (issue 28's levers, BENCHMARKS.md section 3).
     incumbent_rule: bool = _f(False, "every search: the best starting candidate (a one-shot plan) is the "
                               "incumbent, and the search's best replaces it only when it wins a re-score on "
                               "--rescore-samples further validation images by more than --rescore-z standard "
                               "errors of the paired per-image difference (off: apply the search's best by "
-                              "reward; off by default until measured)", "search")
+                              "reward; off by default: no gain on the selection half, BENCHMARKS.md section 3)", "search")
     rescore_samples: int = _f(2048, "incumbent rule: validation images of the re-score, taken after the "
                               "reward images (the first ones when the reward images are all there are)",
                               "search", lo=1)
@@ -146,12 +148,13 @@ class CompressConfig:
     # Successive halving (rlpruner_ray/halving.py): the reward ranks candidates before
     # fine-tuning and on few images, the step is judged after it; the few best are
     # re-scored on more images and the best of those briefly fine-tuned before one is
-    # chosen. Off by default until measured on the selection split.
+    # chosen. Off by default: measured on the selection split without a gain, at about
+    # 1.15x the compute (issue 28's levers, BENCHMARKS.md section 3).
     halving: bool = _f(False, "every search: choose the step's plan by successive halving: the "
                        "--halving-top best plans by reward (and the incumbent) re-scored on half of the "
                        "re-score images, the --halving-finalists best of them (and the incumbent) KD "
                        "fine-tuned for --halving-kd-batches batches and judged on the other half; the winner "
-                       "keeps its fine-tuned weights (off by default until measured)", "search")
+                       "keeps its fine-tuned weights (off by default: no gain on the selection half, BENCHMARKS.md section 3)", "search")
     halving_top: int = _f(8, "successive halving: plans re-scored on more images", "search", lo=1)
     halving_finalists: int = _f(2, "successive halving: plans briefly fine-tuned (besides the incumbent)",
                                 "search", lo=1)
@@ -162,8 +165,7 @@ class CompressConfig:
     around_incumbent: bool = _f(False, "rlpruner, random: propose around the incumbent (the best starting "
                                 "candidate) in log space with --multiplicative-noise as the width, instead of "
                                 "around the uniform distribution; RLlib's: action 0 is the incumbent's "
-                                "distribution (cmaes always starts at the incumbent; off by default until "
-                                "measured)", "search")
+                                "distribution (cmaes always starts at the incumbent; off by default: no gain on the selection half, BENCHMARKS.md section 3)", "search")
     cmaes_sigma: float = _f(0.3, "cmaes: initial step size in log space (each group's share is the initial "
                             "one times exp(x))", "search", lo=0, lo_open=True)
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
@@ -183,7 +185,7 @@ class CompressConfig:
                                "rlpruner")
     guard_skip_hopeless: bool = _f(False, "rlpruner: keep no budget for the drop guard's redo when every "
                                    "starting candidate already trips the guard (the redo starts from the "
-                                   "uniform one; off by default until measured)", "rlpruner")
+                                   "uniform one; off by default: no gain on the selection half, BENCHMARKS.md section 3)", "rlpruner")
     guard_reserve: float = _f(0.25, "rlpruner: share of the step's budget kept for a redo (spent on the "
                               "same search when the guard does not fire)", "rlpruner", lo=0, hi=1, hi_open=True)
     # ---- RLlib
