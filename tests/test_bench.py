@@ -327,6 +327,26 @@ def test_merge_adds_the_section_3_runs_of_a_run_that_measured_some_methods_only(
         bench.merge(other)
 
 
+def test_a_search_only_study_names_each_pairs_seeds_when_they_differ(tmp_path):
+    """ppo on 3 seeds, cmaes on 2: the summary must not say one count for both pairs."""
+    report, cli = _package("report"), _package("cli")
+    main = _s3_state(tmp_path, "main", [_s3_run("rlpruner", s, 0.80) for s in (0, 1)], ["rlpruner"], [])
+    curves = {**{("ppo", s): [0.1, 0.3 + s / 10] for s in (0, 1, 2)},
+              **{("random", s): [0.1, 0.2 + s / 20] for s in (0, 1, 2)},
+              **{("cmaes", s): [0.2, 0.4] for s in (0, 1)}}
+    search = _s3_state(tmp_path, "search", [_s3_run(m, s, 0.3, c) for (m, s), c in curves.items()],
+                       ["ppo", "random", "cmaes"], [["ppo", "random"], ["cmaes", "random"]],
+                       finetune_total_epochs=0, evals=2, step_fraction=0.5)
+    bench = report.Bench(cli.parse_args(["--quick", "--rows", str(main), "--work-dir", str(tmp_path),
+                                         "--out", str(tmp_path / "B.md")]))
+    bench.load()
+    bench.merge(search)
+    _, summary = _package("quality").render_study(bench, "search only, 2 evaluations",
+                                                  bench.state["studies"]["search only, 2 evaluations"])
+    line = next(x for x in summary if x.startswith("Search-only study"))
+    assert "points):" in line and "(3 seeds)" in line and "(2 seeds)" in line
+
+
 def test_runs_with_other_budgets_join_the_report_as_studies_beside_the_headline(tmp_path):
     """The 3-epoch check and the search-only study (other --kd-epochs/--kd-batches/
     --evals-per-step) are merged as studies: their own tables and pairs, never the

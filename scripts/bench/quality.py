@@ -819,10 +819,13 @@ def render_study(bench, name: str, study: dict) -> tuple[str, list[str]]:
                 cells = [f"{100 * at[m][n].mean:+.2f} [{num(100 * at[m][n].low, '+.2f')}, "
                          f"{num(100 * at[m][n].high, '+.2f')}]" if n in at[m] else "n/a" for m in marks]
                 lines.append(f"| {n} | {at[evals][n].n} | " + " | ".join(cells) + " |")
+            # pairs may rest on different seeds (a method run on more of them): each then says its own
+            counts = {d.n for d in at[evals].values()}
+            seeds = f", {next(iter(counts))} seeds" if len(counts) == 1 else ""
             verdicts = [f"{n} {100 * d.mean:+.2f} [{num(100 * d.low, '+.2f')}, {num(100 * d.high, '+.2f')}]"
-                        for n, d in at[evals].items()]
-            summary.append(f"Search-only study at {evals} evaluations (best reward so far, paired, points, "
-                           f"{at[evals][names[0]].n} seeds): " + "; ".join(verdicts) + ".")
+                        + ("" if seeds else f" ({d.n} seeds)") for n, d in at[evals].items()]
+            summary.append(f"Search-only study at {evals} evaluations (best reward so far, paired, points{seeds}): "
+                           + "; ".join(verdicts) + ".")
         lines += _curves_lines(bench, runs, P, f"best_so_far_{evals}evals.png")
     elif paired:
         table, verdicts = _pairs_table(P, paired, target=not budgets_differ(bench.P, P))
