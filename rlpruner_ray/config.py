@@ -24,6 +24,8 @@ NOISE_TYPES = ("additive", "multiplicative")
 SCORING = ("auto", "single", "batched")
 PRECISIONS = ("fp32", "bf16")
 TARGETS = ("filters", "macs", "params")
+# why issue 28's levers are off: each was paired with the defaults on the selection split
+_NO_GAIN = "off by default: no gain on the selection half, BENCHMARKS.md section 3"
 
 
 def _f(default, help, group, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False,
@@ -139,7 +141,7 @@ class CompressConfig:
                               "incumbent, and the search's best replaces it only when it wins a re-score on "
                               "--rescore-samples further validation images by more than --rescore-z standard "
                               "errors of the paired per-image difference (off: apply the search's best by "
-                              "reward; off by default: no gain on the selection half, BENCHMARKS.md section 3)", "search")
+                              "reward; " + _NO_GAIN + ")", "search")
     rescore_samples: int = _f(2048, "incumbent rule: validation images of the re-score, taken after the "
                               "reward images (the first ones when the reward images are all there are)",
                               "search", lo=1)
@@ -154,7 +156,7 @@ class CompressConfig:
                        "--halving-top best plans by reward (and the incumbent) re-scored on half of the "
                        "re-score images, the --halving-finalists best of them (and the incumbent) KD "
                        "fine-tuned for --halving-kd-batches batches and judged on the other half; the winner "
-                       "keeps its fine-tuned weights (off by default: no gain on the selection half, BENCHMARKS.md section 3)", "search")
+                       "keeps its fine-tuned weights (" + _NO_GAIN + ")", "search")
     halving_top: int = _f(8, "successive halving: plans re-scored on more images", "search", lo=1)
     halving_finalists: int = _f(2, "successive halving: plans briefly fine-tuned (besides the incumbent)",
                                 "search", lo=1)
@@ -165,7 +167,7 @@ class CompressConfig:
     around_incumbent: bool = _f(False, "rlpruner, random: propose around the incumbent (the best starting "
                                 "candidate) in log space with --multiplicative-noise as the width, instead of "
                                 "around the uniform distribution; RLlib's: action 0 is the incumbent's "
-                                "distribution (cmaes always starts at the incumbent; off by default: no gain on the selection half, BENCHMARKS.md section 3)", "search")
+                                "distribution (cmaes always starts at the incumbent; " + _NO_GAIN + ")", "search")
     cmaes_sigma: float = _f(0.3, "cmaes: initial step size in log space (each group's share is the initial "
                             "one times exp(x))", "search", lo=0, lo_open=True)
     step_length: float = _f(0.1, "rlpruner: move toward the best sample by this fraction", "rlpruner",
@@ -185,7 +187,7 @@ class CompressConfig:
                                "rlpruner")
     guard_skip_hopeless: bool = _f(False, "rlpruner: keep no budget for the drop guard's redo when every "
                                    "starting candidate already trips the guard (the redo starts from the "
-                                   "uniform one; off by default: no gain on the selection half, BENCHMARKS.md section 3)", "rlpruner")
+                                   "uniform one; " + _NO_GAIN + ")", "rlpruner")
     guard_reserve: float = _f(0.25, "rlpruner: share of the step's budget kept for a redo (spent on the "
                               "same search when the guard does not fire)", "rlpruner", lo=0, hi=1, hi_open=True)
     # ---- RLlib

@@ -684,6 +684,7 @@ def lever_choices(runs: dict, resamples: int) -> dict:
                               if both else math.nan)
         d["option"] = LEVERS[lever]
         d["adopt"] = math.isfinite(d["low"]) and d["low"] > 0
+        d["default"] = "adopt" if d["adopt"] else "stays off"
     return {n: d for n, d in out.items() if d["seeds"]}
 
 
@@ -701,12 +702,15 @@ def _levers_lines(P: dict, runs: dict) -> tuple[list[str], list[str]]:
     for name, d in choices.items():
         lines.append(f"| {name} | `{d['option']}` | {len(d['seeds'])} | {num(100 * d['mean'], '+.2f')} "
                      f"| {num(100 * d['low'], '+.2f')} | {num(100 * d['high'], '+.2f')} "
-                     f"| {num(d['compute_ratio'], '.2f')}x | {'adopt' if d['adopt'] else 'stays off'} |")
-    verdicts = [f"{d['option']} {num(100 * d['mean'], '+.2f')} [{num(100 * d['low'], '+.2f')}, "
-                f"{num(100 * d['high'], '+.2f')}] ({'adopt' if d['adopt'] else 'stays off'})"
-                for d in choices.values()]
+                     f"| {num(d['compute_ratio'], '.2f')}x | {d['default']} |")
+    verdicts = [f"{d['option']} {_interval(d['mean'], d['low'], d['high'])} ({d['default']})" for d in choices.values()]
     return lines, [f"Levers on the selection half ({COMPUTE_REFERENCE} with one option on, minus {COMPUTE_REFERENCE}, "
                    "points, t 90%): " + "; ".join(verdicts) + "."]
+
+
+def _interval(mean: float, low: float, high: float) -> str:
+    """'+m [+l, +h]' in points, from fractions (a difference and its interval)."""
+    return f"{num(100 * mean, '+.2f')} [{num(100 * low, '+.2f')}, {num(100 * high, '+.2f')}]"
 
 
 def _ranking(means: dict) -> str:
@@ -816,14 +820,14 @@ def render_study(bench, name: str, study: dict) -> tuple[str, list[str]]:
                       "| pair | seeds | " + " | ".join(f"after {m}: mean [t 90%]" for m in marks) + " |",
                       "|---|---|" + "---|" * len(marks)]
             for n in names:
-                cells = [f"{100 * at[m][n].mean:+.2f} [{num(100 * at[m][n].low, '+.2f')}, "
-                         f"{num(100 * at[m][n].high, '+.2f')}]" if n in at[m] else "n/a" for m in marks]
+                cells = [_interval(at[m][n].mean, at[m][n].low, at[m][n].high) if n in at[m] else "n/a"
+                         for m in marks]
                 lines.append(f"| {n} | {at[evals][n].n} | " + " | ".join(cells) + " |")
             # pairs may rest on different seeds (a method run on more of them): each then says its own
             counts = {d.n for d in at[evals].values()}
             seeds = f", {next(iter(counts))} seeds" if len(counts) == 1 else ""
-            verdicts = [f"{n} {100 * d.mean:+.2f} [{num(100 * d.low, '+.2f')}, {num(100 * d.high, '+.2f')}]"
-                        + ("" if seeds else f" ({d.n} seeds)") for n, d in at[evals].items()]
+            verdicts = [f"{n} {_interval(d.mean, d.low, d.high)}" + ("" if seeds else f" ({d.n} seeds)")
+                        for n, d in at[evals].items()]
             summary.append(f"Search-only study at {evals} evaluations (best reward so far, paired, points{seeds}): "
                            + "; ".join(verdicts) + ".")
         lines += _curves_lines(bench, runs, P, f"best_so_far_{evals}evals.png")
